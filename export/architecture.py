@@ -292,10 +292,21 @@ def _from_schema_b(data: dict[str, Any]) -> DiaArchitecture:
 
 
 TINY = DiaArchitecture(
-    encoder=EncoderDims(layers=2, hidden=32, intermediate=64, heads=4, head_dim=8, vocab_size=256, max_length=128),
+    encoder=EncoderDims(
+        layers=2, hidden=32, intermediate=64, heads=4, head_dim=8, vocab_size=256, max_length=128
+    ),
     decoder=DecoderDims(
-        layers=2, hidden=48, intermediate=96, heads=4, kv_heads=2, head_dim=8, cross_heads=4,
-        cross_head_dim=8, vocab_size=1028, num_channels=9, max_length=256,
+        layers=2,
+        hidden=48,
+        intermediate=96,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        cross_heads=4,
+        cross_head_dim=8,
+        vocab_size=1028,
+        num_channels=9,
+        max_length=256,
     ),
     flavour="0626",
 )
@@ -305,8 +316,17 @@ FULL = DiaArchitecture(
         layers=12, hidden=1024, intermediate=4096, heads=16, head_dim=128, vocab_size=256, max_length=1024
     ),
     decoder=DecoderDims(
-        layers=18, hidden=2048, intermediate=8192, heads=16, kv_heads=4, head_dim=128, cross_heads=16,
-        cross_head_dim=128, vocab_size=1028, num_channels=9, max_length=3072,
+        layers=18,
+        hidden=2048,
+        intermediate=8192,
+        heads=16,
+        kv_heads=4,
+        head_dim=128,
+        cross_heads=16,
+        cross_head_dim=128,
+        vocab_size=1028,
+        num_channels=9,
+        max_length=3072,
     ),
     flavour="0626",
 )

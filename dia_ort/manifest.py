@@ -1,0 +1,191 @@
+"""The manifest `dia_ort.json` of an exported model folder: what is in it and how to check it.
+
+The export stage writes it with `Manifest.to_dict`; the runtime reads it with `Manifest.load`, which
+refuses a folder whose format, files, sizes or hashes do not match, saying what to re-export.
+Graph inputs and outputs are named by the conventions below and paired by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dia_ort.config import ModelConfig
+
+MANIFEST_NAME = "dia_ort.json"
+FORMAT_VERSION = 1
+DIA_GRAPHS = ("encoder", "decoder_step")
+CODEC_GRAPHS = ("dac_decoder", "dac_encoder")
+REEXPORT_HINT = "re-export the model with `python -m export --out DIR` (see README)"
+
+
+def cross_names(layers: int) -> list[str]:
+    """Encoder outputs / step inputs: cross_key_0, cross_value_0, cross_key_1, ..."""
+    return [f"cross_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """Self-attention cache names: past_key_0, past_value_0, ... (prefix "past" or "present")."""
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the folder with its size and sha256."""
+
+    path: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, folder: Path, path: str) -> FileEntry:
+        full = folder / path
+        return cls(path=path, size=full.stat().st_size, sha256=sha256_of(full))
+
+    def check(self, folder: Path) -> None:
+        full = folder / self.path
+        if not full.is_file():
+            raise FileNotFoundError(f"{full} is listed in {MANIFEST_NAME} but missing; {REEXPORT_HINT}")
+        size = full.stat().st_size
+        if size != self.size:
+            raise ValueError(
+                f"{full} has {size} bytes but the manifest says {self.size} (truncated or replaced); {REEXPORT_HINT}"
+            )
+        if sha256_of(full) != self.sha256:
+            raise ValueError(
+                f"{full} does not match its sha256 in {MANIFEST_NAME} (altered); {REEXPORT_HINT}"
+            )
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """An ONNX graph: its file, external weight files, and its input and output names in order."""
+
+    file: FileEntry
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    data_files: tuple[FileEntry, ...] = ()
+
+    def files(self) -> tuple[FileEntry, ...]:
+        return (self.file, *self.data_files)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
+        return cls(
+            file=FileEntry(**data["file"]),
+            inputs=tuple(data["inputs"]),
+            outputs=tuple(data["outputs"]),
+            data_files=tuple(FileEntry(**f) for f in data.get("data_files", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": vars(self.file),
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "data_files": [vars(f) for f in self.data_files],
+        }
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    sample_rate: int = 44100
+    hop_length: int = 512
+    n_codebooks: int = 9
+    codebook_size: int = 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about an exported folder."""
+
+    model: ModelConfig
+    variants: dict[str, dict[str, GraphEntry]]  # dtype -> {"encoder": ..., "decoder_step": ...}
+    codec: dict[str, GraphEntry]  # {"dac_decoder": ..., "dac_encoder": ...}, float32
+    codec_config: CodecConfig = CodecConfig()
+    source: dict[str, Any] = field(default_factory=dict)  # model id, revision, weight file hashes
+    tools: dict[str, Any] = field(default_factory=dict)  # versions and opset used
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model": self.model.to_dict(),
+            "variants": {
+                dtype: {name: g.to_dict() for name, g in graphs.items()}
+                for dtype, graphs in self.variants.items()
+            },
+            "codec": {name: g.to_dict() for name, g in self.codec.items()},
+            "codec_config": vars(self.codec_config),
+            "source": self.source,
+            "tools": self.tools,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{MANIFEST_NAME} has format version {version}, this dia_ort reads version {FORMAT_VERSION}; "
+                f"{REEXPORT_HINT}"
+            )
+        try:
+            variants = {
+                dtype: {name: GraphEntry.from_dict(g) for name, g in graphs.items()}
+                for dtype, graphs in data["variants"].items()
+            }
+            manifest = cls(
+                model=ModelConfig.from_dict(data["model"]),
+                variants=variants,
+                codec={name: GraphEntry.from_dict(g) for name, g in data["codec"].items()},
+                codec_config=CodecConfig(**data.get("codec_config", {})),
+                source=data.get("source", {}),
+                tools=data.get("tools", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{MANIFEST_NAME} is incomplete or malformed ({exc!r}); {REEXPORT_HINT}"
+            ) from exc
+        for dtype, graphs in variants.items():
+            missing = set(DIA_GRAPHS) - set(graphs)
+            if missing:
+                raise ValueError(
+                    f"{MANIFEST_NAME}: variant {dtype} lacks graphs {sorted(missing)}; {REEXPORT_HINT}"
+                )
+        if set(CODEC_GRAPHS) - set(manifest.codec):
+            raise ValueError(f"{MANIFEST_NAME}: codec graphs missing; {REEXPORT_HINT}")
+        return manifest
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {folder} is not an exported dia-ort model folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); {REEXPORT_HINT}") from exc
+        return cls.from_dict(data)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def check_files(self, folder: str | Path, dtype: str) -> None:
+        """Check sizes and hashes of the files that one variant and the codec need."""
+        graphs = [*self.variants[dtype].values(), *self.codec.values()]
+        for graph in graphs:
+            for entry in graph.files():
+                entry.check(Path(folder))

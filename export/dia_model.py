@@ -1,0 +1,281 @@
+"""Dia in torch, written for export: the encoder and a decoder step with an explicit KV cache.
+
+Parameter names are transformers' HF layout (SPEC.md section 2), so any checkpoint converted by
+`export.checkpoint` loads with `load_state_dict(strict=True)`. The forward pass follows SPEC.md
+section 3: RMSNorm in float32, attention scale 1.0, rotate-half RoPE, GQA, and for the v0.1 flavour
+RoPE on cross-attention too.
+
+The decoder's self-attention cache is a fixed buffer `[B x Hkv x T x D]` per layer. A step writes its
+new keys and values into the buffer with one ScatterND and attends over the whole buffer under a
+causal mask, so the runtime can bind the same memory as cache input and output and nothing is copied
+per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from export.architecture import DiaArchitecture
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Projections(nn.Module):
+    """q/k/v/o projections of one attention block (names as in transformers)."""
+
+    def __init__(self, hidden: int, kv_hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(kv_hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(kv_hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Tensor[B x S x E] -> Tensor[B x H x S x D]."""
+        return self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tensor[B x L x E] -> two Tensor[B x Hkv x L x D]."""
+        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        return k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """Scale-1.0 attention with grouped queries; returns the projected output Tensor[B x S x E].
+
+        q is Tensor[B x H x S x D], k and v Tensor[B x Hkv x T x D]; `allowed` broadcasts to
+        [B x 1 x 1 x S x T]. Query head h reads KV head h // (H / Hkv). Queries are grouped per KV
+        head instead of repeating the keys, so the cache is read once and never copied.
+        """
+        groups = self.heads // self.kv_heads
+        q = q.reshape(q.shape[0], self.kv_heads, -1, self.head_dim)
+        scores = torch.matmul(q, k.transpose(-1, -2)).unflatten(2, (groups, -1))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)
+        out = torch.matmul(weights, v).unflatten(2, (groups, -1))  # [B, Hkv, G, S, D]
+        out = out.permute(0, 3, 1, 2, 4).flatten(2)  # [B, S, H*D]
+        return self.o_proj(out)
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE with timescale_i = min * (max/min) ** (2i/D), in float32."""
+
+    def __init__(self, head_dim: int, min_timescale: float, max_timescale: float) -> None:
+        super().__init__()
+        fraction = 2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim
+        timescale = min_timescale * (max_timescale / min_timescale) ** fraction
+        self.register_buffer("timescale", timescale.float(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x Tensor[B x H x S x D], positions Tensor[S] (int) -> rotated x."""
+        angle = positions.float()[:, None] / self.timescale  # [S, D/2]
+        sin, cos = torch.sin(angle), torch.cos(angle)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return rotated.to(x.dtype)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        e = arch.encoder
+        self.pre_sa_norm = RMSNorm(e.hidden, arch.norm_eps)
+        self.self_attention = Projections(e.hidden, e.hidden, e.heads, e.heads, e.head_dim)
+        self.post_sa_norm = RMSNorm(e.hidden, arch.norm_eps)
+        self.mlp = MLP(e.hidden, e.intermediate)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        d, e = arch.decoder, arch.encoder
+        self.pre_sa_norm = RMSNorm(d.hidden, arch.norm_eps)
+        self.self_attention = Projections(d.hidden, d.hidden, d.heads, d.kv_heads, d.head_dim)
+        self.pre_ca_norm = RMSNorm(d.hidden, arch.norm_eps)
+        self.cross_attention = Projections(d.hidden, e.hidden, d.cross_heads, d.cross_heads, d.cross_head_dim)
+        self.pre_mlp_norm = RMSNorm(d.hidden, arch.norm_eps)
+        self.mlp = MLP(d.hidden, d.intermediate)
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(arch.encoder.vocab_size, arch.encoder.hidden)
+        self.layers = nn.ModuleList(EncoderLayer(arch) for _ in range(arch.encoder.layers))
+        self.norm = RMSNorm(arch.encoder.hidden, arch.norm_eps)
+
+
+class MultiChannelEmbedding(nn.Module):
+    """The nine channel tables stacked into one `[C*V x E]` table, as transformers stores them."""
+
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        d = arch.decoder
+        self.embed = nn.Embedding(d.num_channels * d.vocab_size, d.hidden)
+        self.register_buffer("offsets", torch.arange(d.num_channels) * d.vocab_size, persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Tensor[B x S x C] ids -> Tensor[B x S x E], the sum of the channel embeddings."""
+        return self.embed(tokens + self.offsets).sum(dim=2)
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        self.embeddings = MultiChannelEmbedding(arch)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.decoder.layers))
+        self.norm = RMSNorm(arch.decoder.hidden, arch.norm_eps)
+
+
+class DiaBackbone(nn.Module):
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        self.encoder = Encoder(arch)
+        self.decoder = Decoder(arch)
+
+
+class DiaModel(nn.Module):
+    """All Dia weights under transformers' key names (`model.encoder...`, `logits_dense.weight`)."""
+
+    def __init__(self, arch: DiaArchitecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = DiaBackbone(arch)
+        d = arch.decoder
+        self.logits_dense = nn.Linear(d.hidden, d.num_channels * d.vocab_size, bias=False)
+        self.rotary_encoder = Rotary(arch.encoder.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
+        self.rotary_decoder = Rotary(d.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
+        self.rotary_cross = Rotary(d.cross_head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
+
+    @classmethod
+    def from_state(cls, arch: DiaArchitecture, state: dict[str, Tensor]) -> DiaModel:
+        model = cls(arch)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+class CacheWrite(torch.autograd.Function):
+    """Writes a step's K/V into the cache buffer; exported as one ScatterND so ORT can work in place."""
+
+    @staticmethod
+    def forward(ctx, cache: Tensor, indices: Tensor, update: Tensor) -> Tensor:  # noqa: ARG004
+        out = cache.clone()
+        out[indices[..., 0], indices[..., 1], indices[..., 2]] = update
+        return out
+
+    @staticmethod
+    def symbolic(g, cache, indices, update):  # noqa: ANN001
+        return g.op("ScatterND", cache, indices, update)
+
+
+def cache_indices(batch: int, kv_heads: int, positions: Tensor) -> Tensor:
+    """ScatterND indices Tensor[B x Hkv x S x 3] addressing cache slots (b, h, positions[s])."""
+    b, h, p = torch.broadcast_tensors(
+        torch.arange(batch).view(-1, 1, 1), torch.arange(kv_heads).view(1, -1, 1), positions.view(1, 1, -1)
+    )
+    return torch.stack([b, h, p], dim=-1)
+
+
+class EncoderGraph(nn.Module):
+    """Text -> every decoder layer's cross-attention K/V (run once per request).
+
+    Inputs: text_ids Tensor[B x L] (int64), text_mask Tensor[B x L] (bool, True on real bytes).
+    Outputs: cross_key_i, cross_value_i Tensor[B x Hc x L x Dc] for each decoder layer i.
+    """
+
+    def __init__(self, model: DiaModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        enc = m.model.encoder
+        positions = torch.arange(text_ids.shape[1])
+        # a real byte attends real bytes only, a pad byte pad bytes only (SPEC.md section 3)
+        allowed = (text_mask[:, :, None] == text_mask[:, None, :])[:, None, None]
+        x = enc.embedding(text_ids)
+        for layer in enc.layers:
+            sa = layer.self_attention
+            h = layer.pre_sa_norm(x)
+            k, v = sa.keys_values(h)
+            q = m.rotary_encoder(sa.queries(h), positions)
+            x = x + sa.attend(q, m.rotary_encoder(k, positions), v, allowed)
+            x = x + layer.mlp(layer.post_sa_norm(x))
+        x = enc.norm(x)
+        outputs = []
+        for layer in m.model.decoder.layers:
+            k, v = layer.cross_attention.keys_values(x)
+            if m.arch.flavour == "v0.1":
+                k = m.rotary_cross(k, positions)
+            outputs += [k, v]
+        return tuple(outputs)
+
+
+class DecoderStepGraph(nn.Module):
+    """S decoder rows at absolute `positions`, against the cache buffers -> last row's logits.
+
+    Inputs: tokens Tensor[B x S x C] (int64), positions Tensor[S] (int64, consecutive), text_mask
+    Tensor[B x L] (bool), then per layer cross_key_i, cross_value_i Tensor[B x Hc x L x Dc], then per
+    layer past_key_i, past_value_i Tensor[B x Hkv x T x D] (slots >= positions[0] may hold anything).
+    Outputs: logits Tensor[B x C x V] (float32) of the last row, then present_key_i, present_value_i:
+    the buffers with this step's rows written at `positions`.
+    """
+
+    def __init__(self, model: DiaModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor, text_mask: Tensor, *caches: Tensor
+    ) -> tuple[Tensor, ...]:
+        m = self.model
+        dec = m.model.decoder
+        n = len(dec.layers)
+        cross, past = caches[: 2 * n], caches[2 * n :]
+        batch, kv_heads = tokens.shape[0], m.arch.decoder.kv_heads
+        indices = cache_indices(batch, kv_heads, positions)
+        slots = torch.arange(past[0].shape[2])
+        causal = (slots[None, :] <= positions[:, None])[None, None, None]  # [1, 1, 1, S, T]
+        text_allowed = text_mask[:, None, None, None, :]  # [B, 1, 1, 1, L]
+        x = dec.embeddings(tokens)
+        presents = []
+        for i, layer in enumerate(dec.layers):
+            sa, ca = layer.self_attention, layer.cross_attention
+            h = layer.pre_sa_norm(x)
+            k, v = sa.keys_values(h)
+            k = CacheWrite.apply(past[2 * i], indices, m.rotary_decoder(k, positions))
+            v = CacheWrite.apply(past[2 * i + 1], indices, v)
+            presents += [k, v]
+            x = x + sa.attend(m.rotary_decoder(sa.queries(h), positions), k, v, causal)
+            q = ca.queries(layer.pre_ca_norm(x))
+            if m.arch.flavour == "v0.1":
+                q = m.rotary_cross(q, positions)
+            x = x + ca.attend(q, cross[2 * i], cross[2 * i + 1], text_allowed)
+            x = x + layer.mlp(layer.pre_mlp_norm(x))
+        last = dec.norm(x[:, -1])
+        logits = m.logits_dense(last).unflatten(-1, (m.arch.decoder.num_channels, m.arch.decoder.vocab_size))
+        return (logits.float(), *presents)
