@@ -1,0 +1,127 @@
+"""ONNX Runtime sessions for one exported variant on one device, and the KV cache that steps them.
+
+`DecoderState` is the one owner of a request's caches: the cross-attention K/V from the encoder and
+the self-attention buffers, all `OrtValue`s on the device. Each cache buffer is bound as both the
+step's `past_*` input and its `present_*` output, so the graph's ScatterND writes the new rows in
+place; only the logits come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from dia_ort.manifest import Manifest, cache_names, cross_names
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _get_default_device() -> str:
+    """The best available device: "cuda" when ONNX Runtime has the CUDA provider, else "cpu"."""
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where sessions run and tensors live: ("cpu", 0) or ("cuda", N)."""
+
+    kind: str
+    index: int = 0
+
+    @classmethod
+    def parse(cls, device: object | None) -> Device:
+        if device is None:
+            device = _get_default_device()
+        text = str(device).strip().lower()  # also accepts a torch.device without importing torch
+        kind, _, index = text.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if kind == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(
+                f"device {device!r} asked for CUDA, but this onnxruntime has no CUDA provider "
+                f"(available: {ort.get_available_providers()}); install `dia-ort[gpu]` or use device='cpu'"
+            )
+        return cls(kind, int(index or 0))
+
+    def providers(self) -> list:
+        if self.kind == "cuda":
+            return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def zeros(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), self.kind, self.index)
+
+
+def open_session(path: Path, device: Device, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=device.providers())
+
+
+class Engine:
+    """The text encoder and decoder-step sessions of one precision variant."""
+
+    def __init__(self, folder: Path, manifest: Manifest, dtype: str, device: Device) -> None:
+        graphs = manifest.variants[dtype]
+        self.config = manifest.model
+        self.device = device
+        self.dtype = dtype
+        self.encoder = open_session(folder / graphs["encoder"].file.path, device)
+        self.step = open_session(folder / graphs["decoder_step"].file.path, device)
+        inputs = {i.name: i for i in self.step.get_inputs()}
+        self.cache_dtype = _ORT_TO_NUMPY[inputs["past_key_0"].type]
+
+    def start(self, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> DecoderState:
+        """Encode `[B, L]` text rows and allocate `slots` cache rows for each of them."""
+        return DecoderState(self, text_ids, text_mask, slots)
+
+
+class DecoderState:
+    """The caches of one request, bound once; `step` runs S rows and returns `[B, C, V]` logits."""
+
+    def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
+        config, device = engine.config, engine.device
+        self.engine = engine
+        self.text_mask = np.ascontiguousarray(text_mask, dtype=bool)
+        batch = text_ids.shape[0]
+        encoding = engine.encoder.io_binding()
+        encoding.bind_cpu_input("text_ids", np.ascontiguousarray(text_ids, dtype=np.int64))
+        encoding.bind_cpu_input("text_mask", self.text_mask)
+        for name in cross_names(config.decoder_layers):
+            encoding.bind_output(name, device.kind, device.index)
+        engine.encoder.run_with_iobinding(encoding)
+        self.cross = encoding.get_outputs()
+        shape = (batch, config.kv_heads, slots, config.head_dim)
+        self.caches = [device.zeros(shape, engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
+        self.slots = slots
+        binding = engine.step.io_binding()
+        for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        past, present = (
+            cache_names("past", config.decoder_layers),
+            cache_names("present", config.decoder_layers),
+        )
+        for past_name, present_name, value in zip(past, present, self.caches, strict=True):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        binding.bind_output("logits", "cpu")
+        self.binding = binding
+
+    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
+        rows = tokens.shape[1]
+        if start + rows > self.slots:
+            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {start + rows - 1}")
+        self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        self.binding.bind_cpu_input("positions", np.arange(start, start + rows, dtype=np.int64))
+        self.binding.bind_cpu_input("text_mask", self.text_mask)
+        self.engine.step.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()

@@ -1,0 +1,102 @@
+"""Finding a model: an exported folder, a Hub repo holding one, or a torch checkpoint to export.
+
+Downloads happen only here (called from `Dia.from_pretrained` and `python -m export --model`), into a
+cache the caller can choose (`cache_dir`, else `$DIA_ORT_CACHE`, else `~/.cache/dia_ort`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from dia_ort.manifest import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("DIA_ORT_CACHE", Path.home() / ".cache" / "dia_ort"))
+
+
+def is_hub_id(model_id: str) -> bool:
+    return bool(_HUB_ID.match(model_id)) and not Path(model_id).exists()
+
+
+def no_network_message(model_id: str, exc: Exception) -> str:
+    return (
+        f"could not download {model_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+        f"Without network, copy the checkpoint folder onto this machine and export it from there: "
+        f"`python -m export --model /path/to/{model_id.split('/')[-1]} --out models/dia`, then "
+        f"`Dia.from_pretrained('models/dia')`"
+    )
+
+
+def download(model_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Snapshot a Hub repo into the cache and return its folder; errors say what to do offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(model_id, revision=revision, cache_dir=str(cache_root(cache_dir) / "hub"))
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a local folder nor a Hugging Face Hub repository"
+        ) from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ConnectionError(no_network_message(model_id, exc)) from exc
+    return Path(folder)
+
+
+def exported_cache_folder(model_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where a torch checkpoint exported on first use is kept."""
+    return cache_root(cache_dir) / "exported" / re.sub(r"[^\w.-]+", "--", model_id.strip("/"))
+
+
+def resolve_model_folder(
+    model_id: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A folder holding `dia_ort.json`, exporting a torch checkpoint on first use if need be."""
+    model_id = str(model_id)
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if (path / MANIFEST_NAME).is_file():
+            return path
+        if (path / "config.json").is_file():
+            return _export_on_first_use(str(path.resolve()), path, cache_dir)
+        raise FileNotFoundError(
+            f"{path} holds neither {MANIFEST_NAME} (an exported dia-ort model) nor config.json (a Dia checkpoint)"
+        )
+    if not is_hub_id(model_id):
+        raise FileNotFoundError(f"model folder {path} does not exist (and {model_id!r} is not a Hub id)")
+    exported = exported_cache_folder(model_id, cache_dir)
+    if (exported / MANIFEST_NAME).is_file():
+        return exported
+    folder = download(model_id, revision, cache_dir)
+    if (folder / MANIFEST_NAME).is_file():
+        return folder
+    return _export_on_first_use(model_id, folder, cache_dir)
+
+
+def _export_on_first_use(model_id: str, checkpoint: Path, cache_dir: str | os.PathLike | None) -> Path:
+    out = exported_cache_folder(model_id, cache_dir)
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    command = f"python -m export --model {checkpoint} --out {out}"
+    try:
+        from export.pipeline import export_model
+    except ImportError as exc:
+        raise ValueError(
+            f"{checkpoint} is a torch checkpoint, which must be exported to ONNX once. Install the export "
+            f"extra (`pip install 'dia-ort[export]'`) to do it automatically, or run: {command}"
+        ) from exc
+    log.warning("exporting %s to ONNX into %s (once; needs the export extra and time)", model_id, out)
+    export_model(model=str(checkpoint), out=out)
+    return out

@@ -1,0 +1,275 @@
+"""The `Dia` API of the original package, on ONNX Runtime and without torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dia_ort.audio import DAC_SAMPLE_RATE, load_audio, resample, save_audio
+from dia_ort.codec import Codec
+from dia_ort.engine import Device, Engine
+from dia_ort.generation import Generation
+from dia_ort.hub import resolve_model_folder
+from dia_ort.manifest import Manifest
+from dia_ort.options import GenerationOptions
+from dia_ort.text import encode_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_RATE = 44100
+SAMPLE_RATE_RATIO = 512
+FRAMES_PER_SECOND = DEFAULT_SAMPLE_RATE / SAMPLE_RATE_RATIO
+
+AudioPrompt = (
+    Any  # a path, a waveform (array, array-like with .numpy(), or (array, rate)), or int codes [T, C]
+)
+
+
+def _choose_dtype(manifest: Manifest, requested: str, device: Device) -> str:
+    """The variant to run: the requested one when exported and sensible on the device, else float32."""
+    known = ("float32", "float16", "bfloat16", "int8", "int4")
+    if requested not in known:
+        raise ValueError(f"compute_dtype must be one of {known}, got {requested!r}")
+    available = sorted(manifest.variants)
+    if device.kind == "cpu" and requested in ("float16", "bfloat16"):
+        chosen = "float32" if "float32" in available else available[0]
+        log.warning("compute_dtype=%r runs poorly on the CPU; using %r instead", requested, chosen)
+        return chosen
+    if requested in manifest.variants:
+        return requested
+    if requested in ("int8", "int4"):
+        raise ValueError(
+            f"this model folder has no {requested} variant (it has {available}); "
+            f"export it with `python -m export --quantize {requested} ...`"
+        )
+    chosen = "float32" if "float32" in available else available[0]
+    log.warning(
+        "compute_dtype=%r was not exported for this model (it has %s); using %r. "
+        "Export it with `python -m export --dtype %s ...`",
+        requested,
+        available,
+        chosen,
+        requested,
+    )
+    return chosen
+
+
+class Dia:
+    """Text-to-dialogue generation: text with [S1]/[S2] tags -> 44.1 kHz speech."""
+
+    def __init__(
+        self, folder: str | os.PathLike, compute_dtype: str = "float32", device: object | None = None
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder)
+        self.device = Device.parse(device)
+        self.compute_dtype = _choose_dtype(self.manifest, compute_dtype, self.device)
+        self.manifest.check_files(self.folder, self.compute_dtype)
+        self.config = self.manifest.model
+        self.engine = Engine(self.folder, self.manifest, self.compute_dtype, self.device)
+        self.codec = Codec(self.folder, self.manifest, self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | os.PathLike,
+        compute_dtype: str = "float16",
+        device: object | None = None,
+        **kwargs: Any,
+    ) -> Dia:
+        """Load an exported folder, a Hub repo holding one, or a torch checkpoint (exported on first use).
+
+        Keywords: `revision` and `cache_dir` for Hub downloads.
+        """
+        unknown = set(kwargs) - {"revision", "cache_dir"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keywords {sorted(unknown)}")
+        folder = resolve_model_folder(model_id, **kwargs)
+        return cls(folder, compute_dtype=compute_dtype, device=device)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def start(
+        self,
+        texts: str | Sequence[str],
+        audio_prompts: Sequence[AudioPrompt | None] | None = None,
+        options: GenerationOptions | None = None,
+    ) -> Generation:
+        """Validate a request and return its step iterator (the streaming core of every entry point)."""
+        options = (options or GenerationOptions()).validate()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("texts is empty")
+        if audio_prompts is None:
+            audio_prompts = [None] * len(texts)
+        elif isinstance(audio_prompts, (str, os.PathLike, np.ndarray)) or len(audio_prompts) != len(texts):
+            count = (
+                "one prompt" if not isinstance(audio_prompts, Sequence) else f"{len(audio_prompts)} prompts"
+            )
+            raise ValueError(
+                f"audio_prompts must be a list with one entry per text: {len(texts)} texts, {count}"
+            )
+        ids = [encode_text(t, self.config.text_length) for t in texts]
+        prompts = [None if p is None else self._prompt_codes(p) for p in audio_prompts]
+        return Generation(self.engine, ids, prompts, options)
+
+    def generate_codes(
+        self,
+        texts: str | Sequence[str],
+        audio_prompts: Sequence[AudioPrompt | None] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        **options: Any,
+    ) -> list[np.ndarray]:
+        """Audio codes `[T, C]` per text (delay undone, prompt excluded)."""
+        opts = GenerationOptions(**options)
+        generation = self.start(texts, audio_prompts, opts)
+        began = time.perf_counter()
+        step = None
+        for step in generation:
+            if callback is not None:
+                callback(step.index, step.total)
+        if opts.verbose and step is not None:
+            _report_speed(step.index, time.perf_counter() - began)
+        return generation.codes()
+
+    def generate_batch(
+        self,
+        texts: Sequence[str],
+        audio_prompts: Sequence[AudioPrompt | None] | None = None,
+        top_p: float = 0.95,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        sample_rate: int = DEFAULT_SAMPLE_RATE,
+        max_new_tokens: int = 2048,
+        use_torch_compile: bool = False,
+        cfg_scale: float = 3.0,
+        verbose: bool = False,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        cfg_filter_top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[np.ndarray]:
+        """Audio (float32 mono at `sample_rate`) for each text, generated as one batch."""
+        if isinstance(texts, str):
+            raise TypeError("generate_batch takes a list of texts; use generate() for one text")
+        codes = self.generate_codes(
+            texts,
+            audio_prompts,
+            callback=callback,
+            top_p=top_p,
+            temperature=temperature,
+            top_k=top_k,
+            sample_rate=sample_rate,
+            max_new_tokens=max_new_tokens,
+            use_torch_compile=use_torch_compile,
+            cfg_scale=cfg_scale,
+            verbose=verbose,
+            cfg_filter_top_k=cfg_filter_top_k,
+            seed=seed,
+        )
+        return [resample(self._decode_or_silence(c), DAC_SAMPLE_RATE, sample_rate) for c in codes]
+
+    def generate(
+        self,
+        text: str,
+        audio_prompt: AudioPrompt | None = None,
+        top_p: float = 0.95,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        sample_rate: int = DEFAULT_SAMPLE_RATE,
+        max_new_tokens: int = 2048,
+        use_torch_compile: bool = False,
+        cfg_scale: float = 3.0,
+        verbose: bool = False,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        cfg_filter_top_k: int | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Audio (float32 mono at `sample_rate`) for one text with [S1]/[S2] speaker tags."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}; use generate_batch for a list")
+        (audio,) = self.generate_batch(
+            [text],
+            None if audio_prompt is None else [audio_prompt],
+            top_p=top_p,
+            temperature=temperature,
+            top_k=top_k,
+            sample_rate=sample_rate,
+            max_new_tokens=max_new_tokens,
+            use_torch_compile=use_torch_compile,
+            cfg_scale=cfg_scale,
+            verbose=verbose,
+            callback=callback,
+            cfg_filter_top_k=cfg_filter_top_k,
+            seed=seed,
+        )
+        return audio
+
+    # -- codec --------------------------------------------------------------------------------------
+
+    def encode_audio(self, audio: Any, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
+        """A path or waveform (mono or multi-channel, any rate) -> DAC codes `[T, C]`."""
+        wave = load_audio(audio, sample_rate)
+        frames = -(-len(wave) // SAMPLE_RATE_RATIO)
+        room = self.config.audio_length - self.config.max_delay - 2
+        if frames > room:
+            raise ValueError(
+                f"audio is {len(wave) / DAC_SAMPLE_RATE:.1f} s ({frames} frames); the model's audio window "
+                f"takes at most {room} frames ({room / FRAMES_PER_SECOND:.1f} s)"
+            )
+        return self.codec.encode(wave)
+
+    def decode_codes(self, codes: Any) -> np.ndarray:
+        """DAC codes `[T, C]` -> float32 waveform at 44.1 kHz."""
+        return self.codec.decode(codes)
+
+    def save_audio(
+        self, path: str | os.PathLike, audio: np.ndarray, sample_rate: int = DEFAULT_SAMPLE_RATE
+    ) -> None:
+        """Write audio to a file; the format comes from the extension (.wav, .flac, .ogg, .mp3, ...)."""
+        save_audio(path, audio, sample_rate)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _prompt_codes(self, prompt: AudioPrompt) -> np.ndarray:
+        """Codes `[P, C]` for an audio prompt given as codes, a path or a waveform."""
+        value = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else prompt
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer) and value.ndim == 2:
+            if value.shape[1] == self.config.num_channels:
+                return self.codec.check_codes(value)
+        return self.encode_audio(value)
+
+    def _decode_or_silence(self, codes: np.ndarray) -> np.ndarray:
+        """An item that ended at once has no frames: that is silence, not an error."""
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.codec.decode(codes)
+
+
+def _report_speed(steps: int, seconds: float) -> None:
+    """The seed's `verbose`: speed and realtime factor, through the package logger."""
+    logger = logging.getLogger("dia_ort")
+    if not logger.handlers and not logging.getLogger().handlers:
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+    rate = steps / seconds if seconds > 0 else float("inf")
+    logger.info(
+        "generated %d steps in %.2f s: %.1f steps/s, %.3fx realtime",
+        steps,
+        seconds,
+        rate,
+        rate / FRAMES_PER_SECOND,
+    )
+
+
+def generation_options(**kwargs: Any) -> GenerationOptions:
+    """GenerationOptions from keyword arguments, defaults for the rest (used by the CLI)."""
+    return replace(GenerationOptions(), **kwargs)

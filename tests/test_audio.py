@@ -1,0 +1,286 @@
+"""Tests for dia_ort.audio: conversion, resampling, loading and atomic saving."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+from dia_ort import audio
+from dia_ort.audio import DAC_SAMPLE_RATE, load_audio, resample, save_audio, to_mono_float32
+
+
+def sine(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_frequency(wave: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.argmax(spectrum) * rate / len(wave))
+
+
+class FakeTensor:
+    """Stands in for a torch tensor that requires grad and lives on a device."""
+
+    def __init__(self, array: np.ndarray, on_host: bool = False, detached: bool = False):
+        self.array, self.on_host, self.detached = array, on_host, detached
+
+    def detach(self) -> "FakeTensor":
+        return FakeTensor(self.array, self.on_host, detached=True)
+
+    def cpu(self) -> "FakeTensor":
+        return FakeTensor(self.array, on_host=True, detached=self.detached)
+
+    def numpy(self) -> np.ndarray:
+        if not (self.on_host and self.detached):
+            raise RuntimeError("call .detach().cpu() before .numpy()")
+        return self.array
+
+
+# --- to_mono_float32 ---------------------------------------------------------------------------
+
+
+def test_mono_float32_passes_through():
+    wave = sine(440, DAC_SAMPLE_RATE)
+    out = to_mono_float32(wave, DAC_SAMPLE_RATE)
+    assert out.dtype == np.float32 and out.shape == wave.shape
+    np.testing.assert_array_equal(out, wave)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_stereo_is_averaged(layout):
+    left, right = np.full(1000, 0.2, np.float32), np.full(1000, 0.6, np.float32)
+    stereo = np.stack([left, right]) if layout == "channels_first" else np.stack([left, right], axis=1)
+    out = to_mono_float32(stereo, DAC_SAMPLE_RATE)
+    assert out.shape == (1000,)
+    np.testing.assert_allclose(out, 0.4, rtol=1e-6)
+
+
+def test_float64_list_and_float16_become_float32():
+    assert to_mono_float32([0.0, 0.5, -0.5], 16000).dtype == np.float32
+    assert to_mono_float32(np.ones(10, np.float16), 16000).dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("dtype", "full_scale", "expected"),
+    [(np.int16, 32767, 32767 / 32768), (np.int32, -(2**31), -1.0), (np.uint8, 0, -1.0)],
+)
+def test_integer_pcm_is_scaled(dtype, full_scale, expected):
+    out = to_mono_float32(np.array([full_scale, full_scale], dtype=dtype), DAC_SAMPLE_RATE)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected)
+
+
+def test_tensor_like_is_detached_moved_and_converted():
+    wave = sine(440, DAC_SAMPLE_RATE, seconds=0.1)
+    np.testing.assert_array_equal(to_mono_float32(FakeTensor(wave), DAC_SAMPLE_RATE), wave)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "words"),
+    [
+        (np.zeros(0, np.float32), ValueError, "empty"),
+        (np.zeros((2, 0), np.float32), ValueError, "empty"),
+        (np.array([0.0, np.nan, 0.1], np.float32), ValueError, "non-finite"),
+        (np.array([0.0, np.inf], np.float64), ValueError, "non-finite"),
+        (np.float32(0.5), ValueError, "shape"),
+        (np.zeros((2, 3, 100), np.float32), ValueError, "shape"),
+        (np.zeros((100, 200), np.float32), ValueError, "channel"),
+        (np.array(["a", "b"]), TypeError, "dtype"),
+        (np.array([True, False]), TypeError, "dtype"),
+        (np.zeros(4, np.int64), TypeError, "dtype"),
+        (np.zeros(4, np.complex64), TypeError, "dtype"),
+        ([[0.1, 0.2], [0.3]], TypeError, "array of numbers"),
+    ],
+)
+def test_bad_audio_is_refused(bad, error, words):
+    with pytest.raises(error, match=words):
+        to_mono_float32(bad, DAC_SAMPLE_RATE)
+
+
+@pytest.mark.parametrize(("rate", "error"), [(0, ValueError), (-44100, ValueError), (44100.0, TypeError)])
+def test_bad_sample_rate_is_refused(rate, error):
+    with pytest.raises(error, match="sample_rate"):
+        to_mono_float32(np.zeros(10, np.float32), rate)
+
+
+# --- resample ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("from_rate", [22050, 48000])
+def test_resample_keeps_duration_and_pitch(from_rate):
+    out = resample(sine(1000, from_rate), from_rate, DAC_SAMPLE_RATE)
+    assert out.dtype == np.float32
+    assert abs(len(out) - DAC_SAMPLE_RATE) <= 1
+    assert peak_frequency(out, DAC_SAMPLE_RATE) == pytest.approx(1000, abs=2)
+
+
+def test_resample_same_rate_is_identity():
+    wave = sine(440, 16000)
+    assert resample(wave, 16000, 16000) is wave
+
+
+def test_resample_refuses_bad_rates():
+    with pytest.raises(ValueError, match="to_rate"):
+        resample(np.zeros(10, np.float32), 16000, 0)
+
+
+# --- load_audio ----------------------------------------------------------------------------------
+
+
+def test_load_array_defaults_to_44100_and_tuple_gives_rate():
+    wave = sine(1000, 22050)
+    assert len(load_audio(wave)) == len(wave)
+    from_tuple = load_audio((wave, 22050))
+    assert abs(len(from_tuple) - 2 * len(wave)) <= 1
+    np.testing.assert_array_equal(load_audio(wave, sample_rate=22050), from_tuple)
+    assert peak_frequency(from_tuple, DAC_SAMPLE_RATE) == pytest.approx(1000, abs=2)
+
+
+def test_load_tensor_like_with_rate():
+    out = load_audio((FakeTensor(sine(1000, 48000)), 48000))
+    assert abs(len(out) - DAC_SAMPLE_RATE) <= 1
+
+
+def test_load_refuses_bad_tuple():
+    with pytest.raises(ValueError, match=r"\(array, sample_rate\)"):
+        load_audio((np.zeros(10), 16000, "extra"))
+
+
+def test_load_resamples_a_stereo_file(tmp_path):
+    path = tmp_path / "stereo.wav"
+    wave = sine(1000, 48000)
+    soundfile.write(path, np.stack([wave, wave], axis=1), 48000, subtype="FLOAT")
+    out = load_audio(path)
+    assert abs(len(out) - DAC_SAMPLE_RATE) <= 1
+    assert peak_frequency(out, DAC_SAMPLE_RATE) == pytest.approx(1000, abs=2)
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "nope.wav"
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        load_audio(path)
+
+
+def test_load_corrupt_file(tmp_path):
+    path = tmp_path / "corrupt.wav"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="corrupt.wav.*not recognised"):
+        load_audio(str(path))
+
+
+def test_load_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    soundfile.write(path, np.zeros(0, np.float32), DAC_SAMPLE_RATE)
+    with pytest.raises(ValueError, match="empty.wav.*empty"):
+        load_audio(path)
+
+
+# --- save_audio ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ext", "tolerance"), [("wav", 1e-4), ("flac", 1e-4), ("ogg", 0.02), ("mp3", 0.02)])
+def test_save_load_round_trip(tmp_path, ext, tolerance):
+    wave = sine(440, DAC_SAMPLE_RATE)
+    path = tmp_path / f"out.{ext}"
+    save_audio(path, wave)
+    assert soundfile.info(path).channels == 1
+    back = load_audio(path)
+    # Lossy codecs may pad or trim a frame; compare the common middle.
+    assert abs(len(back) - len(wave)) < 2048
+    middle = slice(4096, 40000)
+    rms_error = np.sqrt(np.mean((back[middle] - wave[middle]) ** 2))
+    assert rms_error < tolerance
+    assert peak_frequency(back, DAC_SAMPLE_RATE) == pytest.approx(440, abs=2)
+
+
+def test_save_other_rate_and_stereo_as_mono(tmp_path):
+    path = tmp_path / "out.wav"
+    wave = sine(440, 22050)
+    save_audio(path, np.stack([wave, wave]), sample_rate=22050)
+    info = soundfile.info(path)
+    assert (info.samplerate, info.channels, info.frames) == (22050, 1, len(wave))
+
+
+def test_save_clips_pcm_instead_of_wrapping(tmp_path):
+    path = tmp_path / "loud.wav"
+    save_audio(path, np.array([1.5, -2.0, 0.5], np.float32))
+    back, _ = soundfile.read(path, dtype="float32")
+    np.testing.assert_allclose(back, [32767 / 32768, -1.0, 0.5], atol=1e-4)
+
+
+def test_save_replaces_existing_file(tmp_path):
+    path = tmp_path / "out.flac"
+    save_audio(path, np.zeros(100, np.float32))
+    save_audio(path, np.full(200, 0.25, np.float32))
+    assert soundfile.info(path).frames == 200
+    assert os.listdir(tmp_path) == ["out.flac"]
+
+
+def test_saved_file_mode_follows_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_audio(tmp_path / "out.wav", np.zeros(10, np.float32))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "out.wav").st_mode) == 0o644
+
+
+def test_save_unknown_extension_lists_supported(tmp_path):
+    with pytest.raises(ValueError, match=r"\.xyz.*\.wav.*\.mp3"):
+        save_audio(tmp_path / "out.xyz", np.zeros(10, np.float32))
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_into_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_audio(tmp_path / "missing" / "out.wav", np.zeros(10, np.float32))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [np.array([0.1, np.nan]), np.zeros(0), np.zeros((2, 2, 2))])
+def test_save_invalid_audio_leaves_nothing(tmp_path, bad):
+    path = tmp_path / "out.wav"
+    with pytest.raises(ValueError):
+        save_audio(path, bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rate_the_format_cannot_hold_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="out.mp3.*96000"):
+        save_audio(tmp_path / "out.mp3", np.zeros(1000, np.float32), sample_rate=96000)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_failure_midway_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.wav"
+    save_audio(path, np.zeros(100, np.float32))
+    original = path.read_bytes()
+
+    def failing_write(file, *args, **kwargs):
+        with open(file, "wb") as handle:
+            handle.write(b"RIFF partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audio.sf, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_audio(path, np.ones(1000, np.float32) * 0.1)
+    assert os.listdir(tmp_path) == ["out.wav"]
+    assert path.read_bytes() == original
+
+
+# --- no torch ------------------------------------------------------------------------------------
+
+
+def test_import_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, dia_ort.audio as a\n"
+        "assert a.to_mono_float32(np.zeros(4, np.int16), 44100).dtype == np.float32\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
