@@ -103,6 +103,7 @@ class DecoderState:
         self.caches = [device.zeros(shape, engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
         self.slots = slots
         binding = engine.step.io_binding()
+        binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
         for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
             binding.bind_ortvalue_input(name, value)
         past, present = (
@@ -112,7 +113,6 @@ class DecoderState:
         for past_name, present_name, value in zip(past, present, self.caches, strict=True):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
-        binding.bind_output("logits", "cpu")
         self.binding = binding
 
     def step(self, tokens: np.ndarray, start: int) -> np.ndarray:

@@ -91,12 +91,12 @@ def _export_on_first_use(model_id: str, checkpoint: Path, cache_dir: str | os.Pa
         return out
     command = f"python -m export --model {checkpoint} --out {out}"
     try:
-        from export.pipeline import export_model
+        from export.pipeline import DEFAULT_DAC, checkpoint_sources, export_model
     except ImportError as exc:
         raise ValueError(
             f"{checkpoint} is a torch checkpoint, which must be exported to ONNX once. Install the export "
             f"extra (`pip install 'dia-ort[export]'`) to do it automatically, or run: {command}"
         ) from exc
     log.warning("exporting %s to ONNX into %s (once; needs the export extra and time)", model_id, out)
-    export_model(model=str(checkpoint), out=out)
+    export_model(checkpoint_sources(str(checkpoint), DEFAULT_DAC), out)
     return out

@@ -242,9 +242,9 @@ class Dia:
     def _prompt_codes(self, prompt: AudioPrompt) -> np.ndarray:
         """Codes `[P, C]` for an audio prompt given as codes, a path or a waveform."""
         value = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else prompt
-        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer) and value.ndim == 2:
-            if value.shape[1] == self.config.num_channels:
-                return self.codec.check_codes(value)
+        is_codes = isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer) and value.ndim == 2
+        if is_codes and value.shape[1] == self.config.num_channels:
+            return self.codec.check_codes(value)
         return self.encode_audio(value)
 
     def _decode_or_silence(self, codes: np.ndarray) -> np.ndarray:

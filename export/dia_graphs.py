@@ -12,17 +12,19 @@ ENCODER_INPUTS = ("text_ids", "text_mask")
 STEP_INPUTS = ("tokens", "positions", "text_mask")
 
 
-def encoder_inputs(model: DiaModel, text_length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A CFG pair of rows per item: the second item is shorter, so padding is exercised."""
+def encoder_inputs(
+    model: DiaModel, text_length: int, seed: int = 0, batch: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` text rows; the odd rows are shorter, so padding is exercised."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.arch.encoder.vocab_size, (2, text_length), generator=g)
-    mask = torch.ones(2, text_length, dtype=torch.bool)
-    mask[1, max(1, text_length // 2) :] = False
+    ids = torch.randint(3, model.arch.encoder.vocab_size, (batch, text_length), generator=g)
+    mask = torch.ones(batch, text_length, dtype=torch.bool)
+    mask[1::2, max(1, text_length // 2) :] = False
     return ids.masked_fill(~mask, 0), mask
 
 
 def step_inputs(
-    model: DiaModel, rows: int, start: int, cache_slots: int, text_length: int, seed: int = 0
+    model: DiaModel, rows: int, start: int, cache_slots: int, text_length: int, seed: int = 0, batch: int = 2
 ) -> tuple[torch.Tensor, ...]:
     """Decoder-step inputs for `rows` rows at positions start.. with random cache contents.
 
@@ -31,12 +33,12 @@ def step_inputs(
     arch = model.arch
     g = torch.Generator().manual_seed(seed)
     d = arch.decoder
-    tokens = torch.randint(0, d.vocab_size, (2, rows, d.num_channels), generator=g)
+    tokens = torch.randint(0, d.vocab_size, (batch, rows, d.num_channels), generator=g)
     positions = torch.arange(start, start + rows)
-    text_ids, text_mask = encoder_inputs(model, text_length, seed)
+    text_ids, text_mask = encoder_inputs(model, text_length, seed, batch)
     with torch.no_grad():
         cross = EncoderGraph(model)(text_ids, text_mask)
-    past = [torch.randn(2, d.kv_heads, cache_slots, d.head_dim, generator=g) for _ in range(2 * d.layers)]
+    past = [torch.randn(batch, d.kv_heads, cache_slots, d.head_dim, generator=g) for _ in range(2 * d.layers)]
     return (tokens, positions, text_mask, *cross, *past)
 
 
@@ -78,13 +80,13 @@ def step_spec(model: DiaModel, name: str) -> GraphSpec:
 
 
 def encoder_samples(model: DiaModel) -> list[tuple[torch.Tensor, ...]]:
-    return [encoder_inputs(model, n, seed=n) for n in (1, 5, 13)]
+    return [encoder_inputs(model, n, seed=n, batch=b) for n, b in ((1, 2), (5, 4), (13, 6))]
 
 
 def step_samples(model: DiaModel) -> list[tuple[torch.Tensor, ...]]:
     """A prefill from position 0, a multi-row step mid-cache, and single-row steps early and late."""
     return [
-        step_inputs(model, rows=4, start=0, cache_slots=20, text_length=7, seed=1),
+        step_inputs(model, rows=4, start=0, cache_slots=20, text_length=7, seed=1, batch=4),
         step_inputs(model, rows=3, start=5, cache_slots=20, text_length=3, seed=2),
         step_inputs(model, rows=1, start=0, cache_slots=4, text_length=9, seed=3),
         step_inputs(model, rows=1, start=18, cache_slots=20, text_length=12, seed=4),

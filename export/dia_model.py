@@ -72,7 +72,7 @@ class Projections(nn.Module):
         head instead of repeating the keys, so the cache is read once and never copied.
         """
         groups = self.heads // self.kv_heads
-        q = q.reshape(q.shape[0], self.kv_heads, -1, self.head_dim)
+        q = q.unflatten(1, (self.kv_heads, groups)).flatten(2, 3)
         scores = torch.matmul(q, k.transpose(-1, -2)).unflatten(2, (groups, -1))
         scores = scores.masked_fill(~allowed, float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)

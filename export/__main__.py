@@ -1,0 +1,54 @@
+"""`python -m export`: turn a Dia checkpoint and the DAC codec into a dia-ort model folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, checkpoint_sources, export_model, random_sources
+
+DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZED = ("int8", "int4")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export Dia (any checkpoint generation and layout) and the DAC codec to ONNX graphs.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint folder")
+    parser.add_argument("--revision", default=None, help="Hub revision of --model")
+    parser.add_argument("--dac", default=DEFAULT_DAC, help="Hub id, HF-layout folder or descript .pth file")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="precision variants")
+    parser.add_argument("--quantize", nargs="+", default=[], choices=QUANTIZED, help="quantized CPU variants")
+    parser.add_argument(
+        "--random-init",
+        metavar="{tiny,full,CONFIG.json}",
+        help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    began = time.perf_counter()
+    try:
+        if args.random_init:
+            sources = random_sources(args.random_init, args.seed)
+        else:
+            sources = checkpoint_sources(args.model, args.dac, args.revision)
+        export_model(sources, args.out, dtypes=tuple(args.dtype) + tuple(args.quantize))
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported to {args.out} in {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

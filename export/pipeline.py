@@ -1,0 +1,170 @@
+"""Checkpoint + codec -> an exported model folder: graphs per precision, verified, and the manifest.
+
+The manifest is written last, so a folder whose export failed half-way is refused by the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from dia_ort.hub import download, is_hub_id
+from dia_ort.manifest import CodecConfig, GraphEntry, Manifest
+from export.architecture import FULL, TINY, DiaArchitecture
+from export.checkpoint import checkpoint_files, load_checkpoint, random_state
+from export.dac import DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
+from export.dac_weights import load_dac, random_dac
+from export.dia_graphs import encoder_samples, encoder_spec, step_samples, step_spec
+from export.dia_model import DiaModel
+from export.onnx_export import OPSET, GraphSpec, export_graph, verify_graph
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "nari-labs/Dia-1.6B-0626"
+DEFAULT_DAC = "descript/dac_44khz"
+SUPPORTED_DTYPES = ("float32",)
+TOLERANCE = {"float32": 1e-4}
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The weights to export and where they came from (recorded in the manifest)."""
+
+    arch: DiaArchitecture
+    state: dict[str, torch.Tensor]
+    codec: DacCodec
+    provenance: dict
+
+
+def random_sources(spec: str, seed: int, dac_arch: DacArchitecture | None = None) -> Sources:
+    """`tiny`, `full` or a schema-B config file -> random weights, with a random DAC of the real shape."""
+    presets = {"tiny": TINY, "full": FULL}
+    arch = presets[spec] if spec in presets else DiaArchitecture.from_file(spec)
+    dac_arch = dac_arch or DacArchitecture()
+    return Sources(
+        arch=arch,
+        state=random_state(arch, seed),
+        codec=random_dac(dac_arch, seed),
+        provenance={"random_init": spec, "seed": seed},
+    )
+
+
+def _local(ident: str, revision: str | None) -> Path:
+    path = Path(ident).expanduser()
+    if path.exists():
+        return path
+    if not is_hub_id(ident):
+        raise FileNotFoundError(f"{ident} does not exist and is not a Hugging Face Hub id")
+    return download(ident, revision)
+
+
+def checkpoint_sources(model: str, dac: str, revision: str | None = None) -> Sources:
+    """A Dia checkpoint (folder or Hub id) and a DAC (descript .pth, HF folder or Hub id)."""
+    folder = _local(model, revision)
+    log.info("loading Dia checkpoint from %s", folder)
+    arch, state = load_checkpoint(folder)
+    dac_path = _local(dac, None)
+    log.info("loading DAC from %s", dac_path)
+    return Sources(
+        arch=arch,
+        state=state,
+        codec=load_dac(dac_path),
+        provenance={
+            "model": model,
+            "revision": revision,
+            "files": checkpoint_files(folder),
+            "dac": dac,
+        },
+    )
+
+
+def _export_verified(spec: GraphSpec, samples: list, folder: Path, tolerance: float) -> tuple[GraphEntry, float]:
+    began = time.perf_counter()
+    entry = export_graph(spec, folder)
+    error = verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance)
+    log.info("exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error)
+    return entry, error
+
+
+def _codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
+    hop = codec.arch.hop_length
+    n = codec.arch.n_codebooks
+    g = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, codec.arch.codebook_size, (b, n, t), generator=g) for b, t in ((1, 3), (2, 7))]
+    waves = [0.3 * torch.randn(b, t * hop, generator=g) for b, t in ((1, 2), (2, 5))]
+    decode = GraphSpec(
+        name="dac_decoder",
+        module=DacDecodeGraph(codec),
+        example=(codes[0],),
+        inputs=("codes",),
+        outputs=("waveform",),
+        dynamic_axes={"codes": {0: "batch", 2: "frames"}, "waveform": {0: "batch", 1: "samples"}},
+    )
+    encode = GraphSpec(
+        name="dac_encoder",
+        module=DacEncodeGraph(codec),
+        example=(waves[0],),
+        inputs=("waveform",),
+        outputs=("codes",),
+        dynamic_axes={"waveform": {0: "batch", 1: "samples"}, "codes": {0: "batch", 2: "frames"}},
+    )
+    return [(decode, [(c,) for c in codes]), (encode, [(w,) for w in waves])]
+
+
+def export_model(
+    sources: Sources,
+    out: str | Path,
+    dtypes: tuple[str, ...] = ("float32",),
+) -> Manifest:
+    """Write every graph for `dtypes` and the codec into `out`, verify each, then the manifest."""
+    unsupported = [d for d in dtypes if d not in SUPPORTED_DTYPES]
+    if unsupported:
+        raise ValueError(f"precision {unsupported} cannot be exported yet; supported: {list(SUPPORTED_DTYPES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dia = DiaModel.from_state(sources.arch, sources.state)
+    errors: dict[str, float] = {}
+    variants: dict[str, dict[str, GraphEntry]] = {}
+    for dtype in dtypes:
+        graphs = {}
+        for spec, samples in (
+            (encoder_spec(dia, f"encoder.{dtype}"), encoder_samples(dia)),
+            (step_spec(dia, f"decoder_step.{dtype}"), step_samples(dia)),
+        ):
+            graphs[spec.name.split(".")[0]], errors[spec.name] = _export_verified(
+                spec, samples, out, TOLERANCE[dtype]
+            )
+        variants[dtype] = graphs
+    codec = {}
+    for spec, samples in _codec_specs(sources.codec):
+        codec[spec.name], errors[spec.name] = _export_verified(spec, samples, out, TOLERANCE["float32"])
+    arch = sources.codec.arch
+    manifest = Manifest(
+        model=sources.arch.model_config(),
+        variants=variants,
+        codec=codec,
+        codec_config=CodecConfig(
+            sample_rate=arch.sample_rate,
+            hop_length=arch.hop_length,
+            n_codebooks=arch.n_codebooks,
+            codebook_size=arch.codebook_size,
+        ),
+        source=sources.provenance,
+        tools={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": OPSET,
+            "python": platform.python_version(),
+            "verification_error": errors,
+        },
+    )
+    manifest.save(out)
+    return manifest
