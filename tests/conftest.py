@@ -1,0 +1,55 @@
+"""Tiny random models, built and exported once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dia_ort import Dia
+from export.architecture import TINY, DiaArchitecture
+from export.checkpoint import random_state
+from export.dac import TINY_DAC
+from export.dac_weights import random_dac
+from export.pipeline import Sources, export_model
+
+
+def export_tiny(folder: Path, arch: DiaArchitecture, state: dict[str, torch.Tensor], codec) -> Path:
+    export_model(Sources(arch, state, codec, {"random_init": "test"}), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_codec():
+    return random_dac(TINY_DAC, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return random_state(TINY, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_state, tiny_codec) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("tiny"), TINY, tiny_state, tiny_codec)
+
+
+@pytest.fixture(scope="session")
+def tiny_dia(tiny_folder) -> Dia:
+    return Dia.from_pretrained(tiny_folder, compute_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def v01_arch() -> DiaArchitecture:
+    return TINY.with_flavour("v0.1")
+
+
+@pytest.fixture(scope="session")
+def v01_folder(tmp_path_factory, v01_arch, tiny_state, tiny_codec) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("tiny_v01"), v01_arch, tiny_state, tiny_codec)
+
+
+@pytest.fixture(scope="session")
+def v01_dia(v01_folder) -> Dia:
+    return Dia.from_pretrained(v01_folder, compute_dtype="float32", device="cpu")

@@ -1,0 +1,148 @@
+"""Independent references the tests compare the runtime with.
+
+- transformers' `DiaForConditionalGeneration` (0626 semantics), driven as SPEC.md section 7 says;
+- a small torch implementation of SPEC.md written here from the nari-layout tensors, for v0.1
+  (cross-attention RoPE, plain CFG, EOS damping) which transformers does not implement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import DiaConfig, DiaForConditionalGeneration
+
+from export.architecture import DiaArchitecture
+from export.checkpoint import to_nari_layout
+
+
+def hf_model(arch: DiaArchitecture, state: dict[str, torch.Tensor]) -> DiaForConditionalGeneration:
+    config = DiaConfig(**{k: v for k, v in arch.to_hf_dict().items() if k not in ("model_type", "architectures")})
+    model = DiaForConditionalGeneration(config).eval()
+    model.load_state_dict(state, strict=False)  # only the non-persistent offsets buffer is absent
+    return model
+
+
+def delayed_prompt_rows(arch: DiaArchitecture, prompt: np.ndarray | None) -> torch.Tensor:
+    """BOS in rows r <= d[c], the prompt shifted by d[c], PAD elsewhere: `[1, P + D + 1, C]`."""
+    frames = 0 if prompt is None else len(prompt)
+    rows = torch.full((1, frames + max(arch.delay_pattern) + 1, arch.decoder.num_channels), arch.pad_id)
+    for c, d in enumerate(arch.delay_pattern):
+        rows[0, : d + 1, c] = arch.bos_id
+        if frames:
+            rows[0, d + 1 : d + 1 + frames, c] = torch.as_tensor(prompt[:, c])
+    return rows
+
+
+def hf_greedy_rows(
+    model: DiaForConditionalGeneration,
+    arch: DiaArchitecture,
+    text_ids: np.ndarray,
+    max_new_tokens: int,
+    prompt: np.ndarray | None = None,
+    cfg_scale: float = 3.0,
+    cfg_filter_top_k: int = 45,
+) -> np.ndarray:
+    """transformers' greedy generation for one text: the delayed decoder rows `[R, C]`."""
+    inputs = torch.as_tensor(text_ids)[None]
+    rows = delayed_prompt_rows(arch, prompt)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            decoder_input_ids=rows,
+            decoder_attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
+            do_sample=False,
+            guidance_scale=cfg_scale,
+            top_k=cfg_filter_top_k,
+            max_new_tokens=max_new_tokens,
+        )
+    return out[0].numpy()
+
+
+class SpecReference:
+    """SPEC.md sections 3 and 5 in plain torch, from nari-layout kernels, recomputing every step."""
+
+    def __init__(self, arch: DiaArchitecture, hf_state: dict[str, torch.Tensor]) -> None:
+        self.arch = arch
+        self.w = to_nari_layout(arch, hf_state)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x `[T, N, H]` rotated by positions `[T]`."""
+        half = x.shape[-1] // 2
+        lo, hi = self.arch.rope_min_timescale, self.arch.rope_max_timescale
+        timescale = lo * (hi / lo) ** (2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+        angle = (positions[:, None].double() / timescale).float()[:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+    def _norm(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.arch.norm_eps) * self.w[key]
+
+    def _attention(self, q, k, v, allowed):  # q [T,N,H], k/v [S,K,H], allowed [T,S]
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = torch.einsum("tnh,snh->nts", q, k).masked_fill(~allowed, float("-inf"))
+        return torch.einsum("nts,snh->tnh", scores.softmax(-1), v)
+
+    def _mlp(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        fused = torch.einsum("td,dki->tki", x, self.w[f"{prefix}.mlp.wi_fused.weight"])
+        return (torch.nn.functional.silu(fused[:, 0]) * fused[:, 1]) @ self.w[f"{prefix}.mlp.wo.weight"]
+
+    def encode(self, text: torch.Tensor) -> torch.Tensor:
+        """Real text bytes `[L]` -> encoder output `[L, E]` (no padding: SPEC.md section 3)."""
+        pos = torch.arange(len(text))
+        x = self.w["encoder.embedding.weight"][text]
+        allowed = torch.ones(len(text), len(text), dtype=torch.bool)
+        for i in range(self.arch.encoder.layers):
+            p = f"encoder.layers.{i}"
+            h = self._norm(x, f"{p}.pre_sa_norm.weight")
+            q, k, v = (torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv")
+            a = self._attention(self._rope(q, pos), self._rope(k, pos), v, allowed)
+            x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
+            x = x + self._mlp(self._norm(x, f"{p}.post_sa_norm.weight"), p)
+        return self._norm(x, "encoder.norm.weight")
+
+    def logits(self, rows: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Decoder rows `[T, C]` against encoder output `[L, E]` -> last row's logits `[C, V]`."""
+        t = len(rows)
+        pos, enc_pos = torch.arange(t), torch.arange(len(memory))
+        x = sum(self.w[f"decoder.embeddings.{c}.weight"][rows[:, c]] for c in range(rows.shape[1]))
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        cross_ok = torch.ones(t, len(memory), dtype=torch.bool)
+        for i in range(self.arch.decoder.layers):
+            p = f"decoder.layers.{i}"
+            h = self._norm(x, f"{p}.pre_sa_norm.weight")
+            q, k, v = (torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv")
+            a = self._attention(self._rope(q, pos), self._rope(k, pos), v, causal)
+            x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
+            h = self._norm(x, f"{p}.pre_ca_norm.weight")
+            q = torch.einsum("td,dnh->tnh", h, self.w[f"{p}.cross_attention.q_proj.weight"])
+            k, v = (torch.einsum("sd,dnh->snh", memory, self.w[f"{p}.cross_attention.{n}_proj.weight"]) for n in "kv")
+            if self.arch.flavour == "v0.1":
+                q, k = self._rope(q, pos), self._rope(k, enc_pos)
+            a = self._attention(q, k, v, cross_ok)
+            x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.cross_attention.o_proj.weight"])
+            x = x + self._mlp(self._norm(x, f"{p}.pre_mlp_norm.weight"), p)
+        h = self._norm(x[-1:], "decoder.norm.weight")
+        return torch.einsum("td,dcv->tcv", h, self.w["decoder.logits_dense.weight"])[0]
+
+    def greedy_rows(self, text: np.ndarray, steps: int, cfg_scale: float = 3.0) -> np.ndarray:
+        """v0.1 greedy decoding: argmax of cfg with PAD/BOS masked, EOS on channel 0 only, x0.8."""
+        arch = self.arch
+        eos = arch.eos_id
+        text = torch.as_tensor(text)
+        cond_mem = self.encode(text)
+        uncond_mem = self.encode(torch.zeros_like(text))
+        rows = delayed_prompt_rows(arch, None)[0]
+        out = rows[:1].clone()
+        for t in range(1, steps + 1):
+            cond, uncond = self.logits(out, cond_mem), self.logits(out, uncond_mem)
+            cfg = cond + cfg_scale * (cond - uncond)
+            cfg[:, eos + 1 :] = float("-inf")
+            cfg[1:, eos:] = float("-inf")
+            cfg[0, eos] *= 0.8
+            nxt = cfg.argmax(-1)
+            if t < len(rows):  # BOS cells are known
+                nxt = torch.where(rows[t] == arch.pad_id, nxt, rows[t])
+            out = torch.cat([out, nxt[None]])
+        return out.numpy()

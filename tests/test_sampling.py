@@ -1,0 +1,100 @@
+"""The sampler's rules (SPEC.md section 5) on fixed logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dia_ort import _sample_next_token
+from dia_ort.sampling import guide, mask_special, top_k_keep
+
+EOS = 6
+V = 8
+
+
+def draws(logits, n=3000, seed=0, **kwargs) -> np.ndarray:
+    rows = np.repeat(np.asarray(logits, dtype=np.float32)[None], n, axis=0)
+    args = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "audio_eos_value": EOS} | kwargs
+    return _sample_next_token(rows, rng=np.random.default_rng(seed), **args)
+
+
+def test_temperature_zero_is_argmax():
+    logits = np.array([[0.1, 3.0, 0.2, -1, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    np.testing.assert_array_equal(_sample_next_token(logits, 0.0, 0.95, None, EOS), [1, 0])
+
+
+def test_samples_follow_the_softmax():
+    logits = np.log(np.array([0.5, 0.25, 0.125, 0.125, 1e-9, 1e-9, 1e-9, 1e-9]))
+    counts = np.bincount(draws(logits, n=20000), minlength=V) / 20000
+    np.testing.assert_allclose(counts[:4], [0.5, 0.25, 0.125, 0.125], atol=0.015)
+
+
+def test_temperature_sharpens():
+    logits = np.log(np.array([0.6, 0.4, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9]))
+    share = (draws(logits, temperature=0.25) == 0).mean()
+    assert share > 0.8  # 0.6^4 / (0.6^4 + 0.4^4) = 0.835
+
+
+def test_eos_is_masked_unless_argmax():
+    logits = np.zeros(V)
+    logits[[0, EOS]] = [2.0, 1.9]
+    assert EOS not in draws(logits)
+
+
+def test_eos_is_forced_when_argmax_in_0626_only():
+    logits = np.zeros(V)
+    logits[[0, EOS]] = [1.9, 2.0]
+    logits[EOS + 1 :] = -np.inf  # PAD/BOS are masked before sampling, as in the pipeline
+    assert (draws(logits) == EOS).all()
+    free = draws(logits, force_eos=False)
+    assert (free == EOS).any() and (free != EOS).any()
+
+
+def test_top_k_limits_candidates():
+    logits = np.array([3, 2.9, 2.8, 2.7, 0, 0, 0, 0], dtype=np.float32)
+    assert set(draws(logits, top_k=2)) == {0, 1}
+    assert set(draws(logits, top_k=1)) == {0}
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.01, {0}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_smallest_prefix_reaching_mass(top_p, kept):
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05, 1e-12, 1e-12, 1e-12, 1e-12]))
+    got = set(draws(logits, n=4000, top_p=top_p))
+    assert got == kept
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = np.random.default_rng(1).normal(size=V)
+    np.testing.assert_array_equal(draws(logits, seed=5), draws(logits, seed=5))
+    assert not np.array_equal(draws(logits, seed=5), draws(logits, seed=6))
+
+
+def test_top_k_keep_keeps_exactly_k():
+    logits = np.random.default_rng(0).normal(size=(3, 50))
+    keep = top_k_keep(logits, 7)
+    assert (keep.sum(-1) == 7).all()
+    assert (np.sort(logits, -1)[:, -7:] == np.sort(np.where(keep, logits, -np.inf), -1)[:, -7:]).all()
+
+
+def test_guide_0626_picks_candidates_by_cfg_and_keeps_cond_values():
+    cond = np.array([[[5.0, 4.0, 0.0, 1.0]]], dtype=np.float32)
+    uncond = np.array([[[5.0, 4.0, -3.0, 1.0]]], dtype=np.float32)
+    out = guide(cond, uncond, cfg_scale=3.0, filter_top_k=2, flavour="0626")
+    # cfg = [5, 4, 9, 1]: the two candidates are ids 2 and 0, with their cond values
+    np.testing.assert_array_equal(out, [[[5.0, -np.inf, 0.0, -np.inf]]])
+
+
+def test_guide_v01_is_plain_cfg():
+    cond = np.array([[[1.0, 2.0]]], dtype=np.float32)
+    uncond = np.array([[[0.0, 3.0]]], dtype=np.float32)
+    np.testing.assert_array_equal(guide(cond, uncond, 2.0, 1, "v0.1"), [[[3.0, 0.0]]])
+
+
+def test_mask_special_channels_and_v01_damping():
+    logits = np.full((1, 3, V), 2.0, dtype=np.float32)
+    out = mask_special(logits, EOS, "0626")
+    assert np.isneginf(out[:, :, EOS + 1 :]).all()
+    assert out[0, 0, EOS] == 2.0 and np.isneginf(out[0, 1:, EOS]).all()
+    assert np.isfinite(out[:, :, :EOS]).all()
+    assert mask_special(logits, EOS, "v0.1")[0, 0, EOS] == pytest.approx(1.6)
+    assert logits[0, 0, EOS] == 2.0  # the input is not modified
