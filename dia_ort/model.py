@@ -174,7 +174,7 @@ class Dia:
             cfg_filter_top_k=cfg_filter_top_k,
             seed=seed,
         )
-        return [resample(self._decode_or_silence(c), DAC_SAMPLE_RATE, sample_rate) for c in codes]
+        return [self.codes_to_audio(c, sample_rate) for c in codes]
 
     def generate(
         self,
@@ -231,6 +231,12 @@ class Dia:
         """DAC codes `[T, C]` -> float32 waveform at 44.1 kHz."""
         return self.codec.decode(codes)
 
+    def codes_to_audio(self, codes: np.ndarray, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
+        """Generated codes -> float32 audio at `sample_rate`; an item that ended at once is empty."""
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return resample(self.codec.decode(codes), DAC_SAMPLE_RATE, sample_rate)
+
     def save_audio(
         self, path: str | os.PathLike, audio: np.ndarray, sample_rate: int = DEFAULT_SAMPLE_RATE
     ) -> None:
@@ -247,11 +253,6 @@ class Dia:
             return self.codec.check_codes(value)
         return self.encode_audio(value)
 
-    def _decode_or_silence(self, codes: np.ndarray) -> np.ndarray:
-        """An item that ended at once has no frames: that is silence, not an error."""
-        if len(codes) == 0:
-            return np.zeros(0, dtype=np.float32)
-        return self.codec.decode(codes)
 
 
 def _report_speed(steps: int, seconds: float) -> None:
