@@ -16,7 +16,9 @@ from export.checkpoint import to_nari_layout
 
 
 def hf_model(arch: DiaArchitecture, state: dict[str, torch.Tensor]) -> DiaForConditionalGeneration:
-    config = DiaConfig(**{k: v for k, v in arch.to_hf_dict().items() if k not in ("model_type", "architectures")})
+    config = DiaConfig(
+        **{k: v for k, v in arch.to_hf_dict().items() if k not in ("model_type", "architectures")}
+    )
     model = DiaForConditionalGeneration(config).eval()
     model.load_state_dict(state, strict=False)  # only the non-persistent offsets buffer is absent
     return model
@@ -96,7 +98,9 @@ class SpecReference:
         for i in range(self.arch.encoder.layers):
             p = f"encoder.layers.{i}"
             h = self._norm(x, f"{p}.pre_sa_norm.weight")
-            q, k, v = (torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv")
+            q, k, v = (
+                torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv"
+            )
             a = self._attention(self._rope(q, pos), self._rope(k, pos), v, allowed)
             x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
             x = x + self._mlp(self._norm(x, f"{p}.post_sa_norm.weight"), p)
@@ -112,12 +116,17 @@ class SpecReference:
         for i in range(self.arch.decoder.layers):
             p = f"decoder.layers.{i}"
             h = self._norm(x, f"{p}.pre_sa_norm.weight")
-            q, k, v = (torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv")
+            q, k, v = (
+                torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv"
+            )
             a = self._attention(self._rope(q, pos), self._rope(k, pos), v, causal)
             x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
             h = self._norm(x, f"{p}.pre_ca_norm.weight")
             q = torch.einsum("td,dnh->tnh", h, self.w[f"{p}.cross_attention.q_proj.weight"])
-            k, v = (torch.einsum("sd,dnh->snh", memory, self.w[f"{p}.cross_attention.{n}_proj.weight"]) for n in "kv")
+            k, v = (
+                torch.einsum("sd,dnh->snh", memory, self.w[f"{p}.cross_attention.{n}_proj.weight"])
+                for n in "kv"
+            )
             if self.arch.flavour == "v0.1":
                 q, k = self._rope(q, pos), self._rope(k, enc_pos)
             a = self._attention(q, k, v, cross_ok)

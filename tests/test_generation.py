@@ -68,7 +68,9 @@ def test_audio_prompt_matches_transformers(tiny_dia, hf):
     rng = np.random.default_rng(3)
     prompt = rng.integers(0, 1024, size=(12, TINY.decoder.num_channels))
     generation = run_rows(tiny_dia, TEXTS[:2], [prompt, None])
-    theirs = hf_greedy_rows(hf, TINY, encode_text(TEXTS[0], TINY.encoder.max_length), NEW + D + 5, prompt=prompt)
+    theirs = hf_greedy_rows(
+        hf, TINY, encode_text(TEXTS[0], TINY.encoder.max_length), NEW + D + 5, prompt=prompt
+    )
     assert generation.eos_row[0] == len(prompt) + 1 + NEW
     assert_rows_match_before_budget(generation.rows[0], generation.eos_row[0], theirs)
     codes = generation.codes()[0]
@@ -81,7 +83,9 @@ def test_natural_eos_matches_transformers(tmp_path, tiny_state, tiny_codec):
     head = state["logits_dense.weight"].clone()
     head[TINY.eos_id] *= 2.5
     state["logits_dense.weight"] = head
-    dia = Dia.from_pretrained(export_tiny(tmp_path, TINY, state, tiny_codec), compute_dtype="float32", device="cpu")
+    dia = Dia.from_pretrained(
+        export_tiny(tmp_path, TINY, state, tiny_codec), compute_dtype="float32", device="cpu"
+    )
     generation = run_rows(dia, TEXTS[:1], options=GenerationOptions(temperature=0, max_new_tokens=100))
     eos = generation.eos_row[0]
     assert 3 < eos < 100, f"EOS at row {eos}: retune the head scale"
@@ -97,11 +101,15 @@ def test_natural_eos_matches_transformers(tmp_path, tiny_state, tiny_codec):
 def test_nari_and_hf_layouts_give_identical_output(tmp_path, tiny_state, tiny_codec, tiny_dia):
     reference = tiny_dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW)
     for layout, fmt, shards in (("nari", "safetensors", 1), ("hf", "safetensors", 3)):
-        checkpoint = save_checkpoint(TINY, tiny_state, tmp_path / layout / "ckpt", layout=layout, fmt=fmt, shards=shards)
+        checkpoint = save_checkpoint(
+            TINY, tiny_state, tmp_path / layout / "ckpt", layout=layout, fmt=fmt, shards=shards
+        )
         arch, state = load_checkpoint(checkpoint)
         folder = export_tiny(tmp_path / layout / "onnx", arch, state, tiny_codec)
         dia = Dia.from_pretrained(folder, compute_dtype="float32", device="cpu")
-        for ours, want in zip(dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW), reference, strict=True):
+        for ours, want in zip(
+            dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW), reference, strict=True
+        ):
             np.testing.assert_array_equal(ours, want)
 
 
@@ -134,6 +142,8 @@ def test_seeded_sampling_is_reproducible(tiny_dia):
 
 def test_callback_counts_steps(tiny_dia):
     calls = []
-    tiny_dia.generate_codes(TEXTS[:1], temperature=0, max_new_tokens=10, callback=lambda s, t: calls.append((s, t)))
+    tiny_dia.generate_codes(
+        TEXTS[:1], temperature=0, max_new_tokens=10, callback=lambda s, t: calls.append((s, t))
+    )
     assert [s for s, _ in calls] == list(range(1, len(calls) + 1))
     assert all(t == calls[0][1] for _, t in calls) and len(calls) <= calls[0][1]

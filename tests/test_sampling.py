@@ -56,7 +56,9 @@ def test_top_k_limits_candidates():
     assert set(draws(logits, top_k=1)) == {0}
 
 
-@pytest.mark.parametrize(("top_p", "kept"), [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.01, {0}), (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.01, {0}), (1.0, {0, 1, 2, 3})]
+)
 def test_top_p_keeps_smallest_prefix_reaching_mass(top_p, kept):
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05, 1e-12, 1e-12, 1e-12, 1e-12]))
     got = set(draws(logits, n=4000, top_p=top_p))

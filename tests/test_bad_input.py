@@ -1,0 +1,200 @@
+"""Every bad call of DESIGN.md's list gets a clear error and leaves nothing broken behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dia_ort import Dia
+from dia_ort.manifest import MANIFEST_NAME
+from export.architecture import TINY
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "words"),
+    [
+        ("", ValueError, "empty"),
+        ("   ", ValueError, "empty"),
+        (None, TypeError, "str"),
+        (b"[S1] bytes", TypeError, "str"),
+        ("[S1] hi [S3] who?", ValueError, "[S3]"),
+        ("[S1] " + "a" * TINY.encoder.max_length, ValueError, f"at most {TINY.encoder.max_length}"),
+    ],
+)
+def test_bad_text(tiny_dia, text, error, words):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        tiny_dia.generate(text)
+
+
+def test_long_text_error_gives_byte_count(tiny_dia):
+    text = "[S1] " + "é" * TINY.encoder.max_length  # two bytes a character
+    with pytest.raises(ValueError, match=f"{len(text.encode()) - 3} bytes"):
+        tiny_dia.generate(text)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"temperature": -0.1}, ValueError, "temperature"),
+        ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"top_p": 0.0}, ValueError, "top_p"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"top_k": 2.5}, TypeError, "top_k"),
+        ({"cfg_scale": -1}, ValueError, "cfg_scale"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({"sample_rate": 0}, ValueError, "sample_rate"),
+        ({"cfg_filter_top_k": 0}, ValueError, "cfg_filter_top_k"),
+        ({"seed": -3}, ValueError, "seed"),
+        ({"temperature": float("nan")}, ValueError, "NaN"),
+    ],
+)
+def test_bad_sampling_values(tiny_dia, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        tiny_dia.generate("[S1] Hello.", **kwargs)
+
+
+def test_batch_and_prompt_counts_must_match(tiny_dia):
+    codes = np.zeros((3, 9), dtype=np.int64)
+    with pytest.raises(ValueError, match="one entry per text"):
+        tiny_dia.generate_batch(["[S1] a.", "[S2] b."], audio_prompts=[codes])
+    with pytest.raises(TypeError, match="list of texts"):
+        tiny_dia.generate_batch("[S1] a.")
+    with pytest.raises(ValueError, match="empty"):
+        tiny_dia.generate_batch([])
+
+
+@pytest.mark.parametrize(
+    ("codes", "error", "words"),
+    [
+        (np.zeros((5, 8), dtype=np.int64), ValueError, r"shape \[T, 9\]"),
+        (np.zeros((9,), dtype=np.int64), ValueError, "shape"),
+        (np.zeros((0, 9), dtype=np.int64), ValueError, "empty"),
+        (np.full((4, 9), 1024), ValueError, "outside 0..1023"),
+        (np.full((4, 9), -1), ValueError, "outside"),
+        (np.zeros((4, 9), dtype=np.float32), TypeError, "integers"),
+    ],
+)
+def test_bad_codes(tiny_dia, codes, error, words):
+    with pytest.raises(error, match=words):
+        tiny_dia.decode_codes(codes)
+
+
+def test_bad_audio(tiny_dia, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        tiny_dia.encode_audio(str(tmp_path / "nope.wav"))
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"not audio at all" * 10)
+    with pytest.raises(ValueError, match="corrupt.wav"):
+        tiny_dia.encode_audio(str(corrupt))
+    with pytest.raises(ValueError, match="empty"):
+        tiny_dia.encode_audio(np.zeros(0, dtype=np.float32))
+    with pytest.raises(ValueError):
+        tiny_dia.encode_audio(np.zeros((2, 3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        tiny_dia.generate("[S1] Hi.", audio_prompt=np.zeros(0, dtype=np.float32))
+
+
+def test_audio_too_long_for_the_window(tiny_dia):
+    seconds = TINY.decoder.max_length * 512 / 44100 + 1
+    with pytest.raises(ValueError, match="at most"):
+        tiny_dia.encode_audio(np.zeros(int(seconds * 44100), dtype=np.float32) + 0.01)
+    long_codes = np.zeros((TINY.decoder.max_length, 9), dtype=np.int64)
+    with pytest.raises(ValueError, match="no room"):
+        tiny_dia.generate("[S1] Hi.", audio_prompt=long_codes)
+
+
+def test_budget_over_the_window_is_clamped_with_a_warning(tiny_dia, caplog):
+    codes = tiny_dia.generate_codes(["[S1] Hi."], temperature=0, max_new_tokens=10_000)[0]
+    assert len(codes) <= TINY.decoder.max_length
+    assert "does not fit the audio window" in caplog.text
+
+
+def test_unavailable_device(tiny_folder):
+    with pytest.raises(ValueError, match="CUDA"):
+        Dia.from_pretrained(tiny_folder, compute_dtype="float32", device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        Dia.from_pretrained(tiny_folder, compute_dtype="float32", device="tpu")
+
+
+def test_unknown_or_missing_dtype(tiny_folder, caplog):
+    with pytest.raises(ValueError, match="compute_dtype"):
+        Dia.from_pretrained(tiny_folder, compute_dtype="float8", device="cpu")
+    with pytest.raises(ValueError, match="--quantize int8"):
+        Dia.from_pretrained(tiny_folder, compute_dtype="int8", device="cpu")
+    model = Dia.from_pretrained(tiny_folder, compute_dtype="float16", device="cpu")
+    assert model.compute_dtype == "float32"
+    assert "float16" in caplog.text and "float32" in caplog.text
+
+
+def test_missing_folder_and_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Dia.from_pretrained(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        Dia.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.fixture
+def folder_copy(tiny_folder, tmp_path):
+    return shutil.copytree(tiny_folder, tmp_path / "copy")
+
+
+def test_truncated_file_is_refused(folder_copy):
+    graph = next(folder_copy.glob("decoder_step.float32.onnx.data"))
+    graph.write_bytes(graph.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        Dia.from_pretrained(folder_copy, compute_dtype="float32", device="cpu")
+
+
+def test_altered_file_is_refused(folder_copy):
+    graph = next(folder_copy.glob("encoder.float32.onnx.data"))
+    data = bytearray(graph.read_bytes())
+    data[10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        Dia.from_pretrained(folder_copy, compute_dtype="float32", device="cpu")
+
+
+def test_missing_file_is_refused(folder_copy):
+    (folder_copy / "dac_decoder.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="dac_decoder.onnx"):
+        Dia.from_pretrained(folder_copy, compute_dtype="float32", device="cpu")
+
+
+def test_manifest_of_another_format_is_refused(folder_copy):
+    path = folder_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="re-export"):
+        Dia.from_pretrained(folder_copy, device="cpu")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Dia.from_pretrained(folder_copy, device="cpu")
+
+
+def test_torch_checkpoint_without_export_extra_names_the_command(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    monkeypatch.setitem(__import__("sys").modules, "export.pipeline", None)
+    with pytest.raises(ValueError, match="python -m export --model"):
+        Dia.from_pretrained(tmp_path, device="cpu", cache_dir=tmp_path / "cache")
+
+
+def test_model_still_works_after_bad_calls(tiny_dia):
+    for bad in ("", "[S9] x"):
+        with pytest.raises(ValueError):
+            tiny_dia.generate(bad)
+    codes = tiny_dia.generate_codes(["[S1] Still fine."], temperature=0, max_new_tokens=5)[0]
+    assert codes.shape == (5, 9)
+
+
+def test_save_audio_leaves_no_partial_file(tiny_dia, tmp_path):
+    target = tmp_path / "out.wav"
+    with pytest.raises(ValueError):
+        tiny_dia.save_audio(target, np.array([np.nan, 0.0], dtype=np.float32))
+    with pytest.raises(ValueError, match="extension|format"):
+        tiny_dia.save_audio(tmp_path / "out.xyz", np.zeros(100, dtype=np.float32))
+    assert list(tmp_path.iterdir()) == []
