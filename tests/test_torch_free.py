@@ -39,7 +39,7 @@ def test_generate_and_save_without_torch(tiny_folder, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert out.is_file() and out.stat().st_size > 44
-    assert "(4096,)" in result.stdout  # 8 frames * 512 samples at 22.05 kHz
+    assert "(2048,)" in result.stdout  # 8 frames * 512 samples at 44.1 kHz, resampled to 22.05 kHz
     assert "(8, 9)" in result.stdout
 
 

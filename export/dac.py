@@ -1,0 +1,233 @@
+"""The 44.1 kHz DAC codec as plain torch modules, and the two graph-contract wrappers (SPEC.md section 6).
+
+Weight norm is folded away (`weight = g * v / ||v||`), so every convolution is a plain `nn.Conv1d` or
+`nn.ConvTranspose1d`. Parameter names are transformers' `DacModel` names without weight norm:
+
+    encoder.conv1                                  first conv, 1 -> encoder_dim, k7
+    encoder.block.{i}.res_unit{1,2,3}.{snake1,conv1,snake2,conv2}
+    encoder.block.{i}.snake1, encoder.block.{i}.conv1    strided conv, doubles the channels
+    encoder.snake1, encoder.conv2                  last conv, -> latent_dim, k3
+    quantizer.quantizers.{q}.{in_proj,out_proj,codebook}
+    decoder.conv1                                  latent_dim -> decoder_dim, k7
+    decoder.block.{i}.snake1, decoder.block.{i}.conv_t1  transposed conv, halves the channels
+    decoder.block.{i}.res_unit{1,2,3}.{snake1,conv1,snake2,conv2}
+    decoder.snake1, decoder.conv2                  last conv, -> 1 channel, k7, then tanh
+
+Convolutions hold `weight` and `bias`, Snake activations `alpha` `[1 x C x 1]`, codebooks `weight`
+`[codebook_size x codebook_dim]`. `dac_weights` maps descript's layout onto these names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DacArchitecture:
+    """The sizes of a DAC; the defaults are the 44.1 kHz, 8 kbps release that Dia uses."""
+
+    encoder_dim: int = 64
+    encoder_rates: tuple[int, ...] = (2, 4, 8, 8)
+    latent_dim: int = 1024
+    decoder_dim: int = 1536
+    decoder_rates: tuple[int, ...] = (8, 8, 4, 2)
+    n_codebooks: int = 9
+    codebook_size: int = 1024
+    codebook_dim: int = 8
+    sample_rate: int = 44100
+
+    @property
+    def hop_length(self) -> int:
+        """Waveform samples per code frame."""
+        return math.prod(self.encoder_rates)
+
+
+DAC_44KHZ = DacArchitecture()
+# Same rates, codebooks and hop as the real codec (the runtime's frame math holds), tiny widths.
+TINY_DAC = DacArchitecture(encoder_dim=2, latent_dim=32, decoder_dim=32)
+
+
+class Snake1d(nn.Module):
+    """`x + sin(alpha * x)^2 / alpha`, one alpha per channel: `Tensor[B x C x T]` -> same shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+class ResidualUnit(nn.Module):
+    """Snake, dilated k7 conv, Snake, k1 conv, plus the input; the padding keeps the length."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.snake1 = Snake1d(channels)
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size=7, dilation=dilation, padding=3 * dilation)
+        self.snake2 = Snake1d(channels)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(self.snake2(self.conv1(self.snake1(x))))
+
+
+def _resampling(stride: int) -> dict[str, int]:
+    """Kernel and padding of DAC's strided convolutions: the length changes by exactly `stride`."""
+    return {"kernel_size": 2 * stride, "stride": stride, "padding": math.ceil(stride / 2)}
+
+
+class EncoderBlock(nn.Module):
+    """Three residual units, then a strided conv: `Tensor[B x C/2 x L]` -> `Tensor[B x C x L/stride]`."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.res_unit1 = ResidualUnit(half, dilation=1)
+        self.res_unit2 = ResidualUnit(half, dilation=3)
+        self.res_unit3 = ResidualUnit(half, dilation=9)
+        self.snake1 = Snake1d(half)
+        self.conv1 = nn.Conv1d(half, channels, **_resampling(stride))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.res_unit3(self.res_unit2(self.res_unit1(x)))
+        return self.conv1(self.snake1(x))
+
+
+class DecoderBlock(nn.Module):
+    """A transposed conv, then three residual units: `Tensor[B x In x L]` -> `Tensor[B x Out x L*stride]`."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.snake1 = Snake1d(in_channels)
+        self.conv_t1 = nn.ConvTranspose1d(in_channels, out_channels, **_resampling(stride))
+        self.res_unit1 = ResidualUnit(out_channels, dilation=1)
+        self.res_unit2 = ResidualUnit(out_channels, dilation=3)
+        self.res_unit3 = ResidualUnit(out_channels, dilation=9)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_t1(self.snake1(x))
+        return self.res_unit3(self.res_unit2(self.res_unit1(x)))
+
+
+class Encoder(nn.Module):
+    """Waveform `Tensor[B x 1 x N]` -> latent `Tensor[B x latent_dim x N/hop]`."""
+
+    def __init__(self, arch: DacArchitecture) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, arch.encoder_dim, kernel_size=7, padding=3)
+        self.block = nn.ModuleList(
+            EncoderBlock(arch.encoder_dim * 2 ** (i + 1), stride)
+            for i, stride in enumerate(arch.encoder_rates)
+        )
+        channels = arch.encoder_dim * 2 ** len(arch.encoder_rates)
+        self.snake1 = Snake1d(channels)
+        self.conv2 = nn.Conv1d(channels, arch.latent_dim, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        for block in self.block:
+            x = block(x)
+        return self.conv2(self.snake1(x))
+
+
+class Decoder(nn.Module):
+    """Latent `Tensor[B x latent_dim x T]` -> waveform `Tensor[B x 1 x T*hop]` in [-1, 1]."""
+
+    def __init__(self, arch: DacArchitecture) -> None:
+        super().__init__()
+        widths = [arch.decoder_dim // 2**i for i in range(len(arch.decoder_rates) + 1)]
+        self.conv1 = nn.Conv1d(arch.latent_dim, arch.decoder_dim, kernel_size=7, padding=3)
+        self.block = nn.ModuleList(
+            DecoderBlock(widths[i], widths[i + 1], stride) for i, stride in enumerate(arch.decoder_rates)
+        )
+        self.snake1 = Snake1d(widths[-1])
+        self.conv2 = nn.Conv1d(widths[-1], 1, kernel_size=7, padding=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        for block in self.block:
+            x = block(x)
+        return torch.tanh(self.conv2(self.snake1(x)))
+
+
+class VectorQuantizer(nn.Module):
+    """One codebook, looked up in a `codebook_dim`-wide space by cosine similarity."""
+
+    def __init__(self, arch: DacArchitecture) -> None:
+        super().__init__()
+        self.in_proj = nn.Conv1d(arch.latent_dim, arch.codebook_dim, kernel_size=1)
+        self.out_proj = nn.Conv1d(arch.codebook_dim, arch.latent_dim, kernel_size=1)
+        self.codebook = nn.Embedding(arch.codebook_size, arch.codebook_dim)
+
+    def quantize(self, residual: Tensor) -> Tensor:
+        """`Tensor[B x latent_dim x T]` -> codes `LongTensor[B x T]` of the nearest normalised entries."""
+        latents = F.normalize(self.in_proj(residual), dim=1)
+        codebook = F.normalize(self.codebook.weight, dim=1)
+        return torch.matmul(latents.transpose(1, 2), codebook.t()).argmax(dim=-1)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        """Codes `LongTensor[B x T]` -> `Tensor[B x latent_dim x T]` (the unnormalised entries, projected)."""
+        return self.out_proj(self.codebook(codes).transpose(1, 2))
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """`n_codebooks` quantizers, each coding what the previous ones left of the latent."""
+
+    def __init__(self, arch: DacArchitecture) -> None:
+        super().__init__()
+        self.quantizers = nn.ModuleList(VectorQuantizer(arch) for _ in range(arch.n_codebooks))
+
+    def encode(self, latent: Tensor) -> Tensor:
+        """`Tensor[B x latent_dim x T]` -> codes `LongTensor[B x n_codebooks x T]`."""
+        codes = []
+        residual = latent
+        for quantizer in self.quantizers:
+            code = quantizer.quantize(residual)
+            residual = residual - quantizer.dequantize(code)
+            codes.append(code)
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes `LongTensor[B x n_codebooks x T]` -> latent `Tensor[B x latent_dim x T]`."""
+        return sum(quantizer.dequantize(codes[:, i]) for i, quantizer in enumerate(self.quantizers))
+
+
+class DacCodec(nn.Module):
+    """Encoder, residual vector quantizer and decoder of one DAC (names in the module docstring)."""
+
+    def __init__(self, arch: DacArchitecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.quantizer = ResidualVectorQuantizer(arch)
+        self.decoder = Decoder(arch)
+
+
+class DacDecodeGraph(nn.Module):
+    """Graph contract of `dac_decoder`: codes -> waveform."""
+
+    def __init__(self, codec: DacCodec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """Codes `LongTensor[B x n_codebooks x T]` -> float32 waveform `Tensor[B x T*hop]`."""
+        return self.codec.decoder(self.codec.quantizer.decode(codes)).squeeze(1)
+
+
+class DacEncodeGraph(nn.Module):
+    """Graph contract of `dac_encoder`: waveform -> codes."""
+
+    def __init__(self, codec: DacCodec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, waveform: Tensor) -> Tensor:
+        """Waveform `Tensor[B x N]`, N a multiple of hop -> codes `LongTensor[B x n_codebooks x N/hop]`."""
+        return self.codec.quantizer.encode(self.codec.encoder(waveform.unsqueeze(1)))
