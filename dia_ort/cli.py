@@ -19,8 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     speak = commands.add_parser("speak", help="synthesise dialogue text to an audio file")
     speak.add_argument("text", nargs="?", help="text with [S1]/[S2] tags (default: --file or stdin)")
     speak.add_argument("--file", type=Path, help="read the text from this file")
-    speak.add_argument("--model", default="nari-labs/Dia-1.6B-0626", help="exported folder, Hub id or checkpoint")
-    speak.add_argument("-o", "--output", type=Path, default=Path("dia.wav"), help="audio file (.wav .flac .ogg .mp3)")
+    speak.add_argument(
+        "--model", default="nari-labs/Dia-1.6B-0626", help="exported folder, Hub id or checkpoint"
+    )
+    speak.add_argument(
+        "-o", "--output", type=Path, default=Path("dia.wav"), help="audio file (.wav .flac .ogg .mp3)"
+    )
     speak.add_argument("--voice", help="audio prompt to clone the voice from (wav, flac, ogg, mp3)")
     speak.add_argument("--voice-text", help="transcript of --voice; it is put before the text")
     speak.add_argument("--seed", type=int, help="make sampling reproducible")
@@ -29,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--top-k", type=int, default=None)
     speak.add_argument("--cfg-scale", type=float, default=3.0)
     speak.add_argument("--cfg-filter-top-k", type=int, default=None)
-    speak.add_argument("--max-new-tokens", type=int, default=2048, help="at most this many frames (86 per second)")
+    speak.add_argument(
+        "--max-new-tokens", type=int, default=2048, help="at most this many frames (86 per second)"
+    )
     speak.add_argument("--sample-rate", type=int, default=DAC_SAMPLE_RATE)
     speak.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
     speak.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, int8 or int4")

@@ -248,11 +248,12 @@ class Dia:
     def _prompt_codes(self, prompt: AudioPrompt) -> np.ndarray:
         """Codes `[P, C]` for an audio prompt given as codes, a path or a waveform."""
         value = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else prompt
-        is_codes = isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer) and value.ndim == 2
+        is_codes = (
+            isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer) and value.ndim == 2
+        )
         if is_codes and value.shape[1] == self.config.num_channels:
             return self.codec.check_codes(value)
         return self.encode_audio(value)
-
 
 
 def _report_speed(steps: int, seconds: float) -> None:

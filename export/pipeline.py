@@ -85,11 +85,15 @@ def checkpoint_sources(model: str, dac: str, revision: str | None = None) -> Sou
     )
 
 
-def _export_verified(spec: GraphSpec, samples: list, folder: Path, tolerance: float) -> tuple[GraphEntry, float]:
+def _export_verified(
+    spec: GraphSpec, samples: list, folder: Path, tolerance: float
+) -> tuple[GraphEntry, float]:
     began = time.perf_counter()
     entry = export_graph(spec, folder)
     error = verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance)
-    log.info("exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error)
+    log.info(
+        "exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error
+    )
     return entry, error
 
 
@@ -126,7 +130,9 @@ def export_model(
     """Write every graph for `dtypes` and the codec into `out`, verify each, then the manifest."""
     unsupported = [d for d in dtypes if d not in SUPPORTED_DTYPES]
     if unsupported:
-        raise ValueError(f"precision {unsupported} cannot be exported yet; supported: {list(SUPPORTED_DTYPES)}")
+        raise ValueError(
+            f"precision {unsupported} cannot be exported yet; supported: {list(SUPPORTED_DTYPES)}"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dia = DiaModel.from_state(sources.arch, sources.state)
