@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -159,21 +159,8 @@ class Dia:
         """Audio (float32 mono at `sample_rate`) for each text, generated as one batch."""
         if isinstance(texts, str):
             raise TypeError("generate_batch takes a list of texts; use generate() for one text")
-        codes = self.generate_codes(
-            texts,
-            audio_prompts,
-            callback=callback,
-            top_p=top_p,
-            temperature=temperature,
-            top_k=top_k,
-            sample_rate=sample_rate,
-            max_new_tokens=max_new_tokens,
-            use_torch_compile=use_torch_compile,
-            cfg_scale=cfg_scale,
-            verbose=verbose,
-            cfg_filter_top_k=cfg_filter_top_k,
-            seed=seed,
-        )
+        options = _options_from(locals())
+        codes = self.generate_codes(texts, audio_prompts, callback=callback, **vars(options))
         return [self.codes_to_audio(c, sample_rate) for c in codes]
 
     def generate(
@@ -196,21 +183,9 @@ class Dia:
         """Audio (float32 mono at `sample_rate`) for one text with [S1]/[S2] speaker tags."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}; use generate_batch for a list")
-        (audio,) = self.generate_batch(
-            [text],
-            None if audio_prompt is None else [audio_prompt],
-            top_p=top_p,
-            temperature=temperature,
-            top_k=top_k,
-            sample_rate=sample_rate,
-            max_new_tokens=max_new_tokens,
-            use_torch_compile=use_torch_compile,
-            cfg_scale=cfg_scale,
-            verbose=verbose,
-            callback=callback,
-            cfg_filter_top_k=cfg_filter_top_k,
-            seed=seed,
-        )
+        options = _options_from(locals())
+        prompts = None if audio_prompt is None else [audio_prompt]
+        (audio,) = self.generate_batch([text], prompts, callback=callback, **vars(options))
         return audio
 
     # -- codec --------------------------------------------------------------------------------------
@@ -272,6 +247,6 @@ def _report_speed(steps: int, seconds: float) -> None:
     )
 
 
-def generation_options(**kwargs: Any) -> GenerationOptions:
-    """GenerationOptions from keyword arguments, defaults for the rest (used by the CLI)."""
-    return replace(GenerationOptions(), **kwargs)
+def _options_from(arguments: dict[str, Any]) -> GenerationOptions:
+    """The GenerationOptions fields among a public method's arguments (its `locals()`)."""
+    return GenerationOptions(**{f.name: arguments[f.name] for f in fields(GenerationOptions)})

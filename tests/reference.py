@@ -86,6 +86,15 @@ class SpecReference:
         scores = torch.einsum("tnh,snh->nts", q, k).masked_fill(~allowed, float("-inf"))
         return torch.einsum("nts,snh->tnh", scores.softmax(-1), v)
 
+    def _self_attention(
+        self, x: torch.Tensor, prefix: str, pos: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        h = self._norm(x, f"{prefix}.pre_sa_norm.weight")
+        w = {n: self.w[f"{prefix}.self_attention.{n}_proj.weight"] for n in "qkvo"}
+        q, k, v = (torch.einsum("td,dnh->tnh", h, w[n]) for n in "qkv")
+        a = self._attention(self._rope(q, pos), self._rope(k, pos), v, allowed)
+        return torch.einsum("tnh,nhd->td", a, w["o"])
+
     def _mlp(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         fused = torch.einsum("td,dki->tki", x, self.w[f"{prefix}.mlp.wi_fused.weight"])
         return (torch.nn.functional.silu(fused[:, 0]) * fused[:, 1]) @ self.w[f"{prefix}.mlp.wo.weight"]
@@ -97,12 +106,7 @@ class SpecReference:
         allowed = torch.ones(len(text), len(text), dtype=torch.bool)
         for i in range(self.arch.encoder.layers):
             p = f"encoder.layers.{i}"
-            h = self._norm(x, f"{p}.pre_sa_norm.weight")
-            q, k, v = (
-                torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv"
-            )
-            a = self._attention(self._rope(q, pos), self._rope(k, pos), v, allowed)
-            x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
+            x = x + self._self_attention(x, p, pos, allowed)
             x = x + self._mlp(self._norm(x, f"{p}.post_sa_norm.weight"), p)
         return self._norm(x, "encoder.norm.weight")
 
@@ -115,12 +119,7 @@ class SpecReference:
         cross_ok = torch.ones(t, len(memory), dtype=torch.bool)
         for i in range(self.arch.decoder.layers):
             p = f"decoder.layers.{i}"
-            h = self._norm(x, f"{p}.pre_sa_norm.weight")
-            q, k, v = (
-                torch.einsum("td,dnh->tnh", h, self.w[f"{p}.self_attention.{n}_proj.weight"]) for n in "qkv"
-            )
-            a = self._attention(self._rope(q, pos), self._rope(k, pos), v, causal)
-            x = x + torch.einsum("tnh,nhd->td", a, self.w[f"{p}.self_attention.o_proj.weight"])
+            x = x + self._self_attention(x, p, pos, causal)
             h = self._norm(x, f"{p}.pre_ca_norm.weight")
             q = torch.einsum("td,dnh->tnh", h, self.w[f"{p}.cross_attention.q_proj.weight"])
             k, v = (
