@@ -1,7 +1,9 @@
 """Dia in torch, written for export: the encoder and a decoder step with an explicit KV cache.
 
 Parameter names are transformers' HF layout (SPEC.md section 2), so any checkpoint converted by
-`export.checkpoint` loads with `load_state_dict(strict=True)`. The forward pass follows SPEC.md
+`export.checkpoint` loads by name with a strict key check; projection kernels are held as `[in, out]`
+views of the HF `[out, in]` tensors, so the graphs get plain MatMuls on the stored weights and no
+transposed copy of 6 GB is ever made. The forward pass follows SPEC.md
 section 3: RMSNorm in float32, attention scale 1.0, rotate-half RoPE, GQA, and for the v0.1 flavour
 RoPE on cross-attention too.
 
@@ -32,11 +34,22 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class Linear(nn.Module):
+    """y = x @ weight with weight `[in, out]` (transformers stores its transpose; see `from_state`)."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_in, fan_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -49,10 +62,10 @@ class Projections(nn.Module):
     def __init__(self, hidden: int, kv_hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(kv_hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(kv_hidden, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, heads * head_dim)
+        self.k_proj = Linear(kv_hidden, kv_heads * head_dim)
+        self.v_proj = Linear(kv_hidden, kv_heads * head_dim)
+        self.o_proj = Linear(heads * head_dim, hidden)
 
     def queries(self, x: Tensor) -> Tensor:
         """Tensor[B x S x E] -> Tensor[B x H x S x D]."""
@@ -166,15 +179,18 @@ class DiaModel(nn.Module):
         self.arch = arch
         self.model = DiaBackbone(arch)
         d = arch.decoder
-        self.logits_dense = nn.Linear(d.hidden, d.num_channels * d.vocab_size, bias=False)
+        self.logits_dense = Linear(d.hidden, d.num_channels * d.vocab_size)
         self.rotary_encoder = Rotary(arch.encoder.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
         self.rotary_decoder = Rotary(d.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
         self.rotary_cross = Rotary(d.cross_head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
 
     @classmethod
     def from_state(cls, arch: DiaArchitecture, state: dict[str, Tensor]) -> DiaModel:
+        """Build the model on `state`'s own tensors (no copy): HF `[out, in]` kernels become views."""
         model = cls(arch)
-        model.load_state_dict(state, strict=True)
+        kernels = {name for name, module in model.named_modules() if isinstance(module, Linear)}
+        state = {k: v.T if k.removesuffix(".weight") in kernels else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
 

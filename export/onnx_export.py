@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import external_data_helper
 
 from dia_ort.manifest import FileEntry, GraphEntry
 
@@ -43,6 +44,8 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
     folder.mkdir(parents=True, exist_ok=True)
     onnx_file = f"{spec.name}.onnx"
     data_file = f"{onnx_file}.data"
+    for stale in (folder / onnx_file, folder / data_file):
+        stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = Path(tmp) / onnx_file
@@ -58,17 +61,9 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
                 dynamo=False,
                 do_constant_folding=True,
             )
-        model = onnx.load(str(traced))
-    for stale in (folder / onnx_file, folder / data_file):
-        stale.unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(folder / onnx_file),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_file,
-        size_threshold=1024,
-    )
+        model = onnx.load(str(traced), load_external_data=False)
+        gather_weights(model, Path(tmp), folder / data_file)
+    onnx.save_model(model, str(folder / onnx_file))
     data_files = (FileEntry.of(folder, data_file),) if (folder / data_file).exists() else ()
     return GraphEntry(
         file=FileEntry.of(folder, onnx_file),
@@ -76,6 +71,43 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
         outputs=tuple(spec.outputs),
         data_files=data_files,
     )
+
+
+def _weights(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The graph's initializers and the tensors of its Constant nodes."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+
+
+def gather_weights(model: onnx.ModelProto, source: Path, data_path: Path, threshold: int = 1024) -> None:
+    """Move every tensor of `threshold` bytes or more into one external data file, one at a time.
+
+    The exporter embeds small models and writes large ones (> 2 GB) as one file per tensor next to
+    the graph in `source`; either way the result is `<graph>.onnx` + `<graph>.onnx.data`, and memory
+    never holds more than one tensor's bytes at once.
+    """
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in _weights(model):
+            if external_data_helper.uses_external_data(tensor):
+                info = external_data_helper.ExternalDataInfo(tensor)
+                with open(source / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    data = f.read(info.length) if info.length else f.read()
+            elif len(tensor.raw_data) >= threshold:
+                data = tensor.raw_data
+            else:
+                continue
+            out.write(data)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", offset), ("length", len(data))):
+                tensor.external_data.add(key=key, value=str(value))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(data)
 
 
 def verify_graph(
