@@ -85,13 +85,20 @@ class Engine:
 
 
 class DecoderState:
-    """The caches of one request, bound once; `step` runs S rows and returns `[B, C, V]` logits."""
+    """The caches of one request, bound once; `step` runs S rows and returns `[B, C, V]` logits.
+
+    On the CPU the buffers start at GROWTH slots and grow by GROWTH when a step needs more (one copy
+    per GROWTH steps), since the step attends over every slot of the buffer: early steps then read
+    a small cache. On CUDA, where that read is cheap and a host copy is not, all slots are allocated
+    at once.
+    """
+
+    GROWTH = 256
 
     def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
         config, device = engine.config, engine.device
         self.engine = engine
         self.text_mask = np.ascontiguousarray(text_mask, dtype=bool)
-        batch = text_ids.shape[0]
         encoding = engine.encoder.io_binding()
         encoding.bind_cpu_input("text_ids", np.ascontiguousarray(text_ids, dtype=np.int64))
         encoding.bind_cpu_input("text_mask", self.text_mask)
@@ -99,29 +106,45 @@ class DecoderState:
             encoding.bind_output(name, device.kind, device.index)
         engine.encoder.run_with_iobinding(encoding)
         self.cross = encoding.get_outputs()
-        shape = (batch, config.kv_heads, slots, config.head_dim)
-        self.caches = [device.zeros(shape, engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
         self.slots = slots
-        binding = engine.step.io_binding()
-        binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
+        self.binding = engine.step.io_binding()
+        self.binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
         for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        past, present = (
-            cache_names("past", config.decoder_layers),
-            cache_names("present", config.decoder_layers),
-        )
-        for past_name, present_name, value in zip(past, present, self.caches, strict=True):
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
-        self.binding = binding
+            self.binding.bind_ortvalue_input(name, value)
+        self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
+        self.capacity = 0
+        self._allocate(slots if device.kind == "cuda" else min(slots, self.GROWTH), batch=text_ids.shape[0])
+
+    def _allocate(self, capacity: int, batch: int) -> None:
+        """Bind cache buffers of `capacity` slots, keeping the rows written so far."""
+        config, device = self.engine.config, self.engine.device
+        shape = (batch, config.kv_heads, capacity, config.head_dim)
+        if device.kind == "cpu":
+            fresh = [np.zeros(shape, dtype=self.engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
+            for old, new in zip(self.host, fresh[: len(self.host)], strict=True):  # none on the first call
+                new[:, :, : self.capacity] = old
+            self.host = fresh
+            caches = [ort.OrtValue.ortvalue_from_numpy(array) for array in fresh]
+        else:
+            caches = [device.zeros(shape, self.engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
+        past = cache_names("past", config.decoder_layers)
+        present = cache_names("present", config.decoder_layers)
+        for past_name, present_name, value in zip(past, present, caches, strict=True):
+            self.binding.bind_ortvalue_input(past_name, value)
+            self.binding.bind_ortvalue_output(present_name, value)
+        self.caches = caches
+        self.capacity = capacity
 
     def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
-        rows = tokens.shape[1]
-        if start + rows > self.slots:
-            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {start + rows - 1}")
+        end = start + tokens.shape[1]
+        if end > self.slots:
+            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
+        if end > self.capacity:
+            grown = -(-end // self.GROWTH) * self.GROWTH
+            self._allocate(min(self.slots, grown), batch=tokens.shape[0])
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        self.binding.bind_cpu_input("positions", np.arange(start, start + rows, dtype=np.int64))
+        self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
         self.binding.bind_cpu_input("text_mask", self.text_mask)
         self.engine.step.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "nari-labs/Dia-1.6B-0626"
 DEFAULT_DAC = "descript/dac_44khz"
 SUPPORTED_DTYPES = ("float32",)
-TOLERANCE = {"float32": 1e-4}
+TOLERANCE = {"float32": 2e-3}  # relative to the output scale; tiny models stay near 1e-6
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -170,3 +171,22 @@ def test_export_command_errors(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "float16" in result.stderr
+
+
+def test_hub_ids_offline_say_how_to_export_locally(tmp_path):
+    """With no network a Hub id fails at once with the local-folder command (never a hang)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIA_ORT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "--model", "nari-labs/Dia-1.6B-0626", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "could not download" in result.stderr and "python -m export --model /path/to/" in result.stderr
+    code = "from dia_ort import Dia\ntry:\n    Dia.from_pretrained('nari-labs/Dia-1.6B')\nexcept ConnectionError as e:\n    print(e)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert "could not download 'nari-labs/Dia-1.6B'" in result.stdout
