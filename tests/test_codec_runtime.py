@@ -1,13 +1,28 @@
-"""The runtime's `encode_audio` and `decode_codes` (ONNX Runtime) against transformers' DacModel."""
+"""The runtime's `encode_audio` and `decode_codes` (ONNX Runtime) against transformers' DacModel, and
+chunked runs against whole-length ones."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import export_tiny
 from test_dac import hf_dac
 
-from export.dac import TINY_DAC
+from dia_ort.codec import DECODE_CONTEXT_FRAMES, Codec, chunk_windows
+from dia_ort.engine import Device
+from dia_ort.manifest import Manifest
+from export.architecture import TINY
+from export.dac import DAC_44KHZ, TINY_DAC
+from export.dac_weights import random_dac
+
+REPO = Path(__file__).resolve().parents[1]
+WHOLE = 10**6  # a chunk longer than any input: one run
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +70,68 @@ def test_waveform_prompt_equals_its_codes(tiny_dia):
     by_wave = tiny_dia.generate_codes(["[S1] Hi."], [wave], **kwargs)[0]
     by_codes = tiny_dia.generate_codes(["[S1] Hi."], [codes], **kwargs)[0]
     np.testing.assert_array_equal(by_wave, by_codes)
+
+
+def open_codec(folder, chunk_frames: int) -> Codec:
+    return Codec(folder, Manifest.load(folder), Device("cpu"), chunk_frames=chunk_frames)
+
+
+def relative_error(have: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(have - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize(("total", "chunk"), [(1, 4), (4, 4), (5, 4), (30, 7), (64, 16), (100, 512)])
+def test_chunk_windows_cover_every_frame_once(total, chunk):
+    context = DECODE_CONTEXT_FRAMES
+    windows = list(chunk_windows(total, chunk, context))
+    assert [f for _, _, start, end in windows for f in range(start, end)] == list(range(total))
+    for lo, hi, start, end in windows:
+        assert lo == max(0, start - context) and hi == min(total, end + context)
+    assert len(windows) == -(-total // chunk)  # audio shorter than a chunk takes one run
+
+
+@pytest.mark.parametrize("frames", [1, 9, 16, 17, 40, 53])
+def test_chunked_decode_equals_one_run(tiny_folder, frames):
+    codes = np.random.default_rng(frames).integers(0, 1024, size=(frames, 9))
+    want = open_codec(tiny_folder, WHOLE).decode(codes)
+    for chunk in (1, 8, 16):
+        assert relative_error(open_codec(tiny_folder, chunk).decode(codes), want) < 1e-4
+
+
+@pytest.mark.parametrize("frames", [1, 16, 17, 45])
+def test_chunked_encode_equals_one_run(tiny_folder, frames):
+    wave = (0.3 * np.random.default_rng(frames).standard_normal(frames * 512 - 77)).astype(np.float32)
+    want = open_codec(tiny_folder, WHOLE).encode(wave)
+    for chunk in (1, 16):
+        np.testing.assert_array_equal(open_codec(tiny_folder, chunk).encode(wave), want)
+
+
+def test_context_is_the_receptive_field(tiny_folder, monkeypatch):
+    """One frame less context and the seams show: the constants are not larger than they must be."""
+    codes = np.random.default_rng(3).integers(0, 1024, size=(60, 9))
+    want = open_codec(tiny_folder, WHOLE).decode(codes)
+    monkeypatch.setattr("dia_ort.codec.DECODE_CONTEXT_FRAMES", DECODE_CONTEXT_FRAMES - 1)
+    assert relative_error(open_codec(tiny_folder, 8).decode(codes), want) > 1e-6
+
+
+@pytest.fixture(scope="module")
+def full_size_folder(tmp_path_factory, tiny_state):
+    """A tiny Dia with a random DAC of the real shape (what `--random-init tiny` exports)."""
+    return export_tiny(tmp_path_factory.mktemp("full_dac"), TINY, tiny_state, random_dac(DAC_44KHZ, seed=2))
+
+
+def test_chunked_full_size_codec_equals_one_run(full_size_folder):
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 1024, size=(29, 9))
+    whole, chunked = open_codec(full_size_folder, WHOLE), open_codec(full_size_folder, 6)
+    wave = whole.decode(codes)
+    assert relative_error(chunked.decode(codes), wave) < 1e-4
+    np.testing.assert_array_equal(chunked.encode(wave), whole.encode(wave))
+
+
+def test_dac_speed_bench_measures_the_exported_codec(full_size_folder):
+    argv = [sys.executable, "-m", "bench.dac_speed", "--folder", str(full_size_folder), "--seed", "2"]
+    argv += ["--seconds", "0.05", "--repeats", "1"]
+    result = json.loads(subprocess.run(argv, cwd=REPO, check=True, capture_output=True, text=True).stdout)
+    assert result["decode_max_rel_error"] < 1e-4 and result["encode_codes_equal"] == 1.0
+    assert all(result[f"{engine}_{op}_rtf"] > 0 for engine in ("ort", "torch") for op in ("decode", "encode"))
