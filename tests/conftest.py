@@ -15,8 +15,10 @@ from export.dac_weights import random_dac
 from export.pipeline import Sources, export_model
 
 
-def export_tiny(folder: Path, arch: DiaArchitecture, state: dict[str, torch.Tensor], codec) -> Path:
-    export_model(Sources(arch, state, codec, {"random_init": "test"}), folder)
+def export_tiny(
+    folder: Path, arch: DiaArchitecture, state: dict[str, torch.Tensor], codec, dtypes=("float32",)
+) -> Path:
+    export_model(Sources(arch, state, codec, {"random_init": "test"}), folder, dtypes)
     return folder
 
 

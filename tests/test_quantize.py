@@ -1,0 +1,89 @@
+"""Quantized CPU variants: how they are built, that they run, and how closely they follow float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import export_tiny
+
+from dia_ort import Dia
+from dia_ort.manifest import Manifest
+from export.architecture import TINY
+from export.pipeline import QUANTIZED_TOLERANCE
+from export.quant_accuracy import kl_divergence, quantization_accuracy
+from export.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_BITS, head_matmul, quantize_graph
+
+
+@pytest.fixture(scope="module")
+def quant_folder(tmp_path_factory, tiny_state, tiny_codec):
+    """Only the quantized variants asked for: float32 comes along, since they are made from it."""
+    return export_tiny(tmp_path_factory.mktemp("quant"), TINY, tiny_state, tiny_codec, ("int8", "int4"))
+
+
+def test_manifest_lists_quantized_variants_sharing_the_float32_encoder(quant_folder):
+    manifest = Manifest.load(quant_folder)
+    assert set(manifest.variants) == {"float32", "int8", "int4"}
+    for dtype in QUANTIZED_BITS:
+        graphs = manifest.variants[dtype]
+        assert graphs["decoder_step"].file.path == f"decoder_step.{dtype}.onnx"
+        assert graphs["encoder"] == manifest.variants["float32"]["encoder"]
+        assert graphs["decoder_step"].inputs == manifest.variants["float32"]["decoder_step"].inputs
+        error = manifest.tools["verification_error"][f"decoder_step.{dtype}"]
+        assert 0 < error < QUANTIZED_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(QUANTIZED_BITS))
+def test_weights_are_matmulnbits_but_head_and_embeddings_stay_float(quant_folder, dtype):
+    model = onnx.load(str(quant_folder / f"decoder_step.{dtype}.onnx"), load_external_data=False)
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 8 * TINY.decoder.layers  # q, k, v, o, cross q, cross o, gate_up, down
+    for node in nbits:
+        attributes = {a.name: a.i for a in node.attribute}
+        assert attributes["bits"] == QUANTIZED_BITS[dtype]
+        assert attributes["accuracy_level"] == ACCURACY_LEVEL
+        assert attributes["block_size"] == BLOCK_SIZE
+    head = next(n for n in graph.node if n.name == head_matmul(graph))
+    assert head.op_type == "MatMul"
+    assert weights[head.input[1]].data_type == onnx.TensorProto.FLOAT
+    tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
+    assert tables
+    assert all(weights[t].data_type == onnx.TensorProto.FLOAT for t in tables)
+
+
+def test_only_8_and_4_bits(quant_folder, tmp_path):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize_graph(quant_folder / "decoder_step.float32.onnx", tmp_path, "step", 3)
+
+
+def test_quantized_variant_generates(quant_folder):
+    dia = Dia.from_pretrained(quant_folder, compute_dtype="int8", device="cpu")
+    assert dia.compute_dtype == "int8"
+    (codes,) = dia.generate_codes("[S1] Hello there.", temperature=0, max_new_tokens=12)
+    assert codes.shape == (12, TINY.decoder.num_channels)
+
+
+def test_kl_divergence_ignores_ids_masked_in_both():
+    p = np.array([[0.0, 1.0, -np.inf], [2.0, 2.0, 2.0]], dtype=np.float32)
+    q = np.array([[1.0, 0.0, -np.inf], [2.0, 2.0, 2.0]], dtype=np.float32)
+    p_probs = np.exp(p[0, :2]) / np.exp(p[0, :2]).sum()
+    q_probs = np.exp(q[0, :2]) / np.exp(q[0, :2]).sum()
+    want = (p_probs * np.log(p_probs / q_probs)).sum()
+    np.testing.assert_allclose(kl_divergence(p, q), [want, 0.0], rtol=1e-6)
+
+
+def test_float32_against_itself_agrees_fully(quant_folder):
+    accuracy = quantization_accuracy(quant_folder, "float32", steps=50)
+    assert accuracy.steps == 50
+    assert accuracy.agreement == 1.0
+    assert accuracy.channel_agreement == (1.0,) * TINY.decoder.num_channels
+    assert accuracy.kl == 0.0
+
+
+def test_int8_follows_float32_closer_than_int4(quant_folder):
+    int8, int4 = (quantization_accuracy(quant_folder, dtype) for dtype in ("int8", "int4"))
+    assert int8.steps == int4.steps == 200
+    assert int8.agreement > 0.9 and 0.5 < int4.agreement < int8.agreement
+    assert 0 < int8.kl < int4.kl < 0.05
