@@ -1,0 +1,169 @@
+"""`python -m bench`: dia-ort against transformers' Dia on the same random weights, per model size.
+
+Each measurement runs in a child process: the export, the runtime (one per variant, with torch
+blocked), the reference (torch), the quantization accuracy and the DAC codec. This process only
+orchestrates and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.exports import QUANTIZED, ensure_export
+from bench.machine import describe, physical_cores
+from bench.measure import EngineResult
+from bench.process import REPO, run_child
+from bench.report import SizeResult, accuracy_table, dac_table, render
+from bench.roofline import floor_ms, step_weight_bytes
+from dia_ort.manifest import Manifest
+
+SIZES = ("tiny", "full")
+VARIANTS = ("float32", *QUANTIZED)  # the CPU variants (float16/bfloat16 are for CUDA)
+BATCHES = (1, 4, 16)
+BATCH_STEPS = {"tiny": 200, "full": 30}  # full: enough for a steady state, few enough to finish
+ACCURACY_STEPS = 100
+DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help="precision variants (default: all; those the folder lacks are noted)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed single-row steps at each position")
+    parser.add_argument(
+        "--batch-steps", type=int, help="max_new_tokens of the batch runs (default: tiny 200, full 30)"
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="do not measure transformers")
+    parser.add_argument("--skip-dac", action="store_true", help="do not measure the DAC codec")
+    parser.add_argument("--re-export", action="store_true", help="export even where a finished folder exists")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument("--threads", type=int, default=physical_cores(), help="threads of every engine")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of the reference)")
+    parser.add_argument(
+        "--model-folder",
+        type=Path,
+        help="use this exported folder (one size only) instead of models/bench-SIZE",
+    )
+    args = parser.parse_args(argv)
+    if args.model_folder and len(args.sizes) != 1:
+        parser.error("--model-folder needs exactly one --sizes")
+    if args.steps < 1 or args.threads < 1:
+        parser.error("--steps and --threads must be at least 1")
+    return args
+
+
+def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeResult:
+    """Export (or reuse) the `size` model, then measure each variant, the reference, the extras."""
+    folder = (args.model_folder or REPO / "models" / f"bench-{size}").resolve()
+    wanted = tuple(args.variants or VARIANTS)
+    manifest, export = ensure_export(size, folder, args.seed, wanted, args.re_export)
+    result = SizeResult(size=size, folder=folder, export=export)
+    variants = [v for v in wanted if v in manifest.variants]
+    if len(variants) < len(wanted):
+        result.notes.append(
+            f"Not measured: {[v for v in wanted if v not in variants]}, not in the folder (it has "
+            f"{sorted(manifest.variants)}); `--re-export` writes them."
+        )
+    logits = {variant: bench_variant(result, manifest, variant, args, bandwidth) for variant in variants}
+    if not args.skip_reference and result.engines:
+        bench_reference(result, args, bandwidth, logits.get("float32"))
+    quantized = [v for v in variants if v in QUANTIZED]
+    if quantized:
+        result.sections.append(accuracy_section(folder, quantized))
+    return result
+
+
+def bench_variant(
+    result: SizeResult,
+    manifest: Manifest,
+    variant: str,
+    args: argparse.Namespace,
+    bandwidth: float,
+) -> np.ndarray:
+    """Measure one variant in a torch-free child; add it to `result`; return its first logits."""
+    argv = ["-m", "bench.torch_free", "bench.dia_speed", str(result.folder), "--variant", variant]
+    argv += ["--threads", str(args.threads), "--steps", str(args.steps), "--batches", *map(str, BATCHES)]
+    argv += ["--batch-steps", str(args.batch_steps or BATCH_STEPS[result.size])]
+    measured = run_child(argv, f"dia-ort {variant} on {result.folder}").result
+    engine = EngineResult.from_dict(measured["engine"])
+    weights = step_weight_bytes(result.folder / manifest.variants[variant]["decoder_step"].file.path)
+    result.engines.append(engine)
+    result.weight_bytes[variant] = weights
+    result.floor_ms[engine.name] = floor_ms(weights, bandwidth)
+    result.batches[engine.name] = measured["batches"]
+    return np.asarray(measured["logits"])
+
+
+def bench_reference(
+    result: SizeResult,
+    args: argparse.Namespace,
+    bandwidth: float,
+    float32_logits: np.ndarray | None,
+) -> None:
+    """Measure transformers' Dia at the positions the runtime used, on the weights of the folder."""
+    seed = weights_seed(result.folder, args.seed)
+    positions = result.engines[0].positions
+    argv = ["-m", "bench.torch_speed", result.size, "--seed", str(seed), "--positions", *map(str, positions)]
+    argv += ["--threads", str(args.threads), "--steps", str(args.steps)]
+    measured = run_child(argv, f"transformers' Dia ({result.size})").result
+    engine = EngineResult.from_dict(measured["engine"])
+    result.engines.append(engine)
+    if float32_logits is not None:
+        result.floor_ms[engine.name] = floor_ms(result.weight_bytes["float32"], bandwidth)
+        result.logits_error = float(np.abs(np.asarray(measured["logits"]) - float32_logits).max())
+
+
+def accuracy_section(folder: Path, variants: list[str]) -> str:
+    """Teacher-forced agreement of the quantized variants with float32 (export/quant_accuracy.py)."""
+    argv = ["-m", "bench.accuracy", str(folder), "--variants", *variants, "--steps", str(ACCURACY_STEPS)]
+    return accuracy_table(run_child(argv, "quantization accuracy").result["accuracy"])
+
+
+def dac_section(folder: Path, seed: int) -> str:
+    """DAC decode and encode speed against transformers' DacModel, by bench/dac_speed.py.
+
+    Every exported folder holds the real-shape DAC of `random_dac(seed)`, so one size is enough.
+    """
+    argv = ["-m", "bench.dac_speed", "--folder", str(folder), "--seed", str(seed)]
+    argv += ["--seconds", str(DAC_SECONDS)]
+    return dac_table(json.loads(run_child(argv, "DAC speed", json_out=False).stdout))
+
+
+def weights_seed(folder: Path, default: int) -> int:
+    """The seed of the folder's random weights: as a `--random-init` export records it, else `default`."""
+    return int(Manifest.load(folder).source.get("seed", default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    machine = describe(args.threads)
+    results = [bench_size(size, args, machine.bandwidth) for size in args.sizes]
+    first = results[0].folder
+    dac = (
+        "DAC: not measured (--skip-dac)."
+        if args.skip_dac
+        else dac_section(first, weights_seed(first, args.seed))
+    )
+    markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [dac])
+    print(markdown)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(markdown)
+    print(f"written to {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

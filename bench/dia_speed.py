@@ -1,0 +1,128 @@
+"""The runtime's speed on one variant of an exported folder, without torch.
+
+Run as `python -m bench.torch_free bench.dia_speed FOLDER --variant V --positions ... --out FILE`;
+writes the `EngineResult`, the batch throughput, and the first step's logits (to check that the
+reference runs the same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+import dia_ort.engine
+from bench.measure import (
+    FRAMES_PER_SECOND,
+    SEED,
+    TEXT,
+    EngineResult,
+    decoder_times,
+    median_ms,
+    peak_rss,
+    reset_peak_rss,
+    step_positions,
+)
+from dia_ort import Dia, GenerationOptions
+from dia_ort.generation import Generation, cfg_text_rows
+from dia_ort.text import encode_text
+
+
+def load(folder: Path, variant: str, threads: int) -> tuple[Dia, float]:
+    """The model as a user opens it, and the seconds that took (hash checks included)."""
+    # Dia has no thread option; its sessions are opened by this one function, so set the count there.
+    dia_ort.engine.open_session = partial(dia_ort.engine.open_session, threads=threads)
+    began = time.perf_counter()
+    dia = Dia(folder, compute_dtype=variant, device="cpu")
+    return dia, time.perf_counter() - began
+
+
+def default_slots(dia: Dia, text: np.ndarray) -> int:
+    """The cache rows a `generate()` with default options allocates for `text`.
+
+    A window shorter than its 2048 frames (the tiny model's) clamps them with a warning, expected here.
+    """
+    logger = logging.getLogger("dia_ort.generation")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return Generation(dia.engine, [text], [None], GenerationOptions()).slots
+    finally:
+        logger.setLevel(level)
+
+
+def single_request(
+    dia: Dia, variant: str, threads: int, load_s: float, steps: int
+) -> tuple[EngineResult, np.ndarray]:
+    """Per-phase times of one CFG request on `TEXT`, and the BOS step's logits `[2, C, V]`."""
+    load_peak = peak_rss()
+    reset_peak_rss()
+    config = dia.config
+    text = encode_text(TEXT, config.text_length)
+    ids, mask = cfg_text_rows([text])
+    slots = default_slots(dia, text)
+    positions = step_positions(slots, steps)
+    encoder_ms = median_ms(lambda: dia.engine.start(ids, mask, slots))
+    state = dia.engine.start(ids, mask, slots)
+    logits = state.step(np.full((2, 1, config.num_channels), config.bos_id), 0).copy()  # a reused buffer
+    prefill_ms, step_ms = decoder_times(state, config.num_channels, positions, steps)
+    result = EngineResult(
+        name=f"dia-ort {variant}",
+        threads=threads,
+        encoder_ms=encoder_ms,
+        prefill_ms=prefill_ms,
+        positions=positions,
+        step_ms=step_ms,
+        load_s=load_s,
+        load_peak_rss=load_peak,
+        run_peak_rss=peak_rss(),
+    )
+    return result, logits
+
+
+def batch_throughput(dia: Dia, batch: int, steps: int) -> dict:
+    """Steady-state speed of `generate_codes` on `batch` texts: the median time between steps."""
+    stamps: list[float] = []
+    reset_peak_rss()
+    dia.generate_codes(
+        [TEXT] * batch,
+        max_new_tokens=steps,
+        seed=SEED,
+        callback=lambda i, n: stamps.append(time.perf_counter()),
+    )
+    step_s = statistics.median(np.diff(stamps))
+    return {
+        "batch": batch,
+        "steps": len(stamps),
+        "step_ms": 1000 * step_s,
+        "audio_per_wall": batch / (FRAMES_PER_SECOND * step_s),
+        "peak_rss": peak_rss(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.torch_free bench.dia_speed")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--variant", default="float32")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True, help="timed single-row steps per position")
+    parser.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes for generate_codes")
+    parser.add_argument("--batch-steps", type=int, default=30, help="max_new_tokens of each batch run")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dia, load_s = load(args.folder, args.variant, args.threads)
+    engine, logits = single_request(dia, args.variant, args.threads, load_s, args.steps)
+    batches = [batch_throughput(dia, b, args.batch_steps) for b in args.batches]
+    result = {"engine": asdict(engine), "batches": batches, "logits": logits.tolist()}
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The benchmark's model folders: made by `python -m export --random-init` once, then reused.
+
+The export runs as a child process so that its wall time and peak RSS are its own; they are kept
+next to the manifest, so a reused folder still reports what its export cost.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.process import run_child
+from dia_ort.manifest import MANIFEST_NAME, Manifest
+from export.quantize import QUANTIZED_BITS  # no torch: onnx only
+
+RECORD = "bench_export.json"
+QUANTIZED = tuple(QUANTIZED_BITS)  # the variants `python -m export --quantize` writes
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """What making a model folder cost, as `python -m export` ran it."""
+
+    command: str
+    seconds: float | None  # None: a folder this benchmark did not export
+    peak_rss: int | None  # bytes
+    reused: bool
+
+
+def export_command(size: str, folder: Path, seed: int, quantize: tuple[str, ...]) -> list[str]:
+    """The arguments of `python` that export `size` with random weights into `folder`."""
+    argv = ["-m", "export", "--random-init", size, "--seed", str(seed), "--out", str(folder)]
+    return argv + (["--quantize", *quantize] if quantize else [])
+
+
+def ensure_export(
+    size: str, folder: Path, seed: int, variants: tuple[str, ...], re_export: bool
+) -> tuple[Manifest, ExportRun]:
+    """The folder's manifest, exporting first unless a finished export (its manifest) is there.
+
+    An export writes float32 and the quantized ones among `variants`.
+    """
+    record = folder / RECORD
+    if (folder / MANIFEST_NAME).is_file() and not re_export:
+        if record.is_file():
+            run = ExportRun(**{**json.loads(record.read_text()), "reused": True})
+        else:
+            run = ExportRun(command="(an existing folder)", seconds=None, peak_rss=None, reused=True)
+        return Manifest.load(folder), run
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)  # a failed re-export must not look finished
+    argv = export_command(size, folder, seed, tuple(v for v in variants if v in QUANTIZED))
+    child = run_child(argv, f"export of the {size} model", json_out=False)
+    run = ExportRun(
+        command="python " + " ".join(argv), seconds=child.seconds, peak_rss=child.peak_rss, reused=False
+    )
+    record.write_text(json.dumps(asdict(run), indent=2) + "\n")
+    return Manifest.load(folder), run

@@ -1,0 +1,222 @@
+"""The benchmark's results as markdown: printed, and written to bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.exports import ExportRun
+from bench.machine import Machine
+from bench.measure import FRAMES_PER_SECOND, PREFILL_ROWS, EngineResult
+
+GB = 1e9
+BUSY_LOAD = 0.25  # load average per core above which the report warns
+SAME_WEIGHTS = 1e-3  # the largest first-step logits difference of two engines on the same weights
+
+
+@dataclass
+class SizeResult:
+    """Everything measured on one model size."""
+
+    size: str
+    folder: Path
+    export: ExportRun
+    engines: list[EngineResult] = field(default_factory=list)
+    floor_ms: dict[str, float] = field(default_factory=dict)  # engine name -> ms/step to read its weights
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
+    batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
+    logits_error: float | None = None  # max |logits| difference, reference vs dia-ort float32
+    sections: list[str] = field(default_factory=list)  # further markdown (quantization accuracy)
+    notes: list[str] = field(default_factory=list)
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    """`digits` significant digits without an exponent; a dash for a missing value."""
+    if value is None:
+        return "–"
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of already formatted cells."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _gb(value: int | None) -> str:
+    return number(None if value is None else value / GB)
+
+
+def engine_table(result: SizeResult) -> str:
+    """One row per engine: the per-phase times, speed, floor and memory."""
+    positions = result.engines[0].positions
+    header = [
+        "engine",
+        "threads",
+        "load s",
+        "encoder ms",
+        *(f"prefill {n} row{'s' * (n > 1)} ms" for n in PREFILL_ROWS),
+        *(f"step @{p} ms" for p in positions),
+        "steps/s",
+        "RTF",
+        "floor ms",
+        f"step @{positions[0]} / floor",
+        "load peak GB",
+        "run peak GB",
+    ]
+    rows = []
+    for e in result.engines:
+        floor = result.floor_ms.get(e.name)
+        rows.append(
+            [
+                e.name,
+                str(e.threads),
+                number(e.load_s),
+                number(e.encoder_ms),
+                *map(number, e.prefill_ms),
+                *map(number, e.step_ms),
+                number(e.steps_per_s),
+                number(e.realtime_factor),
+                number(floor),
+                number(None if floor is None else e.step_ms[0] / floor),
+                _gb(e.load_peak_rss),
+                _gb(e.run_peak_rss),
+            ]
+        )
+    return table(header, rows)
+
+
+def batch_table(batches: dict[str, list[dict]]) -> str:
+    """One row per engine and batch size: steady-state step time and audio seconds per wall second."""
+    header = ["engine", "batch", "steps", "step ms", "audio s / wall s", "peak GB"]
+    rows = [
+        [
+            name,
+            str(b["batch"]),
+            str(b["steps"]),
+            number(b["step_ms"]),
+            number(b["audio_per_wall"]),
+            _gb(b["peak_rss"]),
+        ]
+        for name, runs in batches.items()
+        for b in runs
+    ]
+    return table(header, rows)
+
+
+def _speedups(result: SizeResult) -> str | None:
+    """How many times faster dia-ort float32 is than the reference, phase by phase."""
+    ours = next((e for e in result.engines if e.name == "dia-ort float32"), None)
+    reference = next((e for e in result.engines if e.name.startswith("transformers")), None)
+    if ours is None or reference is None:
+        return None
+    phases = [("encoder", reference.encoder_ms / ours.encoder_ms)]
+    phases += [
+        (f"prefill {n}", r / o)
+        for n, r, o in zip(PREFILL_ROWS, reference.prefill_ms, ours.prefill_ms, strict=True)
+    ]
+    phases += [
+        (f"step @{p}", r / o) for p, r, o in zip(ours.positions, reference.step_ms, ours.step_ms, strict=True)
+    ]
+    return "dia-ort float32 vs transformers (times faster): " + ", ".join(
+        f"{name} {number(ratio)}x" for name, ratio in phases
+    )
+
+
+def size_section(result: SizeResult) -> str:
+    """The markdown of one model size: its export, its tables and what they mean."""
+    export = result.export
+    if export.seconds is None:
+        made = "an existing export, not timed here"
+    else:
+        how = "reused; its export" if export.reused else "exported now"
+        made = f"{how}: `{export.command}`, {number(export.seconds)} s, peak RSS {_gb(export.peak_rss)} GB"
+    parts = [f"## {result.size}", f"Model folder `{result.folder}` ({made})."]
+    if result.engines:
+        parts.append(engine_table(result))
+    weights = ", ".join(f"{v} {number(b / 1e6)} MB" for v, b in result.weight_bytes.items())
+    if weights:
+        parts.append(f"Decoder weights read per step (embedding tables excluded): {weights}.")
+    speedups = _speedups(result)
+    if speedups:
+        parts.append(speedups + ".")
+    if result.logits_error is not None:
+        same = result.logits_error < SAME_WEIGHTS
+        parts.append(
+            f"{'Same weights' if same else '**Not the same weights**'}: the first step's logits of dia-ort "
+            f"float32 and transformers differ by at most {result.logits_error:.2g}."
+        )
+    if result.batches:
+        parts += [
+            "Batch throughput: `generate_codes` on N copies of the text; step ms is the median time "
+            "between steps (steady state); audio s / wall s = N / (86.13 x step s).",
+            batch_table(result.batches),
+        ]
+    return "\n\n".join(parts + result.sections + result.notes)
+
+
+def render(machine: Machine, command: str, results: list[SizeResult], sections: list[str]) -> str:
+    """The whole report: the machine, one section per size, then `sections` (markdown)."""
+    versions = ", ".join(f"{p} {v}" for p, v in machine.versions.items())
+    busy = machine.load_average > BUSY_LOAD * machine.logical_cores
+    warning = (
+        f"**The machine was busy** (load {machine.load_average:.1f} on {machine.logical_cores} cores): "
+        "timings are pessimistic, torch's multi-threaded ones especially."
+    )
+    header = [
+        "# dia-ort benchmark",
+        f"Reproduce: `{command}`",
+        f"- date: {machine.date}\n"
+        f"- CPU: {machine.cpu}, {machine.physical_cores} cores ({machine.logical_cores} logical), "
+        f"{number(machine.ram_bytes / GB)} GB RAM; 1-minute load average at the start {machine.load_average:.1f}\n"
+        f"- memory read bandwidth: {number(machine.bandwidth / GB)} GB/s ({machine.threads} threads)\n"
+        f"- Python {machine.python}; {versions}",
+        *([warning] if busy else []),
+        "Times are medians. steps/s = 1000 / mean(step ms at the early and late positions); RTF = steps/s "
+        f"/ {FRAMES_PER_SECOND:.2f} (above 1 is faster than real time). Each step is a CFG pair (2 rows). "
+        "floor = decoder weight bytes / read bandwidth. dia-ort's encoder time is `engine.start` "
+        "(encoder, cross-attention K/V and cache allocation); transformers computes its cross K/V in "
+        "the first decoder step. Load time includes hashing the files; run peak RSS counts from the "
+        "end of loading.",
+    ]
+    return "\n\n".join(header + [size_section(r) for r in results] + sections) + "\n"
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    """export/quant_accuracy.py's figures: top-1 agreement with float32 and KL, teacher-forced."""
+    header = ["variant", "steps", "top-1 agreement", "worst channel", "KL(float32 ‖ variant) nats"]
+    body = [
+        [
+            r["variant"],
+            str(r["steps"]),
+            number(r["agreement"]),
+            number(min(r["channel_agreement"])),
+            f"{r['kl']:.2g}",
+        ]
+        for r in rows
+    ]
+    return (
+        "Quantization accuracy: each variant reads the float32 greedy token stream (teacher-forced) and "
+        "is compared with float32 step by step, after guidance and the special-token masks.\n\n"
+        + table(header, body)
+    )
+
+
+def dac_table(dac: dict) -> str:
+    """bench/dac_speed.py's figures: realtime factors of both codecs and how closely they agree."""
+    rows = [
+        [name, number(dac[f"{key}_decode_rtf"]), number(dac[f"{key}_encode_rtf"])]
+        for name, key in (("dia-ort (ONNX Runtime)", "ort"), ("transformers DacModel (torch eager)", "torch"))
+    ]
+    return (
+        f"## DAC codec\n\n{number(dac['audio_seconds'])} s of audio, best of {dac['repeats']} runs; "
+        "RTF = audio seconds / wall seconds.\n\n"
+        + table(["codec", "decode RTF", "encode RTF"], rows)
+        + f"\n\ndia-ort is {number(dac['decode_speedup'])}x faster decoding and "
+        f"{number(dac['encode_speedup'])}x encoding; decode max relative difference "
+        f"{dac['decode_max_rel_error']:.2g}, encode codes equal {number(100 * dac['encode_codes_equal'])} %."
+    )

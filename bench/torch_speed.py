@@ -1,0 +1,108 @@
+"""The reference: transformers' Dia (torch eager, float32) on the same random weights, measured as the
+runtime is. Run as `python -m bench.torch_speed {tiny,full} --seed S --positions ... --out FILE`.
+
+The exported folder's weights are `export.checkpoint.random_state(arch, seed)`; the same call here
+gives the same tensors, loaded into `DiaForConditionalGeneration` as tests/reference.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DiaConfig, DiaForConditionalGeneration, DynamicCache, EncoderDecoderCache
+
+from bench.measure import TEXT, EngineResult, decoder_times, median_ms, peak_rss, reset_peak_rss
+from dia_ort.generation import cfg_text_rows
+from dia_ort.text import encode_text
+from export.architecture import FULL, TINY, DiaArchitecture
+from export.checkpoint import random_state
+
+PRESETS = {"tiny": TINY, "full": FULL}
+
+
+def build_model(arch: DiaArchitecture, seed: int) -> DiaForConditionalGeneration:
+    """transformers' model holding `random_state(arch, seed)`."""
+    config = DiaConfig(
+        **{k: v for k, v in arch.to_hf_dict().items() if k not in ("model_type", "architectures")}
+    )
+    model = DiaForConditionalGeneration(config).eval()
+    model.load_state_dict(random_state(arch, seed), strict=False)  # the offsets buffer is not persistent
+    return model
+
+
+class TorchDecoder:
+    """transformers' decoder behind the runtime's `step(tokens, start)`; start 0 begins a new cache."""
+
+    def __init__(self, model: DiaForConditionalGeneration, memory: torch.Tensor, mask: torch.Tensor) -> None:
+        self.model, self.memory, self.mask = model, memory, mask
+        self.cache: EncoderDecoderCache | None = None
+
+    @torch.no_grad()
+    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        if start == 0:
+            config = self.model.config
+            self.cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        elif start != self.cache.get_seq_length():
+            raise ValueError(f"the cache holds {self.cache.get_seq_length()} rows, asked to write at {start}")
+        out = self.model(
+            encoder_outputs=(self.memory,),
+            attention_mask=self.mask,
+            decoder_input_ids=torch.from_numpy(tokens),
+            cache=self.cache,
+            use_cache=True,
+        )
+        batch, channels = tokens.shape[0], tokens.shape[2]
+        return out.logits[:, -1].reshape(batch, channels, -1).numpy()
+
+
+def measure(
+    model: DiaForConditionalGeneration, arch: DiaArchitecture, positions: tuple[int, ...], steps: int
+) -> tuple[EngineResult, np.ndarray]:
+    """Per-phase times on the CFG pair of `TEXT`, and the BOS step's logits `[2, C, V]`."""
+    gc.collect()  # the random state is gone: the peak counts the model alone
+    reset_peak_rss()
+    ids, mask = (torch.from_numpy(a) for a in cfg_text_rows([encode_text(TEXT, arch.encoder.max_length)]))
+    with torch.no_grad():
+        encoder_ms = median_ms(lambda: model.model.encoder(input_ids=ids, attention_mask=mask))
+        memory = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    decoder = TorchDecoder(model, memory, mask)
+    channels = arch.decoder.num_channels
+    logits = decoder.step(np.full((2, 1, channels), arch.bos_id), 0)
+    prefill_ms, step_ms = decoder_times(decoder, channels, positions, steps)
+    result = EngineResult(
+        name=f"transformers {model.config._attn_implementation} (torch eager)",
+        threads=torch.get_num_threads(),
+        encoder_ms=encoder_ms,
+        prefill_ms=prefill_ms,
+        positions=positions,
+        step_ms=step_ms,
+        load_s=None,
+        load_peak_rss=None,
+        run_peak_rss=peak_rss(),
+    )
+    return result, logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.torch_speed")
+    parser.add_argument("size", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, required=True, help="seed of the export's --random-init")
+    parser.add_argument("--positions", type=int, nargs="+", required=True)
+    parser.add_argument("--steps", type=int, required=True, help="timed single-row steps per position")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    arch = PRESETS[args.size]
+    result, logits = measure(build_model(arch, args.seed), arch, tuple(args.positions), args.steps)
+    args.out.write_text(json.dumps({"engine": asdict(result), "logits": logits.tolist()}))
+
+
+if __name__ == "__main__":
+    main()

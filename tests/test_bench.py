@@ -1,0 +1,64 @@
+"""`python -m bench` end to end on a tiny model with float32 and int8 variants, with small counts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import export_tiny
+
+from export.architecture import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _table(markdown: str, header_start: str) -> list[list[str]]:
+    """The body rows (cells) of the first table whose header line starts with `header_start`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _positive(cells: list[str]) -> bool:
+    return all(float(cell) > 0 for cell in cells if cell != "–")  # a dash: not measured for this engine
+
+
+@pytest.fixture(scope="module")
+def float32_int8_folder(tmp_path_factory, tiny_state, tiny_codec) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("bench"), TINY, tiny_state, tiny_codec, ("float32", "int8"))
+
+
+def test_tiny_benchmark(float32_int8_folder, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    argv = [sys.executable, "-m", "bench", "--sizes", "tiny", "--model-folder", str(float32_int8_folder)]
+    argv += ["--seed", "1"]  # the fixture's weights
+    argv += ["--steps", "2", "--batch-steps", "4", "--skip-dac", "--results", str(results)]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    markdown = results.read_text()
+    assert "python -m bench --sizes tiny" in markdown and "memory read bandwidth" in markdown
+
+    engines = _table(markdown, "| engine | threads |")
+    names = ["dia-ort float32", "dia-ort int8", "transformers sdpa (torch eager)"]
+    assert [row[0] for row in engines] == names
+    assert all(_positive(row[1:]) for row in engines), engines
+    assert engines[0][2] != "–" and engines[0][-2] != "–"  # the runtime's load time and load peak
+
+    batches = _table(markdown, "| engine | batch |")
+    assert [row[1] for row in batches] == ["1", "4", "16"] * 2
+    assert all(_positive(row[1:]) for row in batches), batches
+
+    error = float(re.search(r"differ by at most (\S+)\.", markdown).group(1))
+    assert error < 1e-3, "the reference did not run the exported weights"
+
+    accuracy = _table(markdown, "| variant | steps |")
+    assert [row[0] for row in accuracy] == ["int8"] and 0 < float(accuracy[0][2]) <= 1
+    assert "Not measured: ['int4']" in markdown
