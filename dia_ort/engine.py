@@ -29,13 +29,14 @@ def _get_default_device() -> str:
 
 @dataclass(frozen=True)
 class Device:
-    """Where sessions run and tensors live: ("cpu", 0) or ("cuda", N)."""
+    """Where sessions run and tensors live: ("cpu", 0) or ("cuda", N), and how many CPU threads."""
 
     kind: str
     index: int = 0
+    threads: int | None = None  # ONNX Runtime's intra-op threads; None: one per physical core
 
     @classmethod
-    def parse(cls, device: object | None) -> Device:
+    def parse(cls, device: object | None, threads: int | None = None) -> Device:
         if device is None:
             device = _get_default_device()
         text = str(device).strip().lower()  # also accepts a torch.device without importing torch
@@ -47,7 +48,9 @@ class Device:
                 f"device {device!r} asked for CUDA, but this onnxruntime has no CUDA provider "
                 f"(available: {ort.get_available_providers()}); install `dia-ort[gpu]` or use device='cpu'"
             )
-        return cls(kind, int(index or 0))
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        return cls(kind, int(index or 0), threads)
 
     def providers(self) -> list:
         if self.kind == "cuda":
@@ -58,11 +61,11 @@ class Device:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), self.kind, self.index)
 
 
-def open_session(path: Path, device: Device, threads: int | None = None) -> ort.InferenceSession:
+def open_session(path: Path, device: Device) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
+    if device.threads:
+        options.intra_op_num_threads = device.threads
     return ort.InferenceSession(str(path), sess_options=options, providers=device.providers())
 
 
@@ -147,4 +150,4 @@ class DecoderState:
         self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
         self.binding.bind_cpu_input("text_mask", self.text_mask)
         self.engine.step.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
+        return np.array(self.binding.get_outputs()[0].numpy())  # the bound buffer is reused next step

@@ -65,11 +65,15 @@ class Dia:
     """Text-to-dialogue generation: text with [S1]/[S2] tags -> 44.1 kHz speech."""
 
     def __init__(
-        self, folder: str | os.PathLike, compute_dtype: str = "float32", device: object | None = None
+        self,
+        folder: str | os.PathLike,
+        compute_dtype: str = "float32",
+        device: object | None = None,
+        threads: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
-        self.device = Device.parse(device)
+        self.device = Device.parse(device, threads)
         self.compute_dtype = _choose_dtype(self.manifest, compute_dtype, self.device)
         self.manifest.check_files(self.folder, self.compute_dtype)
         self.config = self.manifest.model
@@ -86,13 +90,14 @@ class Dia:
     ) -> Dia:
         """Load an exported folder, a Hub repo holding one, or a torch checkpoint (exported on first use).
 
-        Keywords: `revision` and `cache_dir` for Hub downloads.
+        Keywords: `revision` and `cache_dir` for Hub downloads, `threads` for ONNX Runtime's CPU threads.
         """
-        unknown = set(kwargs) - {"revision", "cache_dir"}
+        unknown = set(kwargs) - {"revision", "cache_dir", "threads"}
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keywords {sorted(unknown)}")
+        threads = kwargs.pop("threads", None)
         folder = resolve_model_folder(model_id, **kwargs)
-        return cls(folder, compute_dtype=compute_dtype, device=device)
+        return cls(folder, compute_dtype=compute_dtype, device=device, threads=threads)
 
     # -- generation ---------------------------------------------------------------------------------
 
