@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, checkpoint_sources, export_model, random_sources
 
@@ -21,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint folder")
     parser.add_argument("--revision", default=None, help="Hub revision of --model")
     parser.add_argument("--dac", default=DEFAULT_DAC, help="Hub id, HF-layout folder or descript .pth file")
-    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--out", help="output model folder (default: models/<name of --model>)")
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="precision variants")
     parser.add_argument("--quantize", nargs="+", default=[], choices=QUANTIZED, help="quantized CPU variants")
     parser.add_argument(
@@ -30,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        if args.random_init:
+            parser.error("--random-init needs --out DIR")
+        args.out = str(Path("models") / Path(args.model.rstrip("/")).name)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

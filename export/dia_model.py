@@ -48,12 +48,13 @@ class Linear(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
+        self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate)
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        fused = self.gate_up_proj(x)
+        return self.down_proj(F.silu(fused[..., : self.intermediate]) * fused[..., self.intermediate :])
 
 
 class Projections(nn.Module):
@@ -102,14 +103,18 @@ class Rotary(nn.Module):
         fraction = 2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim
         timescale = min_timescale * (max_timescale / min_timescale) ** fraction
         self.register_buffer("timescale", timescale.float(), persistent=False)
+        self.half = head_dim // 2  # a Python int, so the graph slices with constants
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x Tensor[B x H x S x D], positions Tensor[S] (int) -> rotated x."""
-        angle = positions.float()[:, None] / self.timescale  # [S, D/2]
-        sin, cos = torch.sin(angle), torch.cos(angle)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return rotated.to(x.dtype)
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions Tensor[S] (int) -> (cos, sin) Tensor[S x D/2], computed once per graph call."""
+        angle = positions.float()[:, None] / self.timescale
+        return torch.cos(angle), torch.sin(angle)
+
+    def rotate(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
+        """x Tensor[B x H x S x D] rotated by the (cos, sin) of its positions."""
+        cos, sin = angles
+        x1, x2 = x[..., : self.half].float(), x[..., self.half :].float()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class EncoderLayer(nn.Module):
@@ -233,20 +238,22 @@ class EncoderGraph(nn.Module):
         positions = torch.arange(text_ids.shape[1])
         # a real byte attends real bytes only, a pad byte pad bytes only (SPEC.md section 3)
         allowed = (text_mask[:, :, None] == text_mask[:, None, :])[:, None, None]
+        rope = m.rotary_encoder(positions)
         x = enc.embedding(text_ids)
         for layer in enc.layers:
             sa = layer.self_attention
             h = layer.pre_sa_norm(x)
             k, v = sa.keys_values(h)
-            q = m.rotary_encoder(sa.queries(h), positions)
-            x = x + sa.attend(q, m.rotary_encoder(k, positions), v, allowed)
+            q = m.rotary_encoder.rotate(sa.queries(h), rope)
+            x = x + sa.attend(q, m.rotary_encoder.rotate(k, rope), v, allowed)
             x = x + layer.mlp(layer.post_sa_norm(x))
         x = enc.norm(x)
         outputs = []
+        cross_rope = m.rotary_cross(positions) if m.arch.flavour == "v0.1" else None
         for layer in m.model.decoder.layers:
             k, v = layer.cross_attention.keys_values(x)
             if m.arch.flavour == "v0.1":
-                k = m.rotary_cross(k, positions)
+                k = m.rotary_cross.rotate(k, cross_rope)
             outputs += [k, v]
         return tuple(outputs)
 
@@ -277,19 +284,21 @@ class DecoderStepGraph(nn.Module):
         slots = torch.arange(past[0].shape[2])
         causal = (slots[None, :] <= positions[:, None])[None, None, None]  # [1, 1, 1, S, T]
         text_allowed = text_mask[:, None, None, None, :]  # [B, 1, 1, 1, L]
+        rope = m.rotary_decoder(positions)
+        cross_rope = m.rotary_cross(positions) if m.arch.flavour == "v0.1" else None
         x = dec.embeddings(tokens)
         presents = []
         for i, layer in enumerate(dec.layers):
             sa, ca = layer.self_attention, layer.cross_attention
             h = layer.pre_sa_norm(x)
             k, v = sa.keys_values(h)
-            k = CacheWrite.apply(past[2 * i], indices, m.rotary_decoder(k, positions))
+            k = CacheWrite.apply(past[2 * i], indices, m.rotary_decoder.rotate(k, rope))
             v = CacheWrite.apply(past[2 * i + 1], indices, v)
             presents += [k, v]
-            x = x + sa.attend(m.rotary_decoder(sa.queries(h), positions), k, v, causal)
+            x = x + sa.attend(m.rotary_decoder.rotate(sa.queries(h), rope), k, v, causal)
             q = ca.queries(layer.pre_ca_norm(x))
             if m.arch.flavour == "v0.1":
-                q = m.rotary_cross(q, positions)
+                q = m.rotary_cross.rotate(q, cross_rope)
             x = x + ca.attend(q, cross[2 * i], cross[2 * i + 1], text_allowed)
             x = x + layer.mlp(layer.pre_mlp_norm(x))
         last = dec.norm(x[:, -1])

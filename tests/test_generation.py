@@ -158,3 +158,9 @@ def test_cache_growth_keeps_rows(tiny_dia, monkeypatch):
     grown = tiny_dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW)
     for a, b in zip(once, grown, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_verbose_reports_speed(tiny_dia, caplog):
+    caplog.set_level("INFO", logger="dia_ort")
+    tiny_dia.generate("[S1] Hi.", max_new_tokens=4, seed=0, verbose=True)
+    assert "steps/s" in caplog.text and "realtime" in caplog.text
