@@ -122,7 +122,9 @@ def bench_reference(
     result.engines.append(engine)
     if float32_logits is not None:
         result.floor_ms[engine.name] = floor_ms(result.weight_bytes["float32"], bandwidth)
-        result.logits_error = float(np.abs(np.asarray(measured["logits"]) - float32_logits).max())
+        reference = np.asarray(measured["logits"])
+        scale = max(1.0, float(np.abs(reference).max()))  # relative, as the export's verification
+        result.logits_error = float(np.abs(reference - float32_logits).max()) / scale
 
 
 def accuracy_section(folder: Path, variants: list[str]) -> str:

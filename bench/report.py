@@ -12,7 +12,7 @@ from bench.measure import FRAMES_PER_SECOND, PREFILL_ROWS, EngineResult
 
 GB = 1e9
 BUSY_LOAD = 0.25  # load average per core above which the report warns
-SAME_WEIGHTS = 1e-3  # the largest first-step logits difference of two engines on the same weights
+SAME_WEIGHTS = 1e-3  # the largest relative first-step logits difference of two engines on the same weights
 
 
 @dataclass
@@ -26,7 +26,7 @@ class SizeResult:
     floor_ms: dict[str, float] = field(default_factory=dict)  # engine name -> ms/step to read its weights
     weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
     batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
-    logits_error: float | None = None  # max |logits| difference, reference vs dia-ort float32
+    logits_error: float | None = None  # max |logits| difference / max(1, max |logits|), reference vs dia-ort
     sections: list[str] = field(default_factory=list)  # further markdown (quantization accuracy)
     notes: list[str] = field(default_factory=list)
 
@@ -148,7 +148,7 @@ def size_section(result: SizeResult) -> str:
         same = result.logits_error < SAME_WEIGHTS
         parts.append(
             f"{'Same weights' if same else '**Not the same weights**'}: the first step's logits of dia-ort "
-            f"float32 and transformers differ by at most {result.logits_error:.2g}."
+            f"float32 and transformers differ by at most {result.logits_error:.2g} of their scale."
         )
     if result.batches:
         parts += [

@@ -273,7 +273,12 @@ def load_checkpoint(folder: str | Path) -> tuple[DiaArchitecture, dict[str, torc
 
 def random_state(arch: DiaArchitecture, seed: int) -> dict[str, torch.Tensor]:
     """Random canonical weights with sane scales (kernels 1/sqrt(fan_in), embeddings 1, norms near 1),
-    so that a randomly initialised model gives non-trivial logits."""
+    so that a randomly initialised model gives non-trivial logits.
+
+    Dia's attention has no 1/sqrt(head_dim) scale: trained query kernels absorb it, so the random ones
+    do too. Attention logits then have about unit variance instead of saturating every softmax, which
+    would amplify float32 rounding (and quantization error) far beyond what real weights show.
+    """
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for entry in conversion_table(arch):
@@ -282,8 +287,16 @@ def random_state(arch: DiaArchitecture, seed: int) -> dict[str, torch.Tensor]:
             tensor = 1.0 + 0.1 * tensor
         elif entry.rule == _DENSE:
             tensor = tensor / math.sqrt(entry.hf_shape[1])
+            if entry.hf.endswith("q_proj.weight"):
+                tensor = tensor / math.sqrt(_head_dim(arch, entry.hf))
         state[entry.hf] = tensor
     return state
+
+
+def _head_dim(arch: DiaArchitecture, key: str) -> int:
+    if ".encoder." in key:
+        return arch.encoder.head_dim
+    return arch.decoder.cross_head_dim if "cross_attention" in key else arch.decoder.head_dim
 
 
 def _save_shards(weights: dict[str, torch.Tensor], folder: Path, shards: int) -> None:

@@ -84,6 +84,6 @@ def test_float32_against_itself_agrees_fully(quant_folder):
 
 def test_int8_follows_float32_closer_than_int4(quant_folder):
     int8, int4 = (quantization_accuracy(quant_folder, dtype) for dtype in ("int8", "int4"))
-    assert int8.steps == int4.steps == 200
+    assert int8.steps == int4.steps >= 100  # the float32 stream (it may end on EOS before 200)
     assert int8.agreement > 0.9 and 0.5 < int4.agreement < int8.agreement
     assert 0 < int8.kl < int4.kl < 0.05
