@@ -109,6 +109,10 @@ class Dia:
     ) -> Generation:
         """Validate a request and return its step iterator (the streaming core of every entry point)."""
         options = (options or GenerationOptions()).validate()
+        if options.use_torch_compile:
+            log.info(
+                "use_torch_compile: CUDA graph capture is not implemented yet; running the plain step loop"
+            )
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("texts is empty")
