@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 from dia_ort.hub import download, is_hub_id
-from dia_ort.manifest import CodecConfig, GraphEntry, Manifest
+from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
 from export.architecture import FULL, TINY, DiaArchitecture
 from export.checkpoint import checkpoint_files, load_checkpoint, random_state
 from export.dac import DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
@@ -169,6 +169,7 @@ def export_model(
         dtypes = ("float32", *dtypes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # a folder re-exported half-way must not look finished
     dia = DiaModel.from_state(sources.arch, sources.state)
     errors: dict[str, float] = {}
     variants: dict[str, dict[str, GraphEntry]] = {}

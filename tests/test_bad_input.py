@@ -198,3 +198,17 @@ def test_save_audio_leaves_no_partial_file(tiny_dia, tmp_path):
     with pytest.raises(ValueError, match="extension|format"):
         tiny_dia.save_audio(tmp_path / "out.xyz", np.zeros(100, dtype=np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_failing_half_way_leaves_a_refused_folder(folder_copy, tiny_state, tiny_codec, monkeypatch):
+    """Re-exporting over a folder and failing before the end must not leave the old manifest behind."""
+    import export.pipeline as pipeline
+
+    def broken_codec(codec):
+        raise RuntimeError("codec export failed")
+
+    monkeypatch.setattr(pipeline, "_codec_specs", broken_codec)
+    with pytest.raises(RuntimeError, match="codec export failed"):
+        pipeline.export_model(pipeline.Sources(TINY, tiny_state, tiny_codec, {}), folder_copy)
+    with pytest.raises(FileNotFoundError, match="not an exported dia-ort model folder"):
+        Dia(folder_copy, device="cpu")
