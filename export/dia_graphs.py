@@ -38,7 +38,11 @@ def step_inputs(
     text_ids, text_mask = encoder_inputs(model, text_length, seed, batch)
     with torch.no_grad():
         cross = EncoderGraph(model)(text_ids, text_mask)
-    past = [torch.randn(batch, d.kv_heads, cache_slots, d.head_dim, generator=g) for _ in range(2 * d.layers)]
+    dtype = model.logits_dense.weight.dtype  # the caches are in the graph's precision
+    past = [
+        torch.randn(batch, d.kv_heads, cache_slots, d.head_dim, generator=g).to(dtype)
+        for _ in range(2 * d.layers)
+    ]
     return (tokens, positions, text_mask, *cross, *past)
 
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from conftest import export_tiny
 from reference import hf_model
 
+from dia_ort import Dia
+from dia_ort.engine import Device, Engine
+from dia_ort.generation import cfg_text_rows
+from dia_ort.manifest import Manifest
+from dia_ort.text import encode_text
 from export.architecture import TINY
 from export.dia_graphs import encoder_samples, encoder_spec, step_inputs, step_samples, step_spec
 from export.dia_model import DecoderStepGraph, DiaModel, EncoderGraph
@@ -58,3 +65,22 @@ def test_torch_step_matches_transformers(tiny_state):
         for row in range(3, 6):
             out = step(tokens[:, row : row + 1], torch.tensor([row]), text_mask, *cross, *out[1:])
             torch.testing.assert_close(out[0], want[:, row], rtol=1e-4, atol=1e-4)
+
+
+def test_float16_variant_tracks_float32(tmp_path, tiny_state, tiny_codec):
+    """The float16 graphs (for CUDA) run in ONNX Runtime and stay close to float32, step after step."""
+    folder = export_tiny(tmp_path, TINY, tiny_state, tiny_codec, dtypes=("float32", "float16"))
+    manifest = Manifest.load(folder)
+    assert set(manifest.variants) == {"float32", "float16"}
+    text_ids, text_mask = cfg_text_rows([encode_text("[S1] Hello there.", TINY.encoder.max_length)])
+    tokens = np.random.default_rng(0).integers(0, 1024, size=(2, 4, TINY.decoder.num_channels))
+    logits = {}
+    for dtype in ("float32", "float16"):
+        state = Engine(folder, manifest, dtype, Device("cpu")).start(text_ids, text_mask, slots=8)
+        logits[dtype] = [state.step(tokens[:, row : row + 1], row) for row in range(4)]
+        assert state.caches[0].data_type() == f"tensor({dtype.replace('32', '')})"
+    for want, have in zip(logits["float32"], logits["float16"], strict=True):
+        assert have.dtype == np.float32
+        np.testing.assert_allclose(have, want, atol=1e-2 * np.abs(want).max())
+    model = Dia(folder, compute_dtype="float16", device="cpu")  # the CPU runs float32 instead
+    assert model.compute_dtype == "float32"
