@@ -112,6 +112,7 @@ class DecoderState:
         self.slots = slots
         self.binding = engine.step.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
+        self.binding.bind_cpu_input("text_mask", self.text_mask)  # fixed for the whole request
         for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
@@ -148,6 +149,5 @@ class DecoderState:
             self._allocate(min(self.slots, grown), batch=tokens.shape[0])
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
-        self.binding.bind_cpu_input("text_mask", self.text_mask)
         self.engine.step.run_with_iobinding(self.binding)
         return np.array(self.binding.get_outputs()[0].numpy())  # the bound buffer is reused next step
