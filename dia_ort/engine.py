@@ -1,15 +1,21 @@
 """ONNX Runtime sessions for one exported variant on one device, and the KV cache that steps them.
 
-`DecoderState` is the one owner of a request's caches: the cross-attention K/V from the encoder and
+A decoder state is the one owner of a request's caches: the cross-attention K/V from the encoder and
 the self-attention buffers, all `OrtValue`s on the device. Each cache buffer is bound as both the
 step's `past_*` input and its `present_*` output, so the graph's ScatterND writes the new rows in
 place; only the logits come back to the host.
+
+`DecoderState` is the plain loop. `GraphDecoderState` keeps every input and output of a one-row step
+at a fixed address, which is what lets ONNX Runtime capture the step as a CUDA graph and replay it
+(`use_torch_compile=True` on CUDA).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,15 @@ from dia_ort.manifest import Manifest, cache_names, cross_names
 
 log = logging.getLogger(__name__)
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# A graph tensor type -> (numpy storage dtype, ONNX element type). numpy has no bfloat16, so its
+# buffers are held as uint16 bits.
+TENSOR_TYPES = {
+    "tensor(float)": (np.float32, 1),
+    "tensor(float16)": (np.float16, 10),
+    "tensor(bfloat16)": (np.uint16, 16),
+}
+GRAPH_ID_OPTION = "gpu_graph_id"  # ONNX Runtime's run option naming the CUDA graph to capture or replay
+NO_GRAPH = "-1"  # ... and its value for a run that is neither captured nor replayed
 
 
 def _get_default_device() -> str:
@@ -52,21 +66,29 @@ class Device:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         return cls(kind, int(index or 0), threads)
 
-    def providers(self) -> list:
+    def providers(self, cuda_graph: bool = False) -> list:
         if self.kind == "cuda":
-            return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
+            options = {"device_id": self.index} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def zeros(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), self.kind, self.index)
+    def zeros(self, shape: tuple[int, ...], tensor_type: str) -> ort.OrtValue:
+        """A zero-filled tensor of a graph tensor type ("tensor(float)", ...) on this device."""
+        storage, element = TENSOR_TYPES[tensor_type]
+        host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, dtype=storage), element)
+        if self.kind == "cpu":
+            return host
+        value = ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.kind, self.index)
+        value.update_inplace(host)
+        return value
 
 
-def open_session(path: Path, device: Device) -> ort.InferenceSession:
+def open_session(path: Path, device: Device, cuda_graph: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if device.threads:
         options.intra_op_num_threads = device.threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=device.providers())
+    return ort.InferenceSession(str(path), sess_options=options, providers=device.providers(cuda_graph))
 
 
 class Engine:
@@ -77,14 +99,75 @@ class Engine:
         self.config = manifest.model
         self.device = device
         self.dtype = dtype
+        self.step_path = folder / graphs["decoder_step"].file.path
         self.encoder = open_session(folder / graphs["encoder"].file.path, device)
-        self.step = open_session(folder / graphs["decoder_step"].file.path, device)
-        inputs = {i.name: i for i in self.step.get_inputs()}
-        self.cache_dtype = _ORT_TO_NUMPY[inputs["past_key_0"].type]
+        self.step = open_session(self.step_path, device)
+        self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
+        types = {value.name: value.type for value in self.step.get_inputs()}
+        self.cache_type = types["past_key_0"]
+        self.cross_type = types["cross_key_0"]
+        self.buffers: list[StepBuffers] = []  # GraphDecoderState's buffers, newest last
+        self.graph_ids = itertools.count(1)  # never reused: a dropped id's graph points at freed memory
 
-    def start(self, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> DecoderState:
-        """Encode `[B, L]` text rows and allocate `slots` cache rows for each of them."""
-        return DecoderState(self, text_ids, text_mask, slots)
+    def start(
+        self, text_ids: np.ndarray, text_mask: np.ndarray, slots: int, graph: bool = False
+    ) -> DecoderState:
+        """Encode `[B, L]` text rows and allocate `slots` cache rows for each of them.
+
+        With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph.
+        """
+        if not graph:
+            return DecoderState(self, text_ids, text_mask, slots)
+        if self.device.kind == "cuda" and not self.cuda_graph:
+            log.info("reopening the decoder step with CUDA graph capture enabled")
+            self.step = None  # release the plain session's device memory (unless a live request holds it)
+            self.step = open_session(self.step_path, self.device, cuda_graph=True)
+            self.cuda_graph = True
+        return GraphDecoderState(self, text_ids, text_mask, slots)
+
+    def step_buffers(self, batch: int, text_length: int, slots: int) -> StepBuffers:
+        """Free fixed buffers for this shape: reused when a finished request left some, else new.
+
+        Each set of buffers has its own CUDA graph id, since a graph replays on the addresses it was
+        captured with. Buffers in use by a live request are never shared; of the free ones, the
+        newest MAX_FREE_BUFFERS are kept.
+        """
+        key = (batch, text_length, slots)
+        for buffers in self.buffers:
+            if buffers.key == key and not buffers.in_use():
+                self.buffers.remove(buffers)
+                self.buffers.append(buffers)
+                return buffers
+        free = [b for b in self.buffers if not b.in_use()]
+        for stale in free[: max(0, len(free) - StepBuffers.MAX_FREE_BUFFERS + 1)]:
+            self.buffers.remove(stale)
+        buffers = StepBuffers.allocate(self, key, next(self.graph_ids))
+        self.buffers.append(buffers)
+        return buffers
+
+
+def _encode(
+    engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, cross: list[ort.OrtValue] | None
+) -> list[ort.OrtValue]:
+    """Run the encoder into `cross` (fixed buffers), or into new device tensors when None."""
+    binding = engine.encoder.io_binding()
+    binding.bind_cpu_input("text_ids", np.ascontiguousarray(text_ids, dtype=np.int64))
+    binding.bind_cpu_input("text_mask", np.ascontiguousarray(text_mask, dtype=bool))
+    for i, name in enumerate(cross_names(engine.config.decoder_layers)):
+        if cross is None:
+            binding.bind_output(name, engine.device.kind, engine.device.index)
+        else:
+            binding.bind_ortvalue_output(name, cross[i])
+    engine.encoder.run_with_iobinding(binding)
+    return cross if cross is not None else binding.get_outputs()
+
+
+def _bind_caches(binding: ort.IOBinding, caches: list[ort.OrtValue], layers: int) -> None:
+    """Bind each cache buffer as both its `past_*` input and its `present_*` output (updated in place)."""
+    past, present = cache_names("past", layers), cache_names("present", layers)
+    for past_name, present_name, value in zip(past, present, caches, strict=True):
+        binding.bind_ortvalue_input(past_name, value)
+        binding.bind_ortvalue_output(present_name, value)
 
 
 class DecoderState:
@@ -101,41 +184,35 @@ class DecoderState:
     def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
         config, device = engine.config, engine.device
         self.engine = engine
-        self.text_mask = np.ascontiguousarray(text_mask, dtype=bool)
-        encoding = engine.encoder.io_binding()
-        encoding.bind_cpu_input("text_ids", np.ascontiguousarray(text_ids, dtype=np.int64))
-        encoding.bind_cpu_input("text_mask", self.text_mask)
-        for name in cross_names(config.decoder_layers):
-            encoding.bind_output(name, device.kind, device.index)
-        engine.encoder.run_with_iobinding(encoding)
-        self.cross = encoding.get_outputs()
+        self.cross = _encode(engine, text_ids, text_mask, None)
         self.slots = slots
-        self.binding = engine.step.io_binding()
+        self.session = engine.step  # the binding belongs to this session, even if the engine reopens it
+        self.binding = self.session.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
-        self.binding.bind_cpu_input("text_mask", self.text_mask)  # fixed for the whole request
+        self.binding.bind_cpu_input("text_mask", np.ascontiguousarray(text_mask, dtype=bool))
         for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
         self.capacity = 0
         self._allocate(slots if device.kind == "cuda" else min(slots, self.GROWTH), batch=text_ids.shape[0])
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry(GRAPH_ID_OPTION, NO_GRAPH)  # a no-op without CUDA graphs
 
     def _allocate(self, capacity: int, batch: int) -> None:
         """Bind cache buffers of `capacity` slots, keeping the rows written so far."""
         config, device = self.engine.config, self.engine.device
         shape = (batch, config.kv_heads, capacity, config.head_dim)
+        layers = config.decoder_layers
         if device.kind == "cpu":
-            fresh = [np.zeros(shape, dtype=self.engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
+            storage, element = TENSOR_TYPES[self.engine.cache_type]
+            fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * layers)]
             for old, new in zip(self.host, fresh[: len(self.host)], strict=True):  # none on the first call
                 new[:, :, : self.capacity] = old
             self.host = fresh
-            caches = [ort.OrtValue.ortvalue_from_numpy(array) for array in fresh]
+            caches = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, element) for array in fresh]
         else:
-            caches = [device.zeros(shape, self.engine.cache_dtype) for _ in range(2 * config.decoder_layers)]
-        past = cache_names("past", config.decoder_layers)
-        present = cache_names("present", config.decoder_layers)
-        for past_name, present_name, value in zip(past, present, caches, strict=True):
-            self.binding.bind_ortvalue_input(past_name, value)
-            self.binding.bind_ortvalue_output(present_name, value)
+            caches = [device.zeros(shape, self.engine.cache_type) for _ in range(2 * layers)]
+        _bind_caches(self.binding, caches, layers)
         self.caches = caches
         self.capacity = capacity
 
@@ -149,5 +226,107 @@ class DecoderState:
             self._allocate(min(self.slots, grown), batch=tokens.shape[0])
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
-        self.engine.step.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, self.run_options)
         return np.array(self.binding.get_outputs()[0].numpy())  # the bound buffer is reused next step
+
+
+@dataclass(eq=False)
+class StepBuffers:
+    """Every input and output of a one-row decoder step, at addresses fixed for a CUDA graph.
+
+    A captured graph replays on the memory it was captured with, so requests of one shape (batch
+    rows, text length, slots) reuse one set: the encoder writes into `cross`, and each step copies
+    its tokens and position into `tokens` and `positions`.
+    """
+
+    MAX_FREE_BUFFERS = 2
+
+    key: tuple[int, int, int]
+    graph_id: int
+    tokens: ort.OrtValue  # [B, 1, C] int64
+    positions: ort.OrtValue  # [1] int64
+    text_mask: ort.OrtValue  # [B, L] bool
+    cross: list[ort.OrtValue]
+    caches: list[ort.OrtValue]
+    logits: ort.OrtValue  # [B, C, V] float32
+    owner: weakref.ReferenceType | None = field(default=None)
+
+    @classmethod
+    def allocate(cls, engine: Engine, key: tuple[int, int, int], graph_id: int) -> StepBuffers:
+        config, device = engine.config, engine.device
+        batch, text_length, slots = key
+        layers = config.decoder_layers
+
+        def put(array: np.ndarray) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(array, device.kind, device.index)
+
+        cross_shape = (batch, config.cross_heads, text_length, config.cross_head_dim)
+        cache_shape = (batch, config.kv_heads, slots, config.head_dim)
+        return cls(
+            key=key,
+            graph_id=graph_id,
+            tokens=put(np.zeros((batch, 1, config.num_channels), dtype=np.int64)),
+            positions=put(np.zeros(1, dtype=np.int64)),
+            text_mask=put(np.zeros((batch, text_length), dtype=bool)),
+            cross=[device.zeros(cross_shape, engine.cross_type) for _ in range(2 * layers)],
+            caches=[device.zeros(cache_shape, engine.cache_type) for _ in range(2 * layers)],
+            logits=put(np.zeros((batch, config.num_channels, config.vocab_size), dtype=np.float32)),
+        )
+
+    def in_use(self) -> bool:
+        return self.owner is not None and self.owner() is not None
+
+
+class GraphDecoderState:
+    """A request on fixed `StepBuffers`: one-row steps replay a captured CUDA graph on CUDA.
+
+    The text is padded to a multiple of TEXT_BUCKET bytes (masked, so the result is unchanged) and
+    the slots to a multiple of SLOT_BUCKET, so requests of similar size share buffers and graphs.
+    Prefill rows (S > 1) run uncaptured with their own inputs. On the CPU nothing is captured, and
+    the same protocol runs as is (tests use that).
+    """
+
+    TEXT_BUCKET = 64
+    SLOT_BUCKET = 256
+
+    def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
+        config = engine.config
+        self.engine = engine
+        self.slots = slots
+        batch, length = text_ids.shape
+        padded = min(max(length, config.text_length), -(-length // self.TEXT_BUCKET) * self.TEXT_BUCKET)
+        text_ids = np.pad(text_ids, ((0, 0), (0, padded - length)))
+        text_mask = np.pad(np.asarray(text_mask, dtype=bool), ((0, 0), (0, padded - length)))
+        self.buffers = engine.step_buffers(batch, padded, -(-slots // self.SLOT_BUCKET) * self.SLOT_BUCKET)
+        self.buffers.owner = weakref.ref(self)
+        _encode(engine, text_ids, text_mask, self.buffers.cross)
+        self.buffers.text_mask.update_inplace(text_mask)
+        self.session = engine.step
+        self.binding = self.session.io_binding()
+        self.binding.bind_ortvalue_output("logits", self.buffers.logits)
+        self.binding.bind_ortvalue_input("text_mask", self.buffers.text_mask)
+        for name, value in zip(cross_names(config.decoder_layers), self.buffers.cross, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+        _bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
+        self.replay = ort.RunOptions()
+        self.replay.add_run_config_entry(GRAPH_ID_OPTION, str(self.buffers.graph_id))
+        self.uncaptured = ort.RunOptions()
+        self.uncaptured.add_run_config_entry(GRAPH_ID_OPTION, NO_GRAPH)
+
+    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
+        end = start + tokens.shape[1]
+        if end > self.slots:
+            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        if tokens.shape[1] == 1:
+            self.buffers.tokens.update_inplace(tokens)
+            self.buffers.positions.update_inplace(np.array([start], dtype=np.int64))
+            self.binding.bind_ortvalue_input("tokens", self.buffers.tokens)
+            self.binding.bind_ortvalue_input("positions", self.buffers.positions)
+            self.session.run_with_iobinding(self.binding, self.replay)
+        else:
+            self.binding.bind_cpu_input("tokens", tokens)
+            self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
+            self.session.run_with_iobinding(self.binding, self.uncaptured)
+        return np.array(self.buffers.logits.numpy())  # the buffer is rewritten next step

@@ -62,8 +62,10 @@ class Generation:
         texts: list[np.ndarray],
         prompts: list[np.ndarray | None],
         options: GenerationOptions,
+        cuda_graph: bool = False,
     ) -> None:
         config = engine.config
+        self.cuda_graph = cuda_graph  # run one-row steps on fixed buffers as a CUDA graph (engine.py)
         self.engine, self.config, self.options = engine, config, options
         self.known = [known_rows(p, config) for p in prompts]
         self.prompt_frames = [0 if p is None else len(p) for p in prompts]
@@ -81,7 +83,7 @@ class Generation:
         config, delays = self.config, np.asarray(self.config.delay_pattern)
         batch = len(self.known)
         rng = np.random.default_rng(self.options.seed)
-        state = self.engine.start(self.text_ids, self.text_mask, self.slots)
+        state = self.engine.start(self.text_ids, self.text_mask, self.slots, graph=self.cuda_graph)
         prefill = min(known_prefix(grid) for grid in self.known)
         total = max(r + config.max_delay for r in self.last_row) - prefill + 1
         finished = np.zeros(batch, dtype=bool)

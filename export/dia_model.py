@@ -102,7 +102,9 @@ class Rotary(nn.Module):
         super().__init__()
         fraction = 2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim
         timescale = min_timescale * (max_timescale / min_timescale) ** fraction
-        self.register_buffer("timescale", timescale.float(), persistent=False)
+        # a plain attribute, not a buffer: `.half()` must not round it (at position 3000 a float16
+        # timescale would move the angle by a radian); the graph gets it as a float32 constant
+        self.timescale = timescale.float()
         self.half = head_dim // 2  # a Python int, so the graph slices with constants
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:

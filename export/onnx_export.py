@@ -110,6 +110,69 @@ def gather_weights(model: onnx.ModelProto, source: Path, data_path: Path, thresh
             offset += len(data)
 
 
+def widen_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its bfloat16 arithmetic done in float32, for ONNX Runtime's CPU kernels.
+
+    ORT has no bfloat16 kernels on the CPU (they are CUDA's), so a bfloat16 graph is checked in this
+    form: its weights stay bfloat16 and are cast to float32 where they are read, every cast to
+    bfloat16 becomes a cast to float32, and bfloat16 inputs and outputs become float32. What is left
+    of the difference to torch's bfloat16 module is bfloat16 rounding, not the graph's structure.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    nodes = []
+    for tensor in graph.initializer:
+        if tensor.data_type == bf16:
+            nodes.append(onnx.helper.make_node("Cast", [f"{tensor.name}/bf16"], [tensor.name], to=f32))
+            tensor.name = f"{tensor.name}/bf16"
+    for node in graph.node:
+        nodes.append(node)
+        value = next((a for a in node.attribute if a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None and value.t.data_type == bf16:
+            nodes.append(onnx.helper.make_node("Cast", [f"{node.output[0]}/bf16"], [node.output[0]], to=f32))
+            node.output[0] = f"{node.output[0]}/bf16"
+        elif node.op_type == "ConstantOfShape" and value is not None and value.t.data_type == bf16:
+            value.t.CopyFrom(
+                onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(value.t).astype(np.float32))
+            )
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == bf16:
+                attribute.i = f32
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    for value in (*graph.input, *graph.output):
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = f32
+    return model
+
+
+def _is_bfloat16(model: onnx.ModelProto) -> bool:
+    return any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in model.graph.output)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A torch tensor as numpy; bfloat16 (which numpy lacks) is widened to float32 exactly."""
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _cpu_session(path: Path) -> ort.InferenceSession:
+    """A CPU session on the graph at `path`; a bfloat16 graph runs widened (see `widen_bfloat16`)."""
+    model = onnx.load(str(path), load_external_data=False)
+    if not _is_bfloat16(model):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # no constant folding: it would turn the weight casts into a float32 copy of every weight
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    widened = path.with_name(f".{path.stem}.widened.onnx")  # beside the graph, so its data file resolves
+    try:
+        onnx.save_model(widen_bfloat16(model), str(widened))
+        return ort.InferenceSession(str(widened), sess_options=options, providers=["CPUExecutionProvider"])
+    finally:
+        widened.unlink(missing_ok=True)
+
+
 def verify_graph(
     path: Path,
     module: torch.nn.Module,
@@ -120,18 +183,18 @@ def verify_graph(
     """Run the graph in ONNX Runtime and the module in torch on each sample; return the worst error.
 
     The error of a float output is max|ort - torch| / max(1, max|torch|); integer outputs must be
-    equal. Raises `RuntimeError` past `tolerance`.
+    equal. Raises `RuntimeError` past `tolerance`. A bfloat16 graph runs widened (`widen_bfloat16`).
     """
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _cpu_session(path)
     worst = 0.0
     for sample in samples:
         with torch.no_grad():
             expected = module(*sample)
         expected = expected if isinstance(expected, tuple) else (expected,)
-        feeds = {name: t.numpy() for name, t in zip(input_names, sample, strict=True)}
+        feeds = {name: _numpy(t) for name, t in zip(input_names, sample, strict=True)}
         got = session.run(None, feeds)
         for name, want, have in zip((o.name for o in session.get_outputs()), expected, got, strict=True):
-            want = want.numpy()
+            want = _numpy(want)
             if np.issubdtype(want.dtype, np.integer):
                 error = 0.0 if np.array_equal(want, have) else float("inf")
             else:

@@ -162,7 +162,7 @@ def test_export_command_errors(tmp_path):
             "--random-init",
             "tiny",
             "--dtype",
-            "bfloat16",
+            "float64",
             "--out",
             str(tmp_path / "o"),
         ],
@@ -170,7 +170,7 @@ def test_export_command_errors(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 2 and "bfloat16" in result.stderr
+    assert result.returncode == 2 and "float64" in result.stderr
 
 
 def test_hub_ids_offline_say_how_to_export_locally(tmp_path):

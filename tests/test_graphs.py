@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import export_tiny
@@ -67,11 +68,14 @@ def test_torch_step_matches_transformers(tiny_state):
             torch.testing.assert_close(out[0], want[:, row], rtol=1e-4, atol=1e-4)
 
 
-def test_float16_variant_tracks_float32(tmp_path, tiny_state, tiny_codec):
-    """The float16 graphs (for CUDA) run in ONNX Runtime and stay close to float32, step after step."""
-    folder = export_tiny(tmp_path, TINY, tiny_state, tiny_codec, dtypes=("float32", "float16"))
+def test_half_variants_track_float32(tmp_path, tiny_state, tiny_codec):
+    """The float16 graphs (for CUDA) run in ONNX Runtime and stay close to float32, step after step.
+
+    bfloat16 is exported and verified too, but ONNX Runtime runs it on CUDA only (see the next test).
+    """
+    folder = export_tiny(tmp_path, TINY, tiny_state, tiny_codec, dtypes=("float32", "float16", "bfloat16"))
     manifest = Manifest.load(folder)
-    assert set(manifest.variants) == {"float32", "float16"}
+    assert set(manifest.variants) == {"float32", "float16", "bfloat16"}
     text_ids, text_mask = cfg_text_rows([encode_text("[S1] Hello there.", TINY.encoder.max_length)])
     tokens = np.random.default_rng(0).integers(0, 1024, size=(2, 4, TINY.decoder.num_channels))
     logits = {}
@@ -82,5 +86,23 @@ def test_float16_variant_tracks_float32(tmp_path, tiny_state, tiny_codec):
     for want, have in zip(logits["float32"], logits["float16"], strict=True):
         assert have.dtype == np.float32
         np.testing.assert_allclose(have, want, atol=1e-2 * np.abs(want).max())
-    model = Dia(folder, compute_dtype="float16", device="cpu")  # the CPU runs float32 instead
-    assert model.compute_dtype == "float32"
+    for dtype in ("float16", "bfloat16"):
+        model = Dia(folder, compute_dtype=dtype, device="cpu")  # the CPU runs float32 instead
+        assert model.compute_dtype == "float32"
+
+
+def test_bfloat16_graphs_compute_the_torch_modules(tmp_path, tiny_state):
+    """Widened to float32 arithmetic, the bfloat16 graphs equal the torch modules run in float32 on
+    the same bfloat16-rounded weights: the graphs' structure is exact, only rounding differs."""
+    bf16 = DiaModel.from_state(TINY, tiny_state).to(torch.bfloat16)
+    rounded = DiaModel.from_state(TINY, {k: v.to(torch.bfloat16).float() for k, v in tiny_state.items()})
+    for spec, module, samples in (
+        (encoder_spec(bf16, "encoder"), EncoderGraph(rounded), encoder_samples(rounded)),
+        (step_spec(bf16, "step"), DecoderStepGraph(rounded), step_samples(rounded)),
+    ):
+        path = tmp_path / export_graph(spec, tmp_path).file.path
+        graph = onnx.load(str(path))
+        assert {o.type.tensor_type.elem_type for o in graph.graph.output[-1:]} == {onnx.TensorProto.BFLOAT16}
+        assert all(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.graph.initializer if t.dims)
+        assert verify_graph(path, module, samples, spec.inputs, TOLERANCE) < TOLERANCE
+    assert not list(tmp_path.glob(".*"))  # the widened copy is not left behind
