@@ -11,7 +11,9 @@ import os
 import re
 from pathlib import Path
 
-from dia_ort.manifest import MANIFEST_NAME
+from dia_ort.manifest import MANIFEST_NAME, Manifest
+
+QUANTIZED = ("int8", "int4")  # exported with `--quantize`, the others with `--dtype`
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +64,55 @@ def resolve_model_folder(
     model_id: str | os.PathLike,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    variant: str = "float32",
 ) -> Path:
-    """A folder holding `dia_ort.json`, exporting a torch checkpoint on first use if need be."""
+    """A folder holding `dia_ort.json`, exporting a torch checkpoint on first use if need be.
+
+    A checkpoint's export holds float32 and `variant`; a folder that was exported already is
+    returned as it is (the runtime says what it lacks).
+    """
     model_id = str(model_id)
     path = Path(model_id).expanduser()
     if path.exists():
         if (path / MANIFEST_NAME).is_file():
             return path
         if (path / "config.json").is_file():
-            return _export_on_first_use(str(path.resolve()), path, cache_dir)
+            return _export_on_first_use(str(path.resolve()), path, cache_dir, variant)
         raise FileNotFoundError(
             f"{path} holds neither {MANIFEST_NAME} (an exported dia-ort model) nor config.json (a Dia checkpoint)"
         )
     if not is_hub_id(model_id):
         raise FileNotFoundError(f"model folder {path} does not exist (and {model_id!r} is not a Hub id)")
     exported = exported_cache_folder(model_id, cache_dir)
-    if (exported / MANIFEST_NAME).is_file():
+    if variant in _exported_variants(exported):
         return exported
     folder = download(model_id, revision, cache_dir)
     if (folder / MANIFEST_NAME).is_file():
         return folder
-    return _export_on_first_use(model_id, folder, cache_dir)
+    return _export_on_first_use(model_id, folder, cache_dir, variant)
 
 
-def _export_on_first_use(model_id: str, checkpoint: Path, cache_dir: str | os.PathLike | None) -> Path:
+def _exported_variants(folder: Path) -> set[str]:
+    """The precision variants of an exported folder; none where it has no readable manifest."""
+    try:
+        return set(Manifest.load(folder).variants)
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def _export_on_first_use(
+    model_id: str, checkpoint: Path, cache_dir: str | os.PathLike | None, variant: str
+) -> Path:
+    """Export `checkpoint` into the cache with float32, `variant` and the variants exported before."""
     out = exported_cache_folder(model_id, cache_dir)
-    if (out / MANIFEST_NAME).is_file():
+    earlier = _exported_variants(out)
+    if variant in earlier:
         return out
-    command = f"python -m export --model {checkpoint} --out {out}"
+    dtypes = tuple(sorted({"float32", variant, *earlier}))
+    flags = [f"--dtype {d}" for d in dtypes if d not in QUANTIZED] + [
+        f"--quantize {d}" for d in dtypes if d in QUANTIZED
+    ]
+    command = f"python -m export --model {checkpoint} --out {out} {' '.join(flags)}"
     try:
         from export.pipeline import DEFAULT_DAC, checkpoint_sources, export_model
     except ImportError as exc:
@@ -97,6 +120,8 @@ def _export_on_first_use(model_id: str, checkpoint: Path, cache_dir: str | os.Pa
             f"{checkpoint} is a torch checkpoint, which must be exported to ONNX once. Install the export "
             f"extra (`pip install 'dia-ort[export]'`) to do it automatically, or run: {command}"
         ) from exc
-    log.warning("exporting %s to ONNX into %s (once; needs the export extra and time)", model_id, out)
-    export_model(checkpoint_sources(str(checkpoint), DEFAULT_DAC), out)
+    log.warning(
+        "exporting %s %s to ONNX into %s (once; needs the export extra and time)", model_id, dtypes, out
+    )
+    export_model(checkpoint_sources(str(checkpoint), DEFAULT_DAC), out, dtypes)
     return out

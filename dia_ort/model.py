@@ -32,16 +32,24 @@ AudioPrompt = (
 )
 
 
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+
+
+def _device_dtype(requested: str, device: Device) -> str:
+    """The precision to run on `device`: the requested one, but float32 for half precision on a CPU."""
+    if requested not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")
+    return "float32" if device.kind == "cpu" and requested in ("float16", "bfloat16") else requested
+
+
 def _choose_dtype(manifest: Manifest, requested: str, device: Device) -> str:
     """The variant to run: the requested one when exported and sensible on the device, else float32."""
-    known = ("float32", "float16", "bfloat16", "int8", "int4")
-    if requested not in known:
-        raise ValueError(f"compute_dtype must be one of {known}, got {requested!r}")
+    wanted = _device_dtype(requested, device)
     available = sorted(manifest.variants)
-    if device.kind == "cpu" and requested in ("float16", "bfloat16"):
-        chosen = "float32" if "float32" in available else available[0]
-        log.warning("compute_dtype=%r runs poorly on the CPU; using %r instead", requested, chosen)
-        return chosen
+    fallback = "float32" if "float32" in available else available[0]
+    if wanted != requested:
+        log.warning("compute_dtype=%r runs poorly on the CPU; using %r instead", requested, fallback)
+        return fallback
     if requested in manifest.variants:
         return requested
     if requested in ("int8", "int4"):
@@ -49,16 +57,15 @@ def _choose_dtype(manifest: Manifest, requested: str, device: Device) -> str:
             f"this model folder has no {requested} variant (it has {available}); "
             f"export it with `python -m export --quantize {requested} ...`"
         )
-    chosen = "float32" if "float32" in available else available[0]
     log.warning(
         "compute_dtype=%r was not exported for this model (it has %s); using %r. "
         "Export it with `python -m export --dtype %s ...`",
         requested,
         available,
-        chosen,
+        fallback,
         requested,
     )
-    return chosen
+    return fallback
 
 
 class Dia:
@@ -90,13 +97,16 @@ class Dia:
     ) -> Dia:
         """Load an exported folder, a Hub repo holding one, or a torch checkpoint (exported on first use).
 
+        A torch checkpoint is exported with the variant that `compute_dtype` runs on `device` (float32
+        on a CPU for half precision), and again with it added when a later call asks for another.
         Keywords: `revision` and `cache_dir` for Hub downloads, `threads` for ONNX Runtime's CPU threads.
         """
         unknown = set(kwargs) - {"revision", "cache_dir", "threads"}
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keywords {sorted(unknown)}")
         threads = kwargs.pop("threads", None)
-        folder = resolve_model_folder(model_id, **kwargs)
+        variant = _device_dtype(compute_dtype, Device.parse(device, threads))
+        folder = resolve_model_folder(model_id, variant=variant, **kwargs)
         return cls(folder, compute_dtype=compute_dtype, device=device, threads=threads)
 
     # -- generation ---------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import export.pipeline
+from dia_ort import Dia
+from dia_ort.manifest import Manifest
 from export.architecture import FULL, TINY, DiaArchitecture
 from export.checkpoint import (
     checkpoint_files,
@@ -23,6 +26,7 @@ from export.checkpoint import (
     to_hf_layout,
     to_nari_layout,
 )
+from export.dac_weights import save_hf_folder
 
 FLAVOURS = ("v0.1", "0626")
 # (layout, fmt, shards): every way `save_checkpoint` writes weights
@@ -260,3 +264,24 @@ def test_bad_write_options(tmp_path, state):
         save_checkpoint(TINY, state, tmp_path, layout="jax", fmt="safetensors")
     with pytest.raises(ValueError, match="only safetensors checkpoints can be split"):
         save_checkpoint(TINY, state, tmp_path, layout="nari", fmt="pth", shards=2)
+
+
+def test_from_pretrained_exports_a_checkpoint_with_the_variant_asked(
+    tmp_path, tiny_state, tiny_codec, monkeypatch
+):
+    """A torch checkpoint is exported on first use with the variant asked for, which a later call adds to."""
+    save_hf_folder(tiny_codec, tmp_path / "dac", "folded")
+    monkeypatch.setattr(export.pipeline, "DEFAULT_DAC", str(tmp_path / "dac"))  # the real one is on the Hub
+    checkpoint = save_checkpoint(TINY, tiny_state, tmp_path / "ckpt", layout="nari", fmt="safetensors")
+    cache = tmp_path / "cache"
+    dia = Dia.from_pretrained(checkpoint, compute_dtype="float16", device="cpu", cache_dir=cache)
+    assert dia.compute_dtype == "float32"  # half precision is for CUDA: the CPU export is float32 alone
+    assert set(Manifest.load(dia.folder).variants) == {"float32"}
+    dia = Dia.from_pretrained(checkpoint, compute_dtype="int8", device="cpu", cache_dir=cache)
+    assert dia.compute_dtype == "int8"
+    assert set(Manifest.load(dia.folder).variants) == {"float32", "int8"}
+    assert dia.generate_codes("[S1] Hi.", temperature=0, max_new_tokens=4)[0].shape == (4, 9)
+    dia = Dia.from_pretrained(checkpoint, compute_dtype="int4", device="cpu", cache_dir=cache)
+    assert set(Manifest.load(dia.folder).variants) == {"float32", "int8", "int4"}  # int8 is kept
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):  # refused before any export
+        Dia.from_pretrained(checkpoint, compute_dtype="float64", device="cpu", cache_dir=cache)
