@@ -75,7 +75,10 @@ class Device:
     def zeros(self, shape: tuple[int, ...], tensor_type: str) -> ort.OrtValue:
         """A zero-filled tensor of a graph tensor type ("tensor(float)", ...) on this device."""
         storage, element = TENSOR_TYPES[tensor_type]
-        host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, dtype=storage), element)
+        zeros = np.zeros(shape, dtype=storage)
+        if storage is not np.uint16:  # a numpy type: the common path
+            return ort.OrtValue.ortvalue_from_numpy(zeros, self.kind, self.index)
+        host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(zeros, element)  # bfloat16 bits
         if self.kind == "cpu":
             return host
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.kind, self.index)
