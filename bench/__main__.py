@@ -24,7 +24,8 @@ from bench.roofline import floor_ms, step_weight_bytes
 from dia_ort.manifest import Manifest
 
 SIZES = ("tiny", "full")
-VARIANTS = ("float32", *QUANTIZED)  # the CPU variants (float16/bfloat16 are for CUDA)
+DEVICE_VARIANTS = {"cpu": ("float32", *QUANTIZED), "cuda": ("float16", "bfloat16", "float32")}
+REFERENCE_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}  # transformers' precisions
 BATCHES = (1, 4, 16)
 BATCH_STEPS = {"tiny": 200, "full": 30}  # full: enough for a steady state, few enough to finish
 ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
@@ -36,10 +37,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     parser.add_argument(
+        "--device",
+        choices=sorted(DEVICE_VARIANTS),
+        default="cpu",
+        help="where both engines run; cuda measures float16/bfloat16, with and without CUDA graphs",
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
-        choices=VARIANTS,
-        help="precision variants (default: all; those the folder lacks are noted)",
+        choices=sorted({v for vs in DEVICE_VARIANTS.values() for v in vs}),
+        help="precision variants (default: the device's; those the folder lacks are noted)",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed single-row steps at each position")
     parser.add_argument(
@@ -67,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeResult:
     """Export (or reuse) the `size` model, then measure each variant, the reference, the extras."""
     folder = (args.model_folder or REPO / "models" / f"bench-{size}").resolve()
-    wanted = tuple(args.variants or VARIANTS)
+    wanted = tuple(args.variants or DEVICE_VARIANTS[args.device])
     manifest, export = ensure_export(size, folder, args.seed, wanted, args.re_export)
     result = SizeResult(size=size, folder=folder, export=export)
     variants = [v for v in wanted if v in manifest.variants]
@@ -76,9 +83,14 @@ def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeRes
             f"Not measured: {[v for v in wanted if v not in variants]}, not in the folder (it has "
             f"{sorted(manifest.variants)}); `--re-export` writes them."
         )
-    logits = {variant: bench_variant(result, manifest, variant, args, bandwidth) for variant in variants}
+    logits = {}
+    for variant in variants:
+        logits[variant] = bench_variant(result, manifest, variant, args, bandwidth)
+        if args.device == "cuda":
+            bench_variant(result, manifest, variant, args, bandwidth, cuda_graph=True)
     if not args.skip_reference and result.engines:
-        bench_reference(result, args, bandwidth, logits.get("float32"))
+        for dtype in REFERENCE_DTYPES[args.device]:
+            bench_reference(result, args, bandwidth, dtype, logits.get(dtype))
     quantized = [v for v in variants if v in QUANTIZED]
     if quantized:
         result.sections.append(accuracy_section(folder, quantized))
@@ -91,17 +103,23 @@ def bench_variant(
     variant: str,
     args: argparse.Namespace,
     bandwidth: float,
+    cuda_graph: bool = False,
 ) -> np.ndarray:
-    """Measure one variant in a torch-free child; add it to `result`; return its first logits."""
+    """Measure one variant in a torch-free child; add it to `result`; return its first logits.
+
+    The floor (weight bytes / the host's read bandwidth) is a CPU figure, so only CPU rows get one.
+    """
     argv = ["-m", "bench.torch_free", "bench.dia_speed", str(result.folder), "--variant", variant]
+    argv += ["--device", args.device] + (["--cuda-graph"] if cuda_graph else [])
     argv += ["--threads", str(args.threads), "--steps", str(args.steps), "--batches", *map(str, BATCHES)]
     argv += ["--batch-steps", str(args.batch_steps or BATCH_STEPS[result.size])]
-    measured = run_child(argv, f"dia-ort {variant} on {result.folder}").result
+    measured = run_child(argv, f"dia-ort {variant} on {args.device} ({result.folder})").result
     engine = EngineResult.from_dict(measured["engine"])
     weights = step_weight_bytes(result.folder / manifest.variants[variant]["decoder_step"].file.path)
     result.engines.append(engine)
     result.weight_bytes[variant] = weights
-    result.floor_ms[engine.name] = floor_ms(weights, bandwidth)
+    if args.device == "cpu":
+        result.floor_ms[engine.name] = floor_ms(weights, bandwidth)
     result.batches[engine.name] = measured["batches"]
     return np.asarray(measured["logits"])
 
@@ -110,21 +128,27 @@ def bench_reference(
     result: SizeResult,
     args: argparse.Namespace,
     bandwidth: float,
-    float32_logits: np.ndarray | None,
+    dtype: str,
+    our_logits: np.ndarray | None,
 ) -> None:
-    """Measure transformers' Dia at the positions the runtime used, on the weights of the folder."""
+    """Measure transformers' Dia in `dtype` at the positions the runtime used, on the folder's weights.
+
+    `our_logits`: the runtime's first logits in the same precision, to check both run the same weights.
+    """
     seed = weights_seed(result.folder, args.seed)
     positions = result.engines[0].positions
     argv = ["-m", "bench.torch_speed", result.size, "--seed", str(seed), "--positions", *map(str, positions)]
     argv += ["--threads", str(args.threads), "--steps", str(args.steps)]
-    measured = run_child(argv, f"transformers' Dia ({result.size})").result
+    argv += ["--device", args.device, "--dtype", dtype]
+    measured = run_child(argv, f"transformers' Dia ({result.size}, {dtype} on {args.device})").result
     engine = EngineResult.from_dict(measured["engine"])
     result.engines.append(engine)
-    if float32_logits is not None:
-        result.floor_ms[engine.name] = floor_ms(result.weight_bytes["float32"], bandwidth)
+    if args.device == "cpu" and dtype in result.weight_bytes:
+        result.floor_ms[engine.name] = floor_ms(result.weight_bytes[dtype], bandwidth)
+    if our_logits is not None:
         reference = np.asarray(measured["logits"])
         scale = max(1.0, float(np.abs(reference).max()))  # relative, as the export's verification
-        result.logits_error = float(np.abs(reference - float32_logits).max()) / scale
+        result.logits_error[dtype] = float(np.abs(reference - our_logits).max()) / scale
 
 
 def accuracy_section(folder: Path, variants: list[str]) -> str:
@@ -133,13 +157,13 @@ def accuracy_section(folder: Path, variants: list[str]) -> str:
     return accuracy_table(run_child(argv, "quantization accuracy").result["accuracy"])
 
 
-def dac_section(folder: Path, seed: int) -> str:
+def dac_section(folder: Path, seed: int, device: str) -> str:
     """DAC decode and encode speed against transformers' DacModel, by bench/dac_speed.py.
 
     Every exported folder holds the real-shape DAC of `random_dac(seed)`, so one size is enough.
     """
     argv = ["-m", "bench.dac_speed", "--folder", str(folder), "--seed", str(seed)]
-    argv += ["--seconds", str(DAC_SECONDS)]
+    argv += ["--seconds", str(DAC_SECONDS), "--device", device]
     return dac_table(json.loads(run_child(argv, "DAC speed", json_out=False).stdout))
 
 
@@ -151,13 +175,13 @@ def weights_seed(folder: Path, default: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    machine = describe(args.threads)
+    machine = describe(args.threads, args.device)
     results = [bench_size(size, args, machine.bandwidth) for size in args.sizes]
     first = results[0].folder
     dac = (
         "DAC: not measured (--skip-dac)."
         if args.skip_dac
-        else dac_section(first, weights_seed(first, args.seed))
+        else dac_section(first, weights_seed(first, args.seed), args.device)
     )
     markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [dac])
     print(markdown)

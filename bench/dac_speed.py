@@ -1,7 +1,7 @@
-"""DAC codec speed: the exported graphs through the runtime's `Codec` (ONNX Runtime, CPU) against
-transformers' `DacModel` (torch eager, float32) with the same weights, measured in one run.
+"""DAC codec speed: the exported graphs through the runtime's `Codec` (ONNX Runtime) against
+transformers' `DacModel` (torch eager, float32) with the same weights on the same device, in one run.
 
-    python -m bench.dac_speed [--seconds 5] [--repeats 3] [--seed 0] [--folder DIR]
+    python -m bench.dac_speed [--seconds 5] [--repeats 3] [--seed 0] [--folder DIR] [--device cuda]
 
 Without `--folder`, a `--random-init tiny` model (whose DAC has the real shape) is exported to a
 temporary folder first. A folder given must hold the DAC of `random_dac(seed=--seed)`, as
@@ -54,7 +54,9 @@ def fastest(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[di
     return best, outputs
 
 
-def measure_dac(folder: str | Path, codec: DacCodec, seconds: float = 5.0, repeats: int = 3) -> dict:
+def measure_dac(
+    folder: str | Path, codec: DacCodec, seconds: float = 5.0, repeats: int = 3, device: str = "cpu"
+) -> dict:
     """Realtime factors (audio seconds / wall seconds) of decoding and encoding `seconds` of audio.
 
     `folder` is an exported model folder whose DAC graphs hold `codec`'s weights; `DacModel` runs
@@ -63,19 +65,20 @@ def measure_dac(folder: str | Path, codec: DacCodec, seconds: float = 5.0, repea
     fraction of equal codes).
     """
     folder = Path(folder)
-    runtime = Codec(folder, Manifest.load(folder), Device("cpu"))
-    reference = dac_model(codec)
+    runtime = Codec(folder, Manifest.load(folder), Device.parse(device))
+    reference = dac_model(codec).to(device)
     arch = codec.arch
     frames = max(1, round(seconds * arch.sample_rate / arch.hop_length))
     rng = np.random.default_rng(0)
     codes = rng.integers(0, arch.codebook_size, size=(frames, arch.n_codebooks))
     wave = (0.3 * rng.standard_normal(frames * arch.hop_length)).astype(np.float32)
-    codes_t, wave_t = torch.from_numpy(codes.T[None].copy()), torch.from_numpy(wave)[None, None]
-    runs = {
+    codes_t = torch.from_numpy(codes.T[None].copy()).to(device)
+    wave_t = torch.from_numpy(wave)[None, None].to(device)
+    runs = {  # each returns numpy on the host, which waits for a GPU to finish
         "ort_decode": lambda: runtime.decode(codes),
-        "torch_decode": lambda: reference.decode(audio_codes=codes_t).audio_values[0].numpy(),
+        "torch_decode": lambda: reference.decode(audio_codes=codes_t).audio_values[0].cpu().numpy(),
         "ort_encode": lambda: runtime.encode(wave),
-        "torch_encode": lambda: reference.encode(wave_t).audio_codes[0].numpy().T,
+        "torch_encode": lambda: reference.encode(wave_t).audio_codes[0].cpu().numpy().T,
     }
     with torch.inference_mode():
         times, out = fastest(runs, repeats)
@@ -90,6 +93,7 @@ def measure_dac(folder: str | Path, codec: DacCodec, seconds: float = 5.0, repea
         ),
         "encode_codes_equal": float(np.mean(out["ort_encode"] == out["torch_encode"])),
         "repeats": repeats,
+        "device": device,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the fastest counts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random DAC")
     parser.add_argument("--folder", type=Path, help="an exported folder with that DAC (default: export one)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both codecs run")
     args = parser.parse_args(argv)
     sources = random_sources("tiny", args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         if folder is None:
             folder = Path(tmp)
             export_model(sources, folder)
-        result = measure_dac(folder, sources.codec, args.seconds, args.repeats)
+        result = measure_dac(folder, sources.codec, args.seconds, args.repeats, args.device)
     print(json.dumps(result, indent=2))
 
 

@@ -1,8 +1,8 @@
 """The runtime's speed on one variant of an exported folder, without torch.
 
-Run as `python -m bench.torch_free bench.dia_speed FOLDER --variant V --positions ... --out FILE`;
-writes the `EngineResult`, the batch throughput, and the first step's logits (to check that the
-reference runs the same weights).
+Run as `python -m bench.torch_free bench.dia_speed FOLDER --variant V [--device cuda [--cuda-graph]]
+--threads N --steps N --out FILE`; writes the `EngineResult`, the batch throughput, and the first
+step's logits (to check that the reference runs the same weights).
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from dia_ort.generation import Generation, cfg_text_rows
 from dia_ort.text import encode_text
 
 
-def load(folder: Path, variant: str, threads: int) -> tuple[Dia, float]:
+def load(folder: Path, variant: str, device: str, threads: int) -> tuple[Dia, float]:
     """The model as a user opens it, and the seconds that took (hash checks included)."""
     began = time.perf_counter()
-    dia = Dia(folder, compute_dtype=variant, device="cpu", threads=threads)
+    dia = Dia(folder, compute_dtype=variant, device=device, threads=threads)
+    if dia.compute_dtype != variant:
+        raise SystemExit(f"{variant} does not run on {device} (the runtime chose {dia.compute_dtype})")
     return dia, time.perf_counter() - began
 
 
@@ -55,7 +57,7 @@ def default_slots(dia: Dia, text: np.ndarray) -> int:
 
 
 def single_request(
-    dia: Dia, variant: str, threads: int, load_s: float, steps: int
+    dia: Dia, name: str, threads: int, load_s: float, steps: int, cuda_graph: bool
 ) -> tuple[EngineResult, np.ndarray]:
     """Per-phase times of one CFG request on `TEXT`, and the BOS step's logits `[2, C, V]`."""
     load_peak = peak_rss()
@@ -65,12 +67,13 @@ def single_request(
     ids, mask = cfg_text_rows([text])
     slots = default_slots(dia, text)
     positions = step_positions(slots, steps)
-    encoder_ms = median_ms(lambda: dia.engine.start(ids, mask, slots))
-    state = dia.engine.start(ids, mask, slots)
+    encoder_ms = median_ms(lambda: dia.engine.start(ids, mask, slots, graph=cuda_graph))
+    state = dia.engine.start(ids, mask, slots, graph=cuda_graph)
     logits = state.step(np.full((2, 1, config.num_channels), config.bos_id), 0)
     prefill_ms, step_ms = decoder_times(state, config.num_channels, positions, steps)
     result = EngineResult(
-        name=f"dia-ort {variant}",
+        name=name,
+        precision=dia.compute_dtype,
         threads=threads,
         encoder_ms=encoder_ms,
         prefill_ms=prefill_ms,
@@ -83,7 +86,7 @@ def single_request(
     return result, logits
 
 
-def batch_throughput(dia: Dia, batch: int, steps: int) -> dict:
+def batch_throughput(dia: Dia, batch: int, steps: int, cuda_graph: bool) -> dict:
     """Steady-state speed of `generate_codes` on `batch` texts: the median time between steps."""
     stamps: list[float] = []
     reset_peak_rss()
@@ -91,6 +94,7 @@ def batch_throughput(dia: Dia, batch: int, steps: int) -> dict:
         [TEXT] * batch,
         max_new_tokens=steps,
         seed=SEED,
+        use_torch_compile=cuda_graph,
         callback=lambda i, n: stamps.append(time.perf_counter()),
     )
     step_s = statistics.median(np.diff(stamps))
@@ -107,15 +111,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.torch_free bench.dia_speed")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--variant", default="float32")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cuda-graph", action="store_true", help="capture the step (use_torch_compile)")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True, help="timed single-row steps per position")
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes for generate_codes")
     parser.add_argument("--batch-steps", type=int, default=30, help="max_new_tokens of each batch run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    dia, load_s = load(args.folder, args.variant, args.threads)
-    engine, logits = single_request(dia, args.variant, args.threads, load_s, args.steps)
-    batches = [batch_throughput(dia, b, args.batch_steps) for b in args.batches]
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
+    dia, load_s = load(args.folder, args.variant, args.device, args.threads)
+    name = f"dia-ort {args.variant}" + (" + CUDA graph" if args.cuda_graph else "")
+    engine, logits = single_request(dia, name, args.threads, load_s, args.steps, args.cuda_graph)
+    batches = [batch_throughput(dia, b, args.batch_steps, args.cuda_graph) for b in args.batches]
     result = {"engine": asdict(engine), "batches": batches, "logits": logits.tolist()}
     args.out.write_text(json.dumps(result))
 

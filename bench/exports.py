@@ -28,19 +28,21 @@ class ExportRun:
     reused: bool
 
 
-def export_command(size: str, folder: Path, seed: int, quantize: tuple[str, ...]) -> list[str]:
-    """The arguments of `python` that export `size` with random weights into `folder`."""
+def export_command(size: str, folder: Path, seed: int, variants: tuple[str, ...]) -> list[str]:
+    """The arguments of `python` that export `size` with random weights and `variants` into `folder`.
+
+    float32 is always written (the quantized variants are made from it).
+    """
+    dtypes = ["float32", *(v for v in variants if v not in QUANTIZED and v != "float32")]
+    quantize = [v for v in variants if v in QUANTIZED]
     argv = ["-m", "export", "--random-init", size, "--seed", str(seed), "--out", str(folder)]
-    return argv + (["--quantize", *quantize] if quantize else [])
+    return argv + ["--dtype", *dtypes] + (["--quantize", *quantize] if quantize else [])
 
 
 def ensure_export(
     size: str, folder: Path, seed: int, variants: tuple[str, ...], re_export: bool
 ) -> tuple[Manifest, ExportRun]:
-    """The folder's manifest, exporting first unless a finished export (its manifest) is there.
-
-    An export writes float32 and the quantized ones among `variants`.
-    """
+    """The folder's manifest, exporting first unless a finished export (its manifest) is there."""
     record = folder / RECORD
     if (folder / MANIFEST_NAME).is_file() and not re_export:
         if record.is_file():
@@ -49,7 +51,7 @@ def ensure_export(
             run = ExportRun(command="(an existing folder)", seconds=None, peak_rss=None, reused=True)
         return Manifest.load(folder), run
     (folder / MANIFEST_NAME).unlink(missing_ok=True)  # a failed re-export must not look finished
-    argv = export_command(size, folder, seed, tuple(v for v in variants if v in QUANTIZED))
+    argv = export_command(size, folder, seed, variants)
     child = run_child(argv, f"export of the {size} model", json_out=False)
     run = ExportRun(
         command="python " + " ".join(argv), seconds=child.seconds, peak_rss=child.peak_rss, reused=False

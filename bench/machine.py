@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Machine:
     versions: dict[str, str]
     bandwidth: float  # bytes/s read by `threads` threads (best of a few runs)
     threads: int
+    gpu: str | None  # the GPU's name when the run measures CUDA
 
 
 def _cpuinfo() -> list[dict[str, str]]:
@@ -77,7 +79,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def describe(threads: int) -> Machine:
+def gpu_name() -> str:
+    """The first GPU's name and memory, as nvidia-smi reports them."""
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError) as exc:
+        return f"unknown ({exc})"
+
+
+def describe(threads: int, device: str = "cpu") -> Machine:
     """This machine, now; measures the bandwidth with `threads` threads (a few seconds)."""
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return Machine(
@@ -91,4 +102,5 @@ def describe(threads: int) -> Machine:
         versions={p: _version(p) for p in PACKAGES},
         bandwidth=read_bandwidth(threads),
         threads=threads,
+        gpu=gpu_name() if device == "cuda" else None,
     )

@@ -72,6 +72,7 @@ class EngineResult:
     """One engine's per-phase times on the CFG batch of `TEXT` (2 rows: unconditional, conditional)."""
 
     name: str
+    precision: str  # the weights' precision: a runtime and a reference of the same one are compared
     threads: int
     encoder_ms: float
     prefill_ms: tuple[float, ...]  # for each of PREFILL_ROWS

@@ -12,7 +12,9 @@ from bench.measure import FRAMES_PER_SECOND, PREFILL_ROWS, EngineResult
 
 GB = 1e9
 BUSY_LOAD = 0.25  # load average per core above which the report warns
-SAME_WEIGHTS = 1e-3  # the largest relative first-step logits difference of two engines on the same weights
+# The largest relative first-step logits difference of two engines on the same weights, by precision
+# (the export's verification tolerances: half precision rounds differently in torch and ONNX Runtime)
+SAME_WEIGHTS = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 6e-2}
 
 
 @dataclass
@@ -26,7 +28,8 @@ class SizeResult:
     floor_ms: dict[str, float] = field(default_factory=dict)  # engine name -> ms/step to read its weights
     weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
     batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
-    logits_error: float | None = None  # max |logits| difference / max(1, max |logits|), reference vs dia-ort
+    # precision -> max |logits| difference / max(1, max |logits|), reference vs dia-ort
+    logits_error: dict[str, float] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)  # further markdown (quantization accuracy)
     notes: list[str] = field(default_factory=list)
 
@@ -108,23 +111,29 @@ def batch_table(batches: dict[str, list[dict]]) -> str:
     return table(header, rows)
 
 
-def _speedups(result: SizeResult) -> str | None:
-    """How many times faster dia-ort float32 is than the reference, phase by phase."""
-    ours = next((e for e in result.engines if e.name == "dia-ort float32"), None)
-    reference = next((e for e in result.engines if e.name.startswith("transformers")), None)
-    if ours is None or reference is None:
-        return None
-    phases = [("encoder", reference.encoder_ms / ours.encoder_ms)]
-    phases += [
-        (f"prefill {n}", r / o)
-        for n, r, o in zip(PREFILL_ROWS, reference.prefill_ms, ours.prefill_ms, strict=True)
-    ]
-    phases += [
-        (f"step @{p}", r / o) for p, r, o in zip(ours.positions, reference.step_ms, ours.step_ms, strict=True)
-    ]
-    return "dia-ort float32 vs transformers (times faster): " + ", ".join(
-        f"{name} {number(ratio)}x" for name, ratio in phases
-    )
+def _speedups(result: SizeResult) -> list[str]:
+    """How many times faster each dia-ort engine is than the reference of its precision, by phase."""
+    references = {e.precision: e for e in result.engines if e.name.startswith("transformers")}
+    lines = []
+    for ours in result.engines:
+        reference = references.get(ours.precision)
+        if reference is None or ours is reference:
+            continue
+        phases = [("encoder", reference.encoder_ms / ours.encoder_ms)]
+        phases += [
+            (f"prefill {n}", r / o)
+            for n, r, o in zip(PREFILL_ROWS, reference.prefill_ms, ours.prefill_ms, strict=True)
+        ]
+        phases += [
+            (f"step @{p}", r / o)
+            for p, r, o in zip(ours.positions, reference.step_ms, ours.step_ms, strict=True)
+        ]
+        lines.append(
+            f"{ours.name} vs {reference.name} (times faster): "
+            + ", ".join(f"{name} {number(ratio)}x" for name, ratio in phases)
+            + "."
+        )
+    return lines
 
 
 def size_section(result: SizeResult) -> str:
@@ -141,14 +150,12 @@ def size_section(result: SizeResult) -> str:
     weights = ", ".join(f"{v} {number(b / 1e6)} MB" for v, b in result.weight_bytes.items())
     if weights:
         parts.append(f"Decoder weights read per step (embedding tables excluded): {weights}.")
-    speedups = _speedups(result)
-    if speedups:
-        parts.append(speedups + ".")
-    if result.logits_error is not None:
-        same = result.logits_error < SAME_WEIGHTS
+    parts += _speedups(result)
+    for precision, error in result.logits_error.items():
+        same = error < SAME_WEIGHTS[precision]
         parts.append(
             f"{'Same weights' if same else '**Not the same weights**'}: the first step's logits of dia-ort "
-            f"float32 and transformers differ by at most {result.logits_error:.2g} of their scale."
+            f"{precision} and transformers {precision} differ by at most {error:.2g} of their scale."
         )
     if result.batches:
         parts += [
@@ -174,7 +181,8 @@ def render(machine: Machine, command: str, results: list[SizeResult], sections: 
         f"- CPU: {machine.cpu}, {machine.physical_cores} cores ({machine.logical_cores} logical), "
         f"{number(machine.ram_bytes / GB)} GB RAM; 1-minute load average at the start {machine.load_average:.1f}\n"
         f"- memory read bandwidth: {number(machine.bandwidth / GB)} GB/s ({machine.threads} threads)\n"
-        f"- Python {machine.python}; {versions}",
+        + (f"- GPU: {machine.gpu}\n" if machine.gpu else "")
+        + f"- Python {machine.python}; {versions}",
         *([warning] if busy else []),
         "Times are medians. steps/s = 1000 / mean(step ms at the early and late positions); RTF = steps/s "
         f"/ {FRAMES_PER_SECOND:.2f} (above 1 is faster than real time). Each step is a CFG pair (2 rows). "
@@ -213,7 +221,7 @@ def dac_table(dac: dict) -> str:
         for name, key in (("dia-ort (ONNX Runtime)", "ort"), ("transformers DacModel (torch eager)", "torch"))
     ]
     return (
-        f"## DAC codec\n\n{number(dac['audio_seconds'])} s of audio, best of {dac['repeats']} runs; "
+        f"## DAC codec ({dac['device']})\n\n{number(dac['audio_seconds'])} s of audio, best of {dac['repeats']} runs; "
         "RTF = audio seconds / wall seconds.\n\n"
         + table(["codec", "decode RTF", "encode RTF"], rows)
         + f"\n\ndia-ort is {number(dac['decode_speedup'])}x faster decoding and "

@@ -1,5 +1,6 @@
-"""The reference: transformers' Dia (torch eager, float32) on the same random weights, measured as the
-runtime is. Run as `python -m bench.torch_speed {tiny,full} --seed S --positions ... --out FILE`.
+"""The reference: transformers' Dia (torch eager) on the same random weights, measured as the runtime
+is. Run as `python -m bench.torch_speed {tiny,full} --seed S --positions ... [--device cuda --dtype
+float16] --out FILE` (float32 on the CPU by default).
 
 The exported folder's weights are `export.checkpoint.random_state(arch, seed)`; the same call here
 gives the same tensors, loaded into `DiaForConditionalGeneration` as tests/reference.py does.
@@ -53,12 +54,12 @@ class TorchDecoder:
         out = self.model(
             encoder_outputs=(self.memory,),
             attention_mask=self.mask,
-            decoder_input_ids=torch.from_numpy(tokens),
+            decoder_input_ids=torch.from_numpy(tokens).to(self.memory.device),
             cache=self.cache,
             use_cache=True,
         )
         batch, channels = tokens.shape[0], tokens.shape[2]
-        return out.logits[:, -1].reshape(batch, channels, -1).numpy()
+        return out.logits[:, -1].reshape(batch, channels, -1).float().cpu().numpy()  # waits for the GPU
 
 
 def measure(
@@ -67,16 +68,25 @@ def measure(
     """Per-phase times on the CFG pair of `TEXT`, and the BOS step's logits `[2, C, V]`."""
     gc.collect()  # the random state is gone: the peak counts the model alone
     reset_peak_rss()
-    ids, mask = (torch.from_numpy(a) for a in cfg_text_rows([encode_text(TEXT, arch.encoder.max_length)]))
-    with torch.no_grad():
-        encoder_ms = median_ms(lambda: model.model.encoder(input_ids=ids, attention_mask=mask))
+    rows = cfg_text_rows([encode_text(TEXT, arch.encoder.max_length)])
+    ids, mask = (torch.from_numpy(a).to(model.device) for a in rows)
+
+    def encode() -> torch.Tensor:
         memory = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        memory.sum().item()  # waits for the GPU
+        return memory
+
+    with torch.no_grad():
+        encoder_ms = median_ms(encode)
+        memory = encode()
     decoder = TorchDecoder(model, memory, mask)
     channels = arch.decoder.num_channels
     logits = decoder.step(np.full((2, 1, channels), arch.bos_id), 0)
     prefill_ms, step_ms = decoder_times(decoder, channels, positions, steps)
+    precision = str(model.dtype).removeprefix("torch.")
     result = EngineResult(
-        name=f"transformers {model.config._attn_implementation} (torch eager)",
+        name=f"transformers {precision} {model.config._attn_implementation} (torch eager)",
+        precision=precision,
         threads=torch.get_num_threads(),
         encoder_ms=encoder_ms,
         prefill_ms=prefill_ms,
@@ -96,11 +106,14 @@ def main() -> None:
     parser.add_argument("--positions", type=int, nargs="+", required=True)
     parser.add_argument("--steps", type=int, required=True, help="timed single-row steps per position")
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     arch = PRESETS[args.size]
-    result, logits = measure(build_model(arch, args.seed), arch, tuple(args.positions), args.steps)
+    model = build_model(arch, args.seed).to(args.device, getattr(torch, args.dtype))
+    result, logits = measure(model, arch, tuple(args.positions), args.steps)
     args.out.write_text(json.dumps({"engine": asdict(result), "logits": logits.tolist()}))
 
 

@@ -47,7 +47,7 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     assert "python -m bench --sizes tiny" in markdown and "memory read bandwidth" in markdown
 
     engines = _table(markdown, "| engine | threads |")
-    names = ["dia-ort float32", "dia-ort int8", "transformers sdpa (torch eager)"]
+    names = ["dia-ort float32", "dia-ort int8", "transformers float32 sdpa (torch eager)"]
     assert [row[0] for row in engines] == names
     assert all(_positive(row[1:]) for row in engines), engines
     assert engines[0][2] != "–" and engines[0][-2] != "–"  # the runtime's load time and load peak
