@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +79,10 @@ class Device:
         zeros = np.zeros(shape, dtype=storage)
         if storage is not np.uint16:  # a numpy type: the common path
             return ort.OrtValue.ortvalue_from_numpy(zeros, self.kind, self.index)
-        host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(zeros, element)  # bfloat16 bits
         if self.kind == "cpu":
-            return host
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(zeros, element)  # bfloat16 bits
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.kind, self.index)
-        value.update_inplace(host)
+        value.update_inplace(zeros)  # a copy of the bytes
         return value
 
 
@@ -106,6 +106,8 @@ class Engine:
         self.encoder = open_session(folder / graphs["encoder"].file.path, device)
         self.step = open_session(self.step_path, device)
         self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
+        self.cuda_graph_error: str | None = None  # why ONNX Runtime refused to, once it did
+        self.graph_lock = threading.Lock()  # a CUDA graph session must not run from two threads at once
         types = {value.name: value.type for value in self.step.get_inputs()}
         self.cache_type = types["past_key_0"]
         self.cross_type = types["cross_key_0"]
@@ -114,26 +116,43 @@ class Engine:
 
     def start(
         self, text_ids: np.ndarray, text_mask: np.ndarray, slots: int, graph: bool = False
-    ) -> DecoderState:
+    ) -> DecoderState | GraphDecoderState:
         """Encode `[B, L]` text rows and allocate `slots` cache rows for each of them.
 
-        With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph.
+        With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph
+        (the plain loop where ONNX Runtime cannot capture this graph).
         """
+        if graph and self.device.kind == "cuda" and not self.cuda_graph:
+            graph = self._enable_cuda_graph()
         if not graph:
             return DecoderState(self, text_ids, text_mask, slots)
-        if self.device.kind == "cuda" and not self.cuda_graph:
-            log.info("reopening the decoder step with CUDA graph capture enabled")
-            self.step = None  # release the plain session's device memory (unless a live request holds it)
-            self.step = open_session(self.step_path, self.device, cuda_graph=True)
-            self.cuda_graph = True
         return GraphDecoderState(self, text_ids, text_mask, slots)
+
+    def _enable_cuda_graph(self) -> bool:
+        """Reopen the step with CUDA graphs enabled; False, for good, where ONNX Runtime refuses.
+
+        ONNX Runtime refuses a graph that needs host-device copies inside it. The plain session stays
+        until the new one is open, so a refusal leaves the engine as it was.
+        """
+        if self.cuda_graph_error is None:
+            log.info("reopening the decoder step with CUDA graph capture enabled")
+            try:
+                session = open_session(self.step_path, self.device, cuda_graph=True)
+            except Exception as exc:  # ONNX Runtime's own exception types (Fail, RuntimeException, ...)
+                self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
+            else:
+                self.step, self.cuda_graph = session, True
+                return True
+        log.warning("CUDA graph capture is off (%s); running the plain step loop", self.cuda_graph_error)
+        return False
 
     def step_buffers(self, batch: int, text_length: int, slots: int) -> StepBuffers:
         """Free fixed buffers for this shape: reused when a finished request left some, else new.
 
         Each set of buffers has its own CUDA graph id, since a graph replays on the addresses it was
-        captured with. Buffers in use by a live request are never shared; of the free ones, the
-        newest MAX_FREE_BUFFERS are kept.
+        captured with; ONNX Runtime keeps every captured graph until the session closes. Buffers in
+        use by a live request are never shared; at most MAX_FREE_BUFFERS free sets are kept, this new
+        one counted.
         """
         key = (batch, text_length, slots)
         for buffers in self.buffers:
@@ -311,6 +330,7 @@ class GraphDecoderState:
         for name, value in zip(cross_names(config.decoder_layers), self.buffers.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         _bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
+        self._bind_step_inputs()
         self.replay = ort.RunOptions()
         self.replay.add_run_config_entry(GRAPH_ID_OPTION, str(self.buffers.graph_id))
         self.uncaptured = ort.RunOptions()
@@ -322,14 +342,22 @@ class GraphDecoderState:
         if end > self.slots:
             raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        if tokens.shape[1] == 1:
-            self.buffers.tokens.update_inplace(tokens)
-            self.buffers.positions.update_inplace(np.array([start], dtype=np.int64))
-            self.binding.bind_ortvalue_input("tokens", self.buffers.tokens)
-            self.binding.bind_ortvalue_input("positions", self.buffers.positions)
-            self.session.run_with_iobinding(self.binding, self.replay)
-        else:
-            self.binding.bind_cpu_input("tokens", tokens)
-            self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
-            self.session.run_with_iobinding(self.binding, self.uncaptured)
-        return np.array(self.buffers.logits.numpy())  # the buffer is rewritten next step
+        with self.engine.graph_lock:
+            if tokens.shape[1] == 1:
+                if self.prefilled:
+                    self._bind_step_inputs()
+                self.buffers.tokens.update_inplace(tokens)
+                self.buffers.positions.update_inplace(np.array([start], dtype=np.int64))
+                self.session.run_with_iobinding(self.binding, self.replay)
+            else:
+                self.binding.bind_cpu_input("tokens", tokens)
+                self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
+                self.prefilled = True
+                self.session.run_with_iobinding(self.binding, self.uncaptured)
+            return np.array(self.buffers.logits.numpy())  # the buffer is rewritten next step
+
+    def _bind_step_inputs(self) -> None:
+        """Bind the fixed one-row inputs (again after a prefill bound its own)."""
+        self.binding.bind_ortvalue_input("tokens", self.buffers.tokens)
+        self.binding.bind_ortvalue_input("positions", self.buffers.positions)
+        self.prefilled = False

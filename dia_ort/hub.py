@@ -11,9 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from dia_ort.manifest import MANIFEST_NAME, Manifest
-
-QUANTIZED = ("int8", "int4")  # exported with `--quantize`, the others with `--dtype`
+from dia_ort.manifest import MANIFEST_NAME, QUANTIZED_DTYPES, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +107,10 @@ def _export_on_first_use(
     if variant in earlier:
         return out
     dtypes = tuple(sorted({"float32", variant, *earlier}))
-    flags = [f"--dtype {d}" for d in dtypes if d not in QUANTIZED] + [
-        f"--quantize {d}" for d in dtypes if d in QUANTIZED
-    ]
-    command = f"python -m export --model {checkpoint} --out {out} {' '.join(flags)}"
+    floats = [d for d in dtypes if d not in QUANTIZED_DTYPES]
+    quantized = [d for d in dtypes if d in QUANTIZED_DTYPES]
+    flags = f"--dtype {' '.join(floats)}" + (f" --quantize {' '.join(quantized)}" if quantized else "")
+    command = f"python -m export --model {checkpoint} --out {out} {flags}"
     try:
         from export.pipeline import DEFAULT_DAC, checkpoint_sources, export_model
     except ImportError as exc:

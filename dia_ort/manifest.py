@@ -17,6 +17,8 @@ from dia_ort.config import ModelConfig
 
 MANIFEST_NAME = "dia_ort.json"
 FORMAT_VERSION = 1
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # exported with `python -m export --dtype`
+QUANTIZED_DTYPES = ("int8", "int4")  # ... and with `--quantize`, from the float32 graphs
 DIA_GRAPHS = ("encoder", "decoder_step")
 CODEC_GRAPHS = ("dac_decoder", "dac_encoder")
 REEXPORT_HINT = "re-export the model with `python -m export --out DIR` (see README)"

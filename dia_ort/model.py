@@ -17,7 +17,7 @@ from dia_ort.codec import Codec
 from dia_ort.engine import Device, Engine
 from dia_ort.generation import Generation
 from dia_ort.hub import resolve_model_folder
-from dia_ort.manifest import Manifest
+from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES, Manifest
 from dia_ort.options import GenerationOptions
 from dia_ort.text import encode_text
 
@@ -32,7 +32,7 @@ AudioPrompt = (
 )
 
 
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+COMPUTE_DTYPES = (*FLOAT_DTYPES, *QUANTIZED_DTYPES)
 
 
 def _device_dtype(requested: str, device: Device) -> str:
@@ -52,7 +52,7 @@ def _choose_dtype(manifest: Manifest, requested: str, device: Device) -> str:
         return fallback
     if requested in manifest.variants:
         return requested
-    if requested in ("int8", "int4"):
+    if requested in QUANTIZED_DTYPES:
         raise ValueError(
             f"this model folder has no {requested} variant (it has {available}); "
             f"export it with `python -m export --quantize {requested} ...`"

@@ -8,10 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, checkpoint_sources, export_model, random_sources
-
-DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZED = ("int8", "int4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,8 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="Hub revision of --model")
     parser.add_argument("--dac", default=DEFAULT_DAC, help="Hub id, HF-layout folder or descript .pth file")
     parser.add_argument("--out", help="output model folder (default: models/<name of --model>)")
-    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="precision variants")
-    parser.add_argument("--quantize", nargs="+", default=[], choices=QUANTIZED, help="quantized CPU variants")
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=FLOAT_DTYPES, help="precision variants"
+    )
+    parser.add_argument(
+        "--quantize", nargs="+", default=[], choices=QUANTIZED_DTYPES, help="quantized CPU variants"
+    )
     parser.add_argument(
         "--random-init",
         metavar="{tiny,full,CONFIG.json}",

@@ -109,7 +109,7 @@ class Rotary(nn.Module):
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions Tensor[S] (int) -> (cos, sin) Tensor[S x D/2], computed once per graph call."""
-        angle = positions.float()[:, None] / self.timescale
+        angle = positions.float()[:, None] / self.timescale.to(positions.device)
         return torch.cos(angle), torch.sin(angle)
 
     def rotate(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
@@ -265,7 +265,8 @@ class DecoderStepGraph(nn.Module):
 
     Inputs: tokens Tensor[B x S x C] (int64), positions Tensor[S] (int64, consecutive), text_mask
     Tensor[B x L] (bool), then per layer cross_key_i, cross_value_i Tensor[B x Hc x L x Dc], then per
-    layer past_key_i, past_value_i Tensor[B x Hkv x T x D] (slots >= positions[0] may hold anything).
+    layer past_key_i, past_value_i Tensor[B x Hkv x T x D] (slots >= positions[0] may hold any finite
+    values: they are masked, and a masked slot's value still enters the sum with weight 0).
     Outputs: logits Tensor[B x C x V] (float32) of the last row, then present_key_i, present_value_i:
     the buffers with this step's rows written at `positions`.
     """

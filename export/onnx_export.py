@@ -121,6 +121,12 @@ def widen_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        raise ValueError("widen_bfloat16 handles flat graphs only; this one has subgraphs (If/Loop/Scan)")
     nodes = []
     for tensor in graph.initializer:
         if tensor.data_type == bf16:
@@ -149,7 +155,12 @@ def widen_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _is_bfloat16(model: onnx.ModelProto) -> bool:
-    return any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in model.graph.output)
+    """Whether any weight, input or output of the graph is bfloat16."""
+    graph, bf16 = model.graph, onnx.TensorProto.BFLOAT16
+    values = (*graph.input, *graph.output)
+    return any(t.data_type == bf16 for t in graph.initializer) or any(
+        v.type.tensor_type.elem_type == bf16 for v in values
+    )
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

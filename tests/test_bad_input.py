@@ -179,8 +179,8 @@ def test_manifest_of_another_format_is_refused(folder_copy):
 def test_torch_checkpoint_without_export_extra_names_the_command(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
     monkeypatch.setitem(__import__("sys").modules, "export.pipeline", None)
-    with pytest.raises(ValueError, match="python -m export --model"):
-        Dia.from_pretrained(tmp_path, device="cpu", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="python -m export --model .* --dtype float32 --quantize int8$"):
+        Dia.from_pretrained(tmp_path, compute_dtype="int8", device="cpu", cache_dir=tmp_path / "cache")
 
 
 def test_model_still_works_after_bad_calls(tiny_dia):
