@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import export_tiny
+from cuda_placement import basic_optimized, host_device_copies
 
 from dia_ort import Dia, GenerationOptions
 from dia_ort.engine import Engine, GraphDecoderState, StepBuffers
 from dia_ort.generation import Generation
+from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 from export.architecture import TINY
 
@@ -152,3 +155,20 @@ def test_use_torch_compile_on_cuda_generates(cuda_folder):
     codes = dia.generate_codes(TEXTS, temperature=0, max_new_tokens=12, use_torch_compile=True)
     assert [c.shape for c in codes] == [(12, 9)] * 2
     assert dia.engine.cuda_graph and len(dia.engine.buffers) == 1
+
+
+def test_step_graph_needs_no_host_device_copies(tiny_folder):
+    """ONNX Runtime captures a CUDA graph only where no tensor crosses between host and device
+    inside it; modelled on the CPU (tests/cuda_placement.py), since the capture itself needs a GPU."""
+    manifest = Manifest.load(tiny_folder)
+    model = basic_optimized(tiny_folder / manifest.variants["float32"]["decoder_step"].file.path)
+    assert host_device_copies(model) == []
+    # the model does see a copy: a shape-derived value added to the data moves the Add to the host
+    node = onnx.helper.make_node
+    probe = onnx.helper.make_graph(
+        [node("Shape", ["x"], ["s"]), node("Cast", ["s"], ["f"], to=1), node("Add", ["x", "f"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    assert host_device_copies(onnx.helper.make_model(probe)) == ["x -> Add  input 0"]
