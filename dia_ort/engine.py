@@ -107,7 +107,8 @@ class Engine:
         self.step = open_session(self.step_path, device)
         self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
         self.cuda_graph_error: str | None = None  # why ONNX Runtime refused to, once it did
-        self.graph_lock = threading.Lock()  # a CUDA graph session must not run from two threads at once
+        # held to run a CUDA graph session (never from two threads at once) and to take fixed buffers
+        self.graph_lock = threading.Lock()
         types = {value.name: value.type for value in self.step.get_inputs()}
         self.cache_type = types["past_key_0"]
         self.cross_type = types["cross_key_0"]
@@ -319,8 +320,11 @@ class GraphDecoderState:
         padded = min(max(length, config.text_length), -(-length // self.TEXT_BUCKET) * self.TEXT_BUCKET)
         text_ids = np.pad(text_ids, ((0, 0), (0, padded - length)))
         text_mask = np.pad(np.asarray(text_mask, dtype=bool), ((0, 0), (0, padded - length)))
-        self.buffers = engine.step_buffers(batch, padded, -(-slots // self.SLOT_BUCKET) * self.SLOT_BUCKET)
-        self.buffers.owner = weakref.ref(self)
+        with engine.graph_lock:  # two requests starting at once must not take the same free buffers
+            self.buffers = engine.step_buffers(
+                batch, padded, -(-slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
+            )
+            self.buffers.owner = weakref.ref(self)
         _encode(engine, text_ids, text_mask, self.buffers.cross)
         self.buffers.text_mask.update_inplace(text_mask)
         self.session = engine.step
