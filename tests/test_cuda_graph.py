@@ -17,6 +17,7 @@ from conftest import export_tiny
 from cuda_placement import basic_optimized, host_device_copies
 
 from dia_ort import Dia, GenerationOptions
+from dia_ort.delay import known_prefix
 from dia_ort.engine import Engine, GraphDecoderState, StepBuffers
 from dia_ort.generation import Generation
 from dia_ort.manifest import Manifest
@@ -42,10 +43,10 @@ def prompt():
 
 
 def test_fixed_buffers_give_the_plain_loops_tokens(tiny_dia, prompt):
-    plain = generate(tiny_dia, TEXTS, [prompt, None])  # the plain loop is checked against transformers
-    fixed = generate(
-        tiny_dia, TEXTS, [prompt, None], cuda_graph=True
-    )  # a prefill of 8 rows, then 1-row steps
+    prompts = [prompt, prompt[:5]]  # both items known for 6 rows: a 6-row prefill, then 1-row steps
+    plain = generate(tiny_dia, TEXTS, prompts)  # the plain loop is checked against transformers
+    fixed = generate(tiny_dia, TEXTS, prompts, cuda_graph=True)
+    assert min(known_prefix(grid) for grid in fixed.known) == 6
     np.testing.assert_array_equal(fixed.rows, plain.rows)
     assert fixed.eos_row == plain.eos_row
 
