@@ -32,9 +32,18 @@ TENSOR_TYPES = {
     "tensor(float)": (np.float32, 1),
     "tensor(float16)": (np.float16, 10),
     "tensor(bfloat16)": (np.uint16, 16),
+    "tensor(int64)": (np.int64, 7),
+    "tensor(bool)": (np.bool_, 9),
 }
 GRAPH_ID_OPTION = "gpu_graph_id"  # ONNX Runtime's run option naming the CUDA graph to capture or replay
 NO_GRAPH = "-1"  # ... and its value for a run that is neither captured nor replayed
+
+
+def graph_run_options(graph_id: str) -> ort.RunOptions:
+    """Run options naming the CUDA graph a run captures or replays (NO_GRAPH: neither)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry(GRAPH_ID_OPTION, graph_id)
+    return options
 
 
 def _get_default_device() -> str:
@@ -218,8 +227,7 @@ class DecoderState:
         self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
         self.capacity = 0
         self._allocate(slots if device.kind == "cuda" else min(slots, self.GROWTH), batch=text_ids.shape[0])
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry(GRAPH_ID_OPTION, NO_GRAPH)  # a no-op without CUDA graphs
+        self.run_options = graph_run_options(NO_GRAPH)  # a no-op without CUDA graphs
 
     def _allocate(self, capacity: int, batch: int) -> None:
         """Bind cache buffers of `capacity` slots, keeping the rows written so far."""
@@ -280,20 +288,17 @@ class StepBuffers:
         batch, text_length, slots = key
         layers = config.decoder_layers
 
-        def put(array: np.ndarray) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_numpy(array, device.kind, device.index)
-
         cross_shape = (batch, config.cross_heads, text_length, config.cross_head_dim)
         cache_shape = (batch, config.kv_heads, slots, config.head_dim)
         return cls(
             key=key,
             graph_id=graph_id,
-            tokens=put(np.zeros((batch, 1, config.num_channels), dtype=np.int64)),
-            positions=put(np.zeros(1, dtype=np.int64)),
-            text_mask=put(np.zeros((batch, text_length), dtype=bool)),
+            tokens=device.zeros((batch, 1, config.num_channels), "tensor(int64)"),
+            positions=device.zeros((1,), "tensor(int64)"),
+            text_mask=device.zeros((batch, text_length), "tensor(bool)"),
             cross=[device.zeros(cross_shape, engine.cross_type) for _ in range(2 * layers)],
             caches=[device.zeros(cache_shape, engine.cache_type) for _ in range(2 * layers)],
-            logits=put(np.zeros((batch, config.num_channels, config.vocab_size), dtype=np.float32)),
+            logits=device.zeros((batch, config.num_channels, config.vocab_size), "tensor(float)"),
         )
 
     def in_use(self) -> bool:
@@ -335,10 +340,8 @@ class GraphDecoderState:
             self.binding.bind_ortvalue_input(name, value)
         _bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
         self._bind_step_inputs()
-        self.replay = ort.RunOptions()
-        self.replay.add_run_config_entry(GRAPH_ID_OPTION, str(self.buffers.graph_id))
-        self.uncaptured = ort.RunOptions()
-        self.uncaptured.add_run_config_entry(GRAPH_ID_OPTION, NO_GRAPH)
+        self.replay = graph_run_options(str(self.buffers.graph_id))
+        self.uncaptured = graph_run_options(NO_GRAPH)
 
     def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
