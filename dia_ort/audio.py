@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,39 @@ def load_audio(source: Any, sample_rate: int | None = None) -> np.ndarray:
     return resample(audio, rate, DAC_SAMPLE_RATE)
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse an output path that `save_audio` would refuse, before any audio is generated."""
+    path = Path(path)
+    _write_format(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save audio to {path}: directory {path.parent} does not exist")
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """Float samples -> 16-bit signed little-endian PCM bytes (clipped to full scale)."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def streaming_wav_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header whose sizes say "unknown" (0xFFFFFFFF), for audio written as it comes.
+
+    A pipe cannot be rewound to fill in the sizes at the end; players such as ffplay read to the end
+    of the stream instead, as they do for ffmpeg's own piped WAV.
+    """
+    rate = _check_rate(sample_rate)
+    unknown = 0xFFFFFFFF
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)  # PCM, mono, byte rate, block align, bits
+    return (
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVEfmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", unknown)
+    )
+
+
 def _write_format(path: Path) -> str:
     ext = path.suffix.lower().lstrip(".")
     if ext not in _WRITE_FORMATS:
@@ -165,10 +199,9 @@ def save_audio(path: str | os.PathLike, audio: Any, sample_rate: int = DAC_SAMPL
     written to a temporary file in the same directory that replaces ``path`` only once complete.
     """
     path = Path(path)
+    check_output_path(path)
     fmt = _write_format(path)
     samples = to_mono_float32(audio, sample_rate)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save audio to {path}: directory {path.parent} does not exist")
     # Every format above is written as integer PCM or a lossy codec, which wrap or distort past full scale.
     clipped = np.count_nonzero(np.abs(samples) > 1.0)
     if clipped:

@@ -1,16 +1,22 @@
-"""`dia-ort speak`: text (argument, --file or stdin) -> an audio file, with a progress bar."""
+"""`dia-ort speak`: text (argument, --file or stdin) -> an audio file, or audio on stdout as it is made."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 from tqdm import tqdm
 
-from dia_ort.audio import DAC_SAMPLE_RATE, save_audio
+from dia_ort.audio import DAC_SAMPLE_RATE, check_output_path, pcm16, save_audio, streaming_wav_header
 from dia_ort.options import GenerationOptions
+from dia_ort.script import LONG_FORM_SECONDS
+
+STDOUT = "-"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="nari-labs/Dia-1.6B-0626", help="exported folder, Hub id or checkpoint"
     )
     speak.add_argument(
-        "-o", "--output", type=Path, default=Path("dia.wav"), help="audio file (.wav .flac .ogg .mp3)"
+        "-o",
+        "--output",
+        default="dia.wav",
+        help="audio file (.wav .flac .ogg .mp3), or - for stdout while the audio is generated",
+    )
+    speak.add_argument(
+        "--format",
+        choices=("wav", "pcm"),
+        default="wav",
+        help="with -o -: WAV with a streaming header, or raw 16-bit little-endian mono PCM",
+    )
+    speak.add_argument(
+        "--long-form",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate a script of any length in parts (default: on for --file, off otherwise)",
+    )
+    speak.add_argument(
+        "--long-form-seconds",
+        type=float,
+        default=LONG_FORM_SECONDS,
+        help="target speech per part of a long-form script",
     )
     speak.add_argument("--voice", help="audio prompt to clone the voice from (wav, flac, ogg, mp3)")
     speak.add_argument("--voice-text", help="transcript of --voice; it is put before the text")
@@ -67,6 +94,9 @@ def speak(args: argparse.Namespace) -> None:
     from dia_ort.model import Dia
 
     text = read_text(args)
+    to_stdout = args.output == STDOUT
+    if not to_stdout:
+        check_output_path(args.output)
     options = GenerationOptions(
         top_p=args.top_p,
         temperature=args.temperature,
@@ -77,18 +107,48 @@ def speak(args: argparse.Namespace) -> None:
         cfg_filter_top_k=args.cfg_filter_top_k,
         seed=args.seed,
     ).validate()
+    long_form = args.file is not None if args.long_form is None else args.long_form
     model = Dia.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
-    generation = model.start([text], None if args.voice is None else [args.voice], options)
     with tqdm(desc="speaking", unit="step", disable=args.quiet) as bar:
-        for step in generation:
-            bar.total = step.total
-            bar.update(1)
-    (codes,) = generation.codes()
-    if len(codes) == 0:
+
+        def progress(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        chunks = model.generate_stream(
+            text,
+            args.voice,
+            progress,
+            long_form=long_form,
+            long_form_seconds=args.long_form_seconds,
+            **vars(options),
+        )
+        if to_stdout:
+            seconds = write_stream(sys.stdout.buffer, chunks, options.sample_rate, args.format)
+        else:
+            audio = np.concatenate([np.zeros(0, dtype=np.float32), *chunks])
+            seconds = len(audio) / options.sample_rate
+    if not seconds:
         raise ValueError("the model ended the audio at once; nothing to write (try another --seed)")
-    audio = model.codes_to_audio(codes, options.sample_rate)
-    save_audio(args.output, audio, options.sample_rate)
-    print(f"wrote {args.output} ({len(audio) / options.sample_rate:.2f} s)")
+    if not to_stdout:
+        save_audio(args.output, audio, options.sample_rate)
+    print(
+        f"wrote {'stdout' if to_stdout else args.output} ({seconds:.2f} s)",
+        file=sys.stderr if to_stdout else sys.stdout,
+    )
+
+
+def write_stream(out: BinaryIO, chunks: Iterable[np.ndarray], sample_rate: int, fmt: str) -> float:
+    """Write audio chunks to a byte stream as they come (WAV header first for "wav"); return seconds."""
+    if fmt == "wav":
+        out.write(streaming_wav_header(sample_rate))
+        out.flush()
+    samples = 0
+    for chunk in chunks:
+        out.write(pcm16(chunk))
+        out.flush()
+        samples += len(chunk)
+    return samples / sample_rate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,20 @@
 """The DAC codec graphs: audio codes `[T, C]` <-> 44.1 kHz mono waveform.
 
-Both graphs are convolutional, so long audio runs in chunks: each chunk carries the frames around it
-that its outputs can see (the receptive field) and keeps only its own part of the result. The
-stitched output then equals one whole-length run up to float rounding, while memory and the size of
-every intermediate tensor stay bounded by the chunk.
+Both graphs are convolutional, so long audio runs in pieces: each piece carries the frames around it
+that its outputs can see (the receptive field) and keeps only its own part of the result, which
+bounds memory and the size of every intermediate tensor.
+
+Decoding cuts an item's frames into blocks on one fixed grid (`DecodeGrid`), whether the codes come
+all at once or a few at a time while they are generated. ONNX Runtime's convolutions round
+differently for windows of different lengths (their GEMM strides depend on the width), so only the
+same windows give the same bits: decoding every item on one grid is what makes a stream of audio
+bit-identical to decoding the whole item.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +29,8 @@ from dia_ort.manifest import Manifest
 # 8, 8, 4, 2 adds up to 9.9 frames. Encoder: 3733 samples, 7.3 frames.
 DECODE_CONTEXT_FRAMES = 10
 ENCODE_CONTEXT_FRAMES = 8
-# About 6 s of audio, so that clips that short take one call. Longer audio costs 2 x 10 / 512 (4 %)
-# more compute, and its memory stays bounded: a 35 s decode peaks at 1.0 GB of process memory in
-# chunks, at 3.7 GB in one run. Chunks of 256 to 1024 frames ran equally fast on the CPU.
+# Encoding runs in chunks of about 6 s of audio, so that clips that short take one call; its memory
+# stays bounded (a 35 s decode in one run peaks at 3.7 GB of process memory).
 CHUNK_FRAMES = 512
 
 
@@ -40,6 +45,32 @@ def chunk_windows(total: int, chunk: int, context: int) -> Iterator[tuple[int, i
         yield max(0, start - context), min(total, end + context), start, end
 
 
+@dataclass(frozen=True)
+class DecodeGrid:
+    """The blocks an item's frames are decoded in: `first` frames, then doubling up to `steady`.
+
+    With the defaults the blocks end at frames 8, 16, 32, 64, 128, 256, 512, 768, ...: a stream's
+    first block is ready soon after its frames are generated (time to first audio), later ones are
+    larger (fewer codec calls). Each block is decoded with DECODE_CONTEXT_FRAMES of context on each
+    side, so a 10 s item costs about 18 % more decoder work than one window would, and no call sees
+    more than `steady` + 20 frames.
+    """
+
+    first: int = 8
+    steady: int = 256
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        """`(start, end)` of every block, without end."""
+        start = 0
+        while True:
+            size = min(max(self.first, start), self.steady)
+            yield start, start + size
+            start += size
+
+
+DEFAULT_GRID = DecodeGrid()
+
+
 class Codec:
     """Runs the exported DAC decoder and encoder (float32) on one device, in chunks of bounded size."""
 
@@ -49,11 +80,13 @@ class Codec:
         manifest: Manifest,
         device: Device,
         chunk_frames: int = CHUNK_FRAMES,
+        grid: DecodeGrid = DEFAULT_GRID,
     ) -> None:
         self.config = manifest.codec_config
         self.decoder = open_session(folder / manifest.codec["dac_decoder"].file.path, device)
         self.encoder = open_session(folder / manifest.codec["dac_encoder"].file.path, device)
-        self.chunk_frames = chunk_frames
+        self.chunk_frames = chunk_frames  # of encoding
+        self.grid = grid
         # Hand the CPU arena's unused memory back after each chunk, which it would otherwise keep for good.
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -80,15 +113,17 @@ class Codec:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """`[T, C]` codes -> float32 waveform `[T * hop]` at the codec's sample rate."""
-        codes = self.check_codes(codes)
-        hop = self.config.hop_length
-        wave = np.empty(len(codes) * hop, dtype=np.float32)
-        for lo, hi, start, end in chunk_windows(len(codes), self.chunk_frames, DECODE_CONTEXT_FRAMES):
-            (part,) = self.decoder.run(
-                None, {"codes": np.ascontiguousarray(codes[lo:hi].T[None])}, self.run_options
-            )
-            wave[start * hop : end * hop] = part[0, (start - lo) * hop : (end - lo) * hop]
-        return wave
+        return self.stream().decode(self.check_codes(codes), last=True)
+
+    def stream(self) -> DecodeStream:
+        """A decoder for one item whose codes arrive a few frames at a time."""
+        return DecodeStream(self)
+
+    def decode_window(self, codes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Run the decoder on frames `lo:hi` of `[T, C]` codes: waveform `[(hi - lo) * hop]`."""
+        window = np.ascontiguousarray(codes[lo:hi].T[None], dtype=np.int64)
+        (wave,) = self.decoder.run(None, {"codes": window}, self.run_options)
+        return wave[0]
 
     def encode(self, waveform: np.ndarray) -> np.ndarray:
         """Mono float32 waveform at the codec's rate -> `[ceil(N / hop), C]` codes (right-padded)."""
@@ -103,3 +138,34 @@ class Codec:
             )
             codes[start:end] = part[0, :, start - lo : end - lo].T
         return codes
+
+
+class DecodeStream:
+    """One item's waveform, decoded block by block on the codec's grid as its frames become final.
+
+    `decode(codes, last)` takes every final frame so far and returns the audio of the blocks that
+    became decodable: a block needs DECODE_CONTEXT_FRAMES final frames after it, or the item's end.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.blocks = codec.grid.blocks()
+        self.block = next(self.blocks)
+        self.decoded = 0  # frames whose audio was returned
+
+    def decode(self, codes: np.ndarray, last: bool = False) -> np.ndarray:
+        """New audio for the blocks that `[T, C]` final codes (all of them when `last`) complete."""
+        hop, total = self.codec.config.hop_length, len(codes)
+        if total < self.decoded:
+            raise ValueError(f"{self.decoded} frames were decoded already; got codes of {total} frames")
+        pieces = []
+        while self.decoded < total:
+            start, end = self.block
+            if end + DECODE_CONTEXT_FRAMES > total and not last:
+                break
+            end = min(end, total)
+            lo, hi = max(0, start - DECODE_CONTEXT_FRAMES), min(total, end + DECODE_CONTEXT_FRAMES)
+            pieces.append(self.codec.decode_window(codes, lo, hi)[(start - lo) * hop : (end - lo) * hop])
+            self.decoded = end
+            self.block = next(self.blocks)
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,19 @@ import numpy as np
 from dia_ort.audio import DAC_SAMPLE_RATE, load_audio, resample, save_audio
 from dia_ort.codec import Codec
 from dia_ort.engine import Device, Engine
-from dia_ort.generation import Generation
+from dia_ort.generation import Generation, Step
 from dia_ort.hub import resolve_model_folder
+from dia_ort.longform import LongFormStream
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES, Manifest
 from dia_ort.options import GenerationOptions
+from dia_ort.script import LONG_FORM_SECONDS
+from dia_ort.streaming import (
+    CHUNK_FRAMES,
+    FIRST_CHUNK_FRAMES,
+    AudioChunk,
+    check_chunk_frames,
+    stream_generation,
+)
 from dia_ort.text import encode_text
 
 log = logging.getLogger(__name__)
@@ -136,7 +145,7 @@ class Dia:
                 f"audio_prompts must be a list with one entry per text: {len(texts)} texts, {count}"
             )
         ids = [encode_text(t, self.config.text_length) for t in texts]
-        prompts = [None if p is None else self._prompt_codes(p) for p in audio_prompts]
+        prompts = [None if p is None else self.prompt_codes(p) for p in audio_prompts]
         return Generation(self.engine, ids, prompts, options, cuda_graph=cuda_graph)
 
     def generate_codes(
@@ -198,14 +207,95 @@ class Dia:
         *,
         cfg_filter_top_k: int | None = None,
         seed: int | None = None,
+        long_form: bool = False,
+        long_form_seconds: float = LONG_FORM_SECONDS,
     ) -> np.ndarray:
-        """Audio (float32 mono at `sample_rate`) for one text with [S1]/[S2] speaker tags."""
+        """Audio (float32 mono at `sample_rate`) for one text with [S1]/[S2] speaker tags.
+
+        With `long_form`, a script of any length is generated in parts of about `long_form_seconds`
+        of speech, each prompted with the one before it, and joined with short crossfades.
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}; use generate_batch for a list")
         options = _options_from(locals())
+        if long_form:
+            stream = self.generate_stream(
+                text,
+                audio_prompt,
+                callback,
+                long_form=True,
+                long_form_seconds=long_form_seconds,
+                **vars(options),
+            )
+            return np.concatenate([np.zeros(0, dtype=np.float32), *stream])
         prompts = None if audio_prompt is None else [audio_prompt]
         (audio,) = self.generate_batch([text], prompts, callback=callback, **vars(options))
         return audio
+
+    def generate_stream(
+        self,
+        text: str,
+        audio_prompt: AudioPrompt | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+        long_form: bool = False,
+        long_form_seconds: float = LONG_FORM_SECONDS,
+        **options: Any,
+    ) -> Iterator[np.ndarray]:
+        """`generate`, yielding float32 chunks at `sample_rate` while the audio is generated.
+
+        Takes every keyword of `generate` (`options`: temperature, top_p, seed, sample_rate, ...). The
+        first chunk holds about `first_chunk_frames` frames (86 a second) and comes once those frames
+        and the codec's right context are final; later chunks at least `chunk_frames`. Sizes round up
+        to the codec's decode blocks (8, 8, 16, 32, ... frames), which is what makes the joined
+        chunks equal `generate(...)` with the same options bit for bit. The request is checked here,
+        before the first chunk is asked for.
+        """
+        if not isinstance(text, str):
+            raise TypeError(
+                f"text must be a str, got {type(text).__name__}; use generate_batch_stream for a list"
+            )
+        check_chunk_frames(first_chunk_frames, chunk_frames)
+        opts = GenerationOptions(**options).validate()
+        if long_form:
+            stream = LongFormStream(
+                self, text, audio_prompt, opts, first_chunk_frames, chunk_frames, long_form_seconds, callback
+            )
+            return iter(stream)
+        prompts = None if audio_prompt is None else [audio_prompt]
+        pairs = self.generate_batch_stream(
+            [text],
+            prompts,
+            callback,
+            first_chunk_frames=first_chunk_frames,
+            chunk_frames=chunk_frames,
+            **options,
+        )
+        return (audio for _, audio in pairs)
+
+    def generate_batch_stream(
+        self,
+        texts: Sequence[str],
+        audio_prompts: Sequence[AudioPrompt | None] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+        **options: Any,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """`generate_batch`, yielding `(item, chunk)` as each item's audio is generated.
+
+        Items end at different steps; each item's chunks, joined, equal its `generate_batch` result.
+        """
+        if isinstance(texts, str):
+            raise TypeError("generate_batch_stream takes a list of texts; use generate_stream for one text")
+        check_chunk_frames(first_chunk_frames, chunk_frames)
+        opts = GenerationOptions(**options)
+        generation = self.start(texts, audio_prompts, opts)
+        events = stream_generation(generation, self.codec, opts.sample_rate, first_chunk_frames, chunk_frames)
+        return _pairs(events, callback, opts.verbose)
 
     # -- codec --------------------------------------------------------------------------------------
 
@@ -239,7 +329,7 @@ class Dia:
 
     # -- helpers ------------------------------------------------------------------------------------
 
-    def _prompt_codes(self, prompt: AudioPrompt) -> np.ndarray:
+    def prompt_codes(self, prompt: AudioPrompt) -> np.ndarray:
         """Codes `[P, C]` for an audio prompt given as codes, a path or a waveform."""
         value = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else prompt
         is_codes = (
@@ -264,6 +354,24 @@ def _report_speed(steps: int, seconds: float) -> None:
         rate,
         rate / FRAMES_PER_SECOND,
     )
+
+
+def _pairs(
+    events: Iterator[Step | AudioChunk], callback: Callable[[int, int], None] | None, verbose: bool
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`(item, audio)` for the nonempty chunks of a stream; steps go to the callback and `verbose`."""
+    began = time.perf_counter()
+    steps = 0
+    for event in events:
+        if isinstance(event, AudioChunk):
+            if len(event.audio):
+                yield event.item, event.audio
+        else:
+            steps = event.index
+            if callback is not None:
+                callback(event.index, event.total)
+    if verbose:
+        _report_speed(steps, time.perf_counter() - began)
 
 
 def _options_from(arguments: dict[str, Any]) -> GenerationOptions:

@@ -28,6 +28,7 @@ def encode_text(text: str, text_length: int) -> np.ndarray:
     if len(data) > text_length:
         raise ValueError(
             f"text is {len(data)} bytes but the model reads at most {text_length}; "
-            f"split it into shorter requests (for example at speaker turns)"
+            "pass long_form=True (--long-form on the command line) to generate it in parts, "
+            "or split it into shorter requests"
         )
     return np.frombuffer(data, dtype=np.uint8).astype(np.int64)

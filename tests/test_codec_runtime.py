@@ -14,7 +14,7 @@ import torch
 from conftest import export_tiny
 from test_dac import hf_dac
 
-from dia_ort.codec import DECODE_CONTEXT_FRAMES, Codec, chunk_windows
+from dia_ort.codec import DECODE_CONTEXT_FRAMES, Codec, DecodeGrid, chunk_windows
 from dia_ort.engine import Device
 from dia_ort.manifest import Manifest
 from export.architecture import TINY
@@ -73,7 +73,9 @@ def test_waveform_prompt_equals_its_codes(tiny_dia):
 
 
 def open_codec(folder, chunk_frames: int) -> Codec:
-    return Codec(folder, Manifest.load(folder), Device("cpu"), chunk_frames=chunk_frames)
+    """A codec that encodes in chunks of `chunk_frames` and decodes in blocks of that size."""
+    grid = DecodeGrid(first=chunk_frames, steady=chunk_frames)
+    return Codec(folder, Manifest.load(folder), Device("cpu"), chunk_frames=chunk_frames, grid=grid)
 
 
 def relative_error(have: np.ndarray, want: np.ndarray) -> float:
@@ -88,6 +90,36 @@ def test_chunk_windows_cover_every_frame_once(total, chunk):
     for lo, hi, start, end in windows:
         assert lo == max(0, start - context) and hi == min(total, end + context)
     assert len(windows) == -(-total // chunk)  # audio shorter than a chunk takes one run
+
+
+def test_decode_grid_doubles_to_its_steady_block():
+    blocks = DecodeGrid(first=8, steady=256).blocks()
+    ends = [next(blocks)[1] for _ in range(9)]
+    assert ends == [8, 16, 32, 64, 128, 256, 512, 768, 1024]
+    blocks = DecodeGrid(first=5, steady=12).blocks()
+    assert [next(blocks) for _ in range(4)] == [(0, 5), (5, 10), (10, 20), (20, 32)]
+
+
+@pytest.mark.parametrize("frames", [1, 8, 9, 30, 31, 70])
+def test_decode_stream_is_bit_identical_to_decode(tiny_dia, frames):
+    """Codes fed a few frames at a time decode to exactly the bits of the whole item."""
+    codes = np.random.default_rng(frames).integers(0, 1024, size=(frames, 9))
+    want = tiny_dia.codec.decode(codes)
+    for feed in (1, 3, 17):
+        stream = tiny_dia.codec.stream()
+        pieces = [stream.decode(codes[:n]) for n in range(feed, frames, feed)]
+        pieces.append(stream.decode(codes, last=True))
+        np.testing.assert_array_equal(np.concatenate(pieces), want)
+
+
+def test_decode_stream_waits_for_the_right_context(tiny_dia):
+    """A block is decoded once DECODE_CONTEXT_FRAMES frames after it are final, not before."""
+    codes = np.random.default_rng(0).integers(0, 1024, size=(40, 9))
+    stream = tiny_dia.codec.stream()
+    assert len(stream.decode(codes[: 8 + DECODE_CONTEXT_FRAMES - 1])) == 0
+    assert len(stream.decode(codes[: 8 + DECODE_CONTEXT_FRAMES])) == 8 * 512
+    with pytest.raises(ValueError, match="decoded already"):
+        stream.decode(codes[:3])
 
 
 @pytest.mark.parametrize("frames", [1, 9, 16, 17, 40, 53])

@@ -1,0 +1,207 @@
+"""Long-form dialogue: a script of any length generated part by part, with the voices kept.
+
+The script is split into parts (script.py). Each part after the first is prompted with the previous
+part: its generated codes (no codec round trip) as the audio prompt, its text as the transcript at
+the start of the new text, as in Dia's voice cloning, so the speakers keep their voices. The parts'
+audio is joined with a short equal-power crossfade, so the joins do not click.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soxr
+
+from dia_ort.audio import DAC_SAMPLE_RATE
+from dia_ort.generation import Generation
+from dia_ort.options import GenerationOptions
+from dia_ort.script import LONG_FORM_SECONDS, ScriptPart, estimated_seconds, model_bytes, split_script
+from dia_ort.streaming import AudioChunk, stream_generation
+
+if TYPE_CHECKING:
+    from dia_ort.model import AudioPrompt, Dia
+
+log = logging.getLogger(__name__)
+
+CROSSFADE_SECONDS = 0.04
+FRAMES_PER_SECOND = DAC_SAMPLE_RATE / 512
+# A part may come out this much longer than its estimate; the prompt must leave that much room.
+ESTIMATE_MARGIN = 1.5
+
+
+@dataclass(frozen=True)
+class Spoken:
+    """Audio already generated, usable as the next part's prompt: codes `[T, C]` and their transcript."""
+
+    codes: np.ndarray
+    transcript: str
+
+
+class Crossfade:
+    """Joins consecutive parts' audio with an equal-power crossfade of up to `samples` samples.
+
+    The last `samples` of a part are held back until the next part's first samples arrive; the two
+    overlap, weighted by cos and sin of a quarter period, so the joined signal moves continuously from
+    one part to the next and its power stays level.
+    """
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self.held = np.zeros(0, dtype=np.float32)  # the current part's end, kept for the next join
+        self.tail: np.ndarray | None = None  # the previous part's end, waiting for the next part
+        self.head = np.zeros(0, dtype=np.float32)  # the current part's start, collected for the join
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        """Audio of the current part -> the joined audio that is now final."""
+        joined = np.zeros(0, dtype=np.float32)
+        if self.tail is not None:
+            self.head = np.concatenate([self.head, audio])
+            if len(self.head) < len(self.tail):
+                return joined
+            joined, audio = self._mix(self.tail, self.head[: len(self.tail)]), self.head[len(self.tail) :]
+            self.tail, self.head = None, np.zeros(0, dtype=np.float32)
+        held = np.concatenate([self.held, audio])
+        cut = max(0, len(held) - self.samples)
+        self.held = held[cut:]
+        return np.concatenate([joined, held[:cut]])
+
+    def next_part(self) -> np.ndarray:
+        """The current part has ended and another one follows; returns what became final."""
+        out = self._settle()
+        self.tail, self.held = (self.held if len(self.held) else None), np.zeros(0, dtype=np.float32)
+        return out
+
+    def finish(self) -> np.ndarray:
+        """The last part has ended: the rest of the audio."""
+        out = np.concatenate([self._settle(), self.held])
+        self.held = np.zeros(0, dtype=np.float32)
+        return out
+
+    def _settle(self) -> np.ndarray:
+        """A join whose new part ended before it was as long as the fade: fade over what there is."""
+        if self.tail is None:
+            return np.zeros(0, dtype=np.float32)
+        n = len(self.head)
+        out = np.concatenate(
+            [self.tail[: len(self.tail) - n], self._mix(self.tail[len(self.tail) - n :], self.head)]
+        )
+        self.tail, self.head = None, np.zeros(0, dtype=np.float32)
+        return out
+
+    @staticmethod
+    def _mix(ending: np.ndarray, starting: np.ndarray) -> np.ndarray:
+        angle = (np.arange(len(ending), dtype=np.float64) + 0.5) / max(len(ending), 1) * (np.pi / 2)
+        return (ending * np.cos(angle) + starting * np.sin(angle)).astype(np.float32)
+
+
+def part_seed(seed: int | None, part: int) -> int | None:
+    """The first part uses `seed` itself (so a one-part script equals a plain call); later ones derive."""
+    if seed is None or part == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, part]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class LongFormStream:
+    """A script generated part by part: iterate it for float32 audio at `options.sample_rate`.
+
+    The request is checked and split when the object is made, before any audio is asked for.
+    """
+
+    def __init__(
+        self,
+        dia: Dia,
+        text: str,
+        audio_prompt: AudioPrompt | None,
+        options: GenerationOptions,
+        first_chunk_frames: int,
+        chunk_frames: int,
+        seconds: float = LONG_FORM_SECONDS,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.dia, self.callback = dia, callback
+        self.options = options.validate()
+        self.chunking = (first_chunk_frames, chunk_frames)
+        config = dia.config
+        self.room = config.audio_length - config.max_delay - 2  # prompt + output frames of one generation
+        self.prompt = None if audio_prompt is None else dia.prompt_codes(audio_prompt)
+        lead = 0.0 if self.prompt is None else len(self.prompt) / FRAMES_PER_SECOND
+        self.parts = split_script(text, config.text_length // 2, seconds, lead_seconds=lead)
+        log.info("long-form script: %d parts", len(self.parts))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rate = self.options.sample_rate
+        fade = Crossfade(round(CROSSFADE_SECONDS * DAC_SAMPLE_RATE))
+        resampler = (
+            None
+            if rate == DAC_SAMPLE_RATE
+            else soxr.ResampleStream(DAC_SAMPLE_RATE, rate, 1, dtype="float32", quality="VHQ")
+        )
+
+        def out(audio: np.ndarray, last: bool = False) -> Iterator[np.ndarray]:
+            if resampler is not None:
+                audio = resampler.resample_chunk(audio, last=last)
+            if len(audio):
+                yield audio
+
+        previous = None if self.prompt is None else Spoken(self.prompt, "")
+        steps_done = 0
+        for k, part in enumerate(self.parts):
+            if k:
+                previous = _fitting_prompt(previous, part, self.dia.config.text_length, self.room)
+            generation = self._start(k, part, previous)
+            later = len(self.parts) - k - 1  # parts still to come, each at most `room` steps
+            last_index = 0
+            for event in stream_generation(generation, self.dia.codec, DAC_SAMPLE_RATE, *self.chunking):
+                if isinstance(event, AudioChunk):
+                    yield from out(fade.push(event.audio))
+                    continue
+                last_index = event.index
+                if self.callback is not None:
+                    self.callback(steps_done + event.index, steps_done + event.total + later * self.room)
+            steps_done += last_index
+            (codes,) = generation.codes()
+            # The first part's prompt is the caller's, whose transcript starts the first part's text.
+            if k == 0 and self.prompt is not None:
+                codes = np.concatenate([self.prompt, codes])
+            previous = Spoken(codes, part.text)
+            if later:
+                yield from out(fade.next_part())
+        yield from out(fade.finish(), last=True)
+
+    def _start(self, k: int, part: ScriptPart, previous: Spoken | None) -> Generation:
+        """Part k's generation: prompted with `previous`, with seed and frame budget of its own."""
+        text = part.text if previous is None or k == 0 else _after(previous.transcript, part)
+        codes = None if previous is None else previous.codes
+        budget = self.room - (0 if codes is None else len(codes))
+        options = replace(
+            self.options,
+            seed=part_seed(self.options.seed, k),
+            max_new_tokens=min(self.options.max_new_tokens, budget),
+        )
+        return self.dia.start([text], [codes], options)
+
+
+def _after(transcript: str, part: ScriptPart) -> str:
+    """The text of a prompted part: the prompt's transcript, then the part (a cut turn goes on untagged)."""
+    return f"{transcript} {part.body if part.continues else part.text}"
+
+
+def _fitting_prompt(previous: Spoken | None, part: ScriptPart, text_length: int, room: int) -> Spoken | None:
+    """`previous` when it and the part fit one generation (text window and audio room), else None."""
+    if previous is None:
+        return None
+    text_bytes = model_bytes(_after(previous.transcript, part))
+    needed = estimated_seconds(part.text) * FRAMES_PER_SECOND * ESTIMATE_MARGIN
+    if text_bytes <= text_length and len(previous.codes) + needed <= room:
+        return previous
+    log.warning(
+        "the previous part (%d frames, %d text bytes) does not fit as the prompt of the next; "
+        "generating it without a prompt, so its voices may differ",
+        len(previous.codes),
+        model_bytes(previous.transcript),
+    )
+    return None

@@ -1,0 +1,110 @@
+"""Streaming audio: a generation's steps -> each item's waveform chunks as soon as their frames are final.
+
+Frame k of an item is final once decoder row k + 1 + P + max_delay has been produced; its audio is
+decoded on the codec's fixed block grid (codec.py), so an item's chunks, joined, are bit-identical to
+decoding its finished codes at once, and resampling runs through soxr's streaming resampler, which
+gives the same samples as resampling the whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from dia_ort.audio import DAC_SAMPLE_RATE
+from dia_ort.codec import Codec
+from dia_ort.generation import Generation, Step
+
+FIRST_CHUNK_FRAMES = 8  # about 93 ms of audio: the first chunk, for a short time to first audio
+CHUNK_FRAMES = 8  # later chunks: every decoded block as soon as it is ready (the blocks grow)
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Audio of one batch item: float32 mono at the stream's rate; `last` marks the item's end."""
+
+    item: int
+    audio: np.ndarray
+    last: bool
+
+
+def check_chunk_frames(first_chunk_frames: int, chunk_frames: int) -> None:
+    for name, value in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive number of frames, got {value!r}")
+
+
+class ItemStream:
+    """One item's final codes -> its audio, in chunks of at least `first_chunk_frames`, then `chunk_frames`.
+
+    A chunk is cut at the codec's block boundaries, so its size is rounded up to them (with the
+    default grid a first chunk of 8, 16, 32 ... frames is exact).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        sample_rate: int = DAC_SAMPLE_RATE,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+    ) -> None:
+        check_chunk_frames(first_chunk_frames, chunk_frames)
+        self.decoder = codec.stream()
+        self.hop = codec.config.hop_length
+        self.resampler = (
+            None
+            if sample_rate == DAC_SAMPLE_RATE
+            else soxr.ResampleStream(DAC_SAMPLE_RATE, sample_rate, 1, dtype="float32", quality="VHQ")
+        )
+        self.wanted = first_chunk_frames * self.hop
+        self.chunk = chunk_frames * self.hop
+        self.pending: list[np.ndarray] = []  # decoded audio at 44.1 kHz not yet returned
+        self.pending_samples = 0
+        self.ended = False
+
+    def feed(self, codes: np.ndarray, last: bool = False) -> np.ndarray | None:
+        """Every final frame so far `[T, C]`; returns a chunk when enough audio is ready, else None.
+
+        With `last` the item is complete: the rest of its audio comes back (possibly empty).
+        """
+        if self.ended:
+            raise ValueError("this item's stream has ended")
+        audio = self.decoder.decode(codes, last)
+        if len(audio):
+            self.pending.append(audio)
+            self.pending_samples += len(audio)
+        if not last and self.pending_samples < self.wanted:
+            return None
+        chunk = np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=np.float32)
+        self.pending, self.pending_samples, self.wanted = [], 0, self.chunk
+        self.ended = last
+        if self.resampler is not None:
+            chunk = self.resampler.resample_chunk(chunk, last=last)
+        return chunk
+
+
+def stream_generation(
+    generation: Generation,
+    codec: Codec,
+    sample_rate: int = DAC_SAMPLE_RATE,
+    first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+    chunk_frames: int = CHUNK_FRAMES,
+) -> Iterator[Step | AudioChunk]:
+    """Run a generation, yielding each `Step` and, after it, the `AudioChunk`s it completed.
+
+    Every item ends with one chunk marked `last` (empty when its audio ended on the step before); the
+    others are never empty.
+    """
+    items = [ItemStream(codec, sample_rate, first_chunk_frames, chunk_frames) for _ in generation.known]
+    for step in generation:
+        yield step
+        for i, stream in enumerate(items):
+            if stream.ended:
+                continue
+            last = bool(step.finished[i])
+            audio = stream.feed(generation.final_codes(i, step.row), last)
+            if audio is not None and (len(audio) or last):
+                yield AudioChunk(i, audio, last)
