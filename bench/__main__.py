@@ -28,6 +28,7 @@ DEVICE_VARIANTS = {"cpu": ("float32", *QUANTIZED), "cuda": ("float16", "bfloat16
 REFERENCE_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}  # transformers' precisions
 BATCHES = (1, 4, 16)
 BATCH_STEPS = {"tiny": 200, "full": 30}  # full: enough for a steady state, few enough to finish
+STREAM_FRAMES = {"tiny": 200, "full": 258}  # frames of the streaming run (full: 3 s of audio)
 ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
 DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -54,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--skip-reference", action="store_true", help="do not measure transformers")
     parser.add_argument("--skip-dac", action="store_true", help="do not measure the DAC codec")
+    parser.add_argument("--skip-stream", action="store_true", help="do not measure generate_stream")
+    parser.add_argument(
+        "--stream-frames", type=int, help="frames of the streaming run (default: tiny 200, full 258)"
+    )
     parser.add_argument("--re-export", action="store_true", help="export even where a finished folder exists")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")
     parser.add_argument("--threads", type=int, default=physical_cores(), help="threads of every engine")
@@ -113,6 +118,10 @@ def bench_variant(
     argv += ["--device", args.device] + (["--cuda-graph"] if cuda_graph else [])
     argv += ["--threads", str(args.threads), "--steps", str(args.steps), "--batches", *map(str, BATCHES)]
     argv += ["--batch-steps", str(args.batch_steps or BATCH_STEPS[result.size])]
+    argv += [
+        "--stream-frames",
+        str(0 if args.skip_stream else args.stream_frames or STREAM_FRAMES[result.size]),
+    ]
     measured = run_child(argv, f"dia-ort {variant} on {args.device} ({result.folder})").result
     engine = EngineResult.from_dict(measured["engine"])
     weights = step_weight_bytes(result.folder / manifest.variants[variant]["decoder_step"].file.path)
@@ -121,6 +130,8 @@ def bench_variant(
     if args.device == "cpu":
         result.floor_ms[engine.name] = floor_ms(weights, bandwidth)
     result.batches[engine.name] = measured["batches"]
+    if measured["stream"]:
+        result.streams[engine.name] = measured["stream"]
     return np.asarray(measured["logits"])
 
 

@@ -1,8 +1,9 @@
 """The runtime's speed on one variant of an exported folder, without torch.
 
 Run as `python -m bench.torch_free bench.dia_speed FOLDER --variant V [--device cuda [--cuda-graph]]
---threads N --steps N --out FILE`; writes the `EngineResult`, the batch throughput, and the first
-step's logits (to check that the reference runs the same weights).
+--threads N --steps N [--stream-frames N] --out FILE`; writes the `EngineResult`, the batch
+throughput, the streaming figures, and the first step's logits (to check that the reference runs the
+same weights).
 """
 
 from __future__ import annotations
@@ -107,6 +108,35 @@ def batch_throughput(dia: Dia, batch: int, steps: int, cuda_graph: bool) -> dict
     }
 
 
+def stream_speed(dia: Dia, frames: int, repeats: int = 3) -> dict:
+    """Time to first audio of `generate_stream` (median of `repeats` streams stopped at their first
+    chunk, after one warm-up), and the realtime factor of a whole stream and of `generate`."""
+    options = dict(seed=SEED, max_new_tokens=frames)
+    firsts = []
+    for _ in range(repeats + 1):
+        steps: list[int] = []
+        began = time.perf_counter()
+        stream = dia.generate_stream(TEXT, callback=lambda i, n, steps=steps: steps.append(i), **options)
+        chunk = next(stream)
+        firsts.append((time.perf_counter() - began, len(steps), len(chunk)))
+        stream.close()
+    began = time.perf_counter()
+    samples = sum(len(chunk) for chunk in dia.generate_stream(TEXT, **options))
+    stream_s = time.perf_counter() - began
+    began = time.perf_counter()
+    plain = dia.generate(TEXT, **options)
+    plain_s = time.perf_counter() - began
+    seconds = samples / 44100
+    return {
+        "frames": frames,
+        "first_chunk_frames": firsts[-1][2] // 512,
+        "steps_to_first_audio": firsts[-1][1],
+        "first_audio_s": statistics.median(t for t, _, _ in firsts[1:]),
+        "stream_rtf": seconds / stream_s,
+        "generate_rtf": len(plain) / 44100 / plain_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.torch_free bench.dia_speed")
     parser.add_argument("folder", type=Path)
@@ -117,6 +147,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True, help="timed single-row steps per position")
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes for generate_codes")
     parser.add_argument("--batch-steps", type=int, default=30, help="max_new_tokens of each batch run")
+    parser.add_argument("--stream-frames", type=int, default=0, help="frames of the streaming run (0: none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.cuda_graph and args.device != "cuda":
@@ -125,7 +156,8 @@ def main() -> None:
     name = f"dia-ort {args.variant}" + (" + CUDA graph" if args.cuda_graph else "")
     engine, logits = single_request(dia, name, args.threads, load_s, args.steps, args.cuda_graph)
     batches = [batch_throughput(dia, b, args.batch_steps, args.cuda_graph) for b in args.batches]
-    result = {"engine": asdict(engine), "batches": batches, "logits": logits.tolist()}
+    stream = stream_speed(dia, args.stream_frames) if args.stream_frames else None
+    result = {"engine": asdict(engine), "batches": batches, "stream": stream, "logits": logits.tolist()}
     args.out.write_text(json.dumps(result))
 
 

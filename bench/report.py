@@ -28,6 +28,7 @@ class SizeResult:
     floor_ms: dict[str, float] = field(default_factory=dict)  # engine name -> ms/step to read its weights
     weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
     batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
+    streams: dict[str, dict] = field(default_factory=dict)  # engine name -> generate_stream figures
     # precision -> max |logits| difference / max(1, max |logits|), reference vs dia-ort
     logits_error: dict[str, float] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)  # further markdown (quantization accuracy)
@@ -111,6 +112,32 @@ def batch_table(batches: dict[str, list[dict]]) -> str:
     return table(header, rows)
 
 
+def stream_table(streams: dict[str, dict]) -> str:
+    """One row per engine: time to first audio of `generate_stream` and the stream's realtime factor."""
+    header = [
+        "engine",
+        "frames",
+        "first chunk frames",
+        "steps to first audio",
+        "time to first audio s",
+        "stream RTF",
+        "generate RTF",
+    ]
+    rows = [
+        [
+            name,
+            str(s["frames"]),
+            str(s["first_chunk_frames"]),
+            str(s["steps_to_first_audio"]),
+            number(s["first_audio_s"]),
+            number(s["stream_rtf"]),
+            number(s["generate_rtf"]),
+        ]
+        for name, s in streams.items()
+    ]
+    return table(header, rows)
+
+
 def _speedups(result: SizeResult) -> list[str]:
     """How many times faster each dia-ort engine is than the reference of its precision, by phase."""
     references = {e.precision: e for e in result.engines if e.name.startswith("transformers")}
@@ -162,6 +189,14 @@ def size_section(result: SizeResult) -> str:
             "Batch throughput: `generate_codes` on N copies of the text; step ms is the median time "
             "between steps (steady state); audio s / wall s = N / (86.13 x step s).",
             batch_table(result.batches),
+        ]
+    if result.streams:
+        parts += [
+            "Streaming: `generate_stream` with the default chunks. Time to first audio runs from the call "
+            "(text, encoder, prefill included) to the first chunk, median of 3 after a warm-up; the first "
+            "chunk needs max_delay + its frames + the codec's 10-frame right context in steps. RTF is audio "
+            "seconds over wall seconds for the whole request, for the stream and for a plain `generate`.",
+            stream_table(result.streams),
         ]
     return "\n\n".join(parts + result.sections + result.notes)
 

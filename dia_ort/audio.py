@@ -157,8 +157,11 @@ def check_output_path(path: str | os.PathLike) -> None:
 
 
 def pcm16(audio: np.ndarray) -> bytes:
-    """Float samples -> 16-bit signed little-endian PCM bytes (clipped to full scale)."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    """Float samples -> 16-bit signed little-endian PCM bytes, converted as libsndfile converts the
+    files `save_audio` writes (rounded to 32 bits, clipped, the low 16 bits dropped), so that a stream
+    and a file hold the same samples."""
+    wide = np.clip(np.rint(np.asarray(audio, dtype=np.float64) * 2.0**31), -(2.0**31), 2.0**31 - 1)
+    return (wide.astype(np.int64) >> 16).astype("<i2").tobytes()
 
 
 def streaming_wav_header(sample_rate: int) -> bytes:

@@ -70,10 +70,16 @@ class Crossfade:
         return np.concatenate([joined, held[:cut]])
 
     def next_part(self) -> np.ndarray:
-        """The current part has ended and another one follows; returns what became final."""
-        out = self._settle()
-        self.tail, self.held = (self.held if len(self.held) else None), np.zeros(0, dtype=np.float32)
-        return out
+        """The current part has ended and another one follows; returns what became final.
+
+        A part shorter than the fade has been mixed into the previous one's end whole; that mix is
+        then the end the next part fades in from.
+        """
+        ending = np.concatenate([self._settle(), self.held])
+        cut = max(0, len(ending) - self.samples)
+        self.tail = ending[cut:] if len(ending) else None
+        self.held = np.zeros(0, dtype=np.float32)
+        return ending[:cut]
 
     def finish(self) -> np.ndarray:
         """The last part has ended: the rest of the audio."""

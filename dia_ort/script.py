@@ -116,6 +116,10 @@ class _Budget:
         text = _render(self.speaker, words)
         return model_bytes(text) <= self.max_bytes and estimated_seconds(text) <= self.seconds
 
+    def window_fits(self, words: tuple[str, ...] | list[str]) -> bool:
+        """The hard limit: the text window (the seconds are a target, which one word may exceed)."""
+        return model_bytes(_render(self.speaker, words)) <= self.max_bytes
+
 
 _BOUNDARIES = (_SENTENCE_END, _CLAUSE_END)
 
@@ -129,7 +133,7 @@ def _cut(words: list[str], fits: _Budget, level: int) -> list[tuple[str, ...]]:
         for word in words:
             if groups and fits([*groups[-1], word]):
                 groups[-1].append(word)
-            elif fits([word]):
+            elif fits.window_fits([word]):
                 groups.append([word])
             else:
                 raise ValueError(

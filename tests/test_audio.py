@@ -10,7 +10,15 @@ import pytest
 import soundfile
 
 from dia_ort import audio
-from dia_ort.audio import DAC_SAMPLE_RATE, load_audio, resample, save_audio, to_mono_float32
+from dia_ort.audio import (
+    DAC_SAMPLE_RATE,
+    load_audio,
+    pcm16,
+    resample,
+    save_audio,
+    streaming_wav_header,
+    to_mono_float32,
+)
 
 
 def sine(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
@@ -284,3 +292,21 @@ def test_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_pcm16_holds_the_samples_a_wav_file_holds(tmp_path):
+    """What `-o -` streams equals what `save_audio` writes to a .wav, sample for sample."""
+    audio = (np.random.default_rng(0).standard_normal(50000) * 0.6).astype(np.float32)
+    audio[:6] = [1.0, -1.0, 1.5, -1.5, 0.5 / 32768, -0.5 / 32768]
+    save_audio(tmp_path / "a.wav", audio, 44100)
+    written, _ = soundfile.read(tmp_path / "a.wav", dtype="int16")
+    np.testing.assert_array_equal(np.frombuffer(pcm16(audio), dtype="<i2"), written)
+
+
+def test_streaming_wav_header_is_read_by_libsndfile(tmp_path):
+    audio = (0.3 * np.sin(np.arange(8000) / 5)).astype(np.float32)
+    path = tmp_path / "stream.wav"
+    path.write_bytes(streaming_wav_header(24000) + pcm16(audio))
+    read, rate = soundfile.read(path, dtype="int16")
+    assert rate == 24000
+    np.testing.assert_array_equal(read, np.frombuffer(pcm16(audio), dtype="<i2"))

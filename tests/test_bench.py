@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import export_tiny
 
+from dia_ort.codec import DECODE_CONTEXT_FRAMES
 from export.architecture import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,17 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     results = tmp_path / "RESULTS.md"
     argv = [sys.executable, "-m", "bench", "--sizes", "tiny", "--model-folder", str(float32_int8_folder)]
     argv += ["--seed", "1"]  # the fixture's weights
-    argv += ["--steps", "2", "--batch-steps", "4", "--skip-dac", "--results", str(results)]
+    argv += [
+        "--steps",
+        "2",
+        "--batch-steps",
+        "4",
+        "--stream-frames",
+        "40",
+        "--skip-dac",
+        "--results",
+        str(results),
+    ]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     markdown = results.read_text()
@@ -55,6 +66,11 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     batches = _table(markdown, "| engine | batch |")
     assert [row[1] for row in batches] == ["1", "4", "16"] * 2
     assert all(_positive(row[1:]) for row in batches), batches
+
+    streams = _table(markdown, "| engine | frames | first chunk frames |")
+    assert [row[0] for row in streams] == names[:2]
+    first_steps = max(TINY.delay_pattern) + 8 + DECODE_CONTEXT_FRAMES  # max_delay + chunk + right context
+    assert all(row[1:4] == ["40", "8", str(first_steps)] and _positive(row[4:]) for row in streams), streams
 
     error = float(re.search(r"differ by at most (\S+) of their scale", markdown).group(1))
     assert error < 1e-3, "the reference did not run the exported weights"

@@ -6,10 +6,12 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import soundfile as sf
 
+from dia_ort.audio import pcm16
 from dia_ort.cli import main
 
 
@@ -190,3 +192,99 @@ def test_hub_ids_offline_say_how_to_export_locally(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
     assert "could not download 'nari-labs/Dia-1.6B'" in result.stdout
+
+
+SCRIPT = (
+    "[S1] Welcome back to the show. Today we talk about trains. [S2] Trains! (laughs) My favourite topic. "
+    "[S1] I know. So, where do we start? [S2] At the beginning, with steam, coal, and a lot of noise. "
+) * 3
+
+
+def read_wav_stream(data: bytes) -> tuple[int, np.ndarray]:
+    """A WAV with a streaming header: its rate and 16-bit samples."""
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+    assert data[4:8] == data[40:44] == b"\xff\xff\xff\xff"  # sizes unknown while streaming
+    rate = int.from_bytes(data[24:28], "little")
+    return rate, np.frombuffer(data[44:], dtype="<i2")
+
+
+def test_speak_to_stdout_streams_while_generating(tiny_folder, tiny_dia, tmp_path):
+    """`-o -` writes the header at once and audio while the script is generated, equal to a plain call."""
+    script = tmp_path / "script.txt"
+    script.write_text(SCRIPT)
+    argv = [sys.executable, "-m", "dia_ort", "speak", "--file", str(script), "--model", str(tiny_folder)]
+    argv += ["-o", "-", "--temperature", "0", "--max-new-tokens", "40", "--long-form-seconds", "1.5"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    data, arrivals = b"", []
+    try:
+        while chunk := child.stdout.read1(65536):
+            data += chunk
+            arrivals.append((time.monotonic(), len(data)))
+            assert arrivals[-1][0] - arrivals[0][0] < 300
+    finally:
+        _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err.decode()
+    header_at = next(t for t, n in arrivals if n >= 44)
+    first_audio_at = next(t for t, n in arrivals if n > 44)
+    done_at = arrivals[-1][0]
+    # streaming: the first audio comes soon after the header; written at the end it would come last
+    assert first_audio_at - header_at < 0.5 * (done_at - header_at)
+    rate, samples = read_wav_stream(data)
+    want = tiny_dia.generate(
+        SCRIPT.strip(), long_form=True, long_form_seconds=1.5, temperature=0, max_new_tokens=40
+    )
+    assert rate == 44100
+    np.testing.assert_array_equal(samples, np.frombuffer(pcm16(want), dtype="<i2"))
+    assert b"wrote stdout" in err
+
+
+def test_speak_raw_pcm_to_stdout(tiny_folder, tiny_dia, capsysbinary):
+    code = main(
+        ["speak", "[S1] Hi there.", "--model", str(tiny_folder), "-o", "-", "--format", "pcm"]
+        + ["--seed", "2", "--max-new-tokens", "9", "--sample-rate", "24000", "--quiet"]
+    )
+    assert code == 0
+    out = capsysbinary.readouterr().out
+    want = tiny_dia.generate("[S1] Hi there.", seed=2, max_new_tokens=9, sample_rate=24000)
+    assert out == pcm16(want)
+
+
+def test_speak_long_form_file_and_flag(tiny_folder, tiny_dia, tmp_path):
+    script = tmp_path / "script.txt"
+    script.write_text(SCRIPT)
+    common = ["--model", str(tiny_folder), "--temperature", "0", "--max-new-tokens", "20", "--quiet"]
+    assert (
+        main(
+            [
+                "speak",
+                "--file",
+                str(script),
+                "-o",
+                str(tmp_path / "f.wav"),
+                "--long-form-seconds",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    audio, _ = sf.read(tmp_path / "f.wav", dtype="int16")
+    want = tiny_dia.generate(
+        SCRIPT.strip(), long_form=True, long_form_seconds=2, temperature=0, max_new_tokens=20
+    )
+    np.testing.assert_array_equal(audio, np.frombuffer(pcm16(want), dtype="<i2"))
+    # a script over the window: refused without --long-form, spoken with it
+    assert main(["speak", SCRIPT, "-o", str(tmp_path / "a.wav"), *common]) == 2
+    assert main(["speak", SCRIPT, "--long-form", "-o", str(tmp_path / "a.wav"), *common]) == 0
+    assert (
+        main(["speak", "--file", str(script), "--no-long-form", "-o", str(tmp_path / "b.wav"), *common]) == 2
+    )
+    assert not (tmp_path / "b.wav").exists()
+
+
+def test_speak_checks_the_output_path_before_loading_anything(tmp_path, capsys):
+    missing_model = str(tmp_path / "no-model")
+    assert main(["speak", "[S1] Hi.", "--model", missing_model, "-o", str(tmp_path / "out.xyz")]) == 2
+    assert "unknown extension '.xyz'" in capsys.readouterr().err
+    assert main(["speak", "[S1] Hi.", "--model", missing_model, "-o", str(tmp_path / "no" / "a.wav")]) == 2
+    assert "does not exist" in capsys.readouterr().err
