@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("wav", "pcm"),
         default="wav",
-        help="with -o -: WAV with a streaming header, or raw 16-bit little-endian mono PCM",
+        help="with -o -: WAV with a streaming header, or raw 16-bit little-endian mono PCM "
+        "(if the model ends the audio at once, a WAV stream holds only its header)",
     )
     speak.add_argument(
         "--long-form",
@@ -97,6 +99,8 @@ def speak(args: argparse.Namespace) -> None:
     to_stdout = args.output == STDOUT
     if not to_stdout:
         check_output_path(args.output)
+        if args.format != "wav":
+            raise ValueError("--format pcm is for -o - (stdout); a file's format comes from its extension")
     options = GenerationOptions(
         top_p=args.top_p,
         temperature=args.temperature,
@@ -159,4 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
         print(f"dia-ort: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of `-o -` went away (`| head`): stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     return 0

@@ -31,7 +31,7 @@ DECODE_CONTEXT_FRAMES = 10
 ENCODE_CONTEXT_FRAMES = 8
 # Encoding runs in chunks of about 6 s of audio, so that clips that short take one call; its memory
 # stays bounded (a 35 s decode in one run peaks at 3.7 GB of process memory).
-CHUNK_FRAMES = 512
+ENCODE_CHUNK_FRAMES = 512
 
 
 def chunk_windows(total: int, chunk: int, context: int) -> Iterator[tuple[int, int, int, int]]:
@@ -59,6 +59,10 @@ class DecodeGrid:
     first: int = 8
     steady: int = 256
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.first <= self.steady:
+            raise ValueError(f"a decode grid needs 1 <= first <= steady, got {self.first} and {self.steady}")
+
     def blocks(self) -> Iterator[tuple[int, int]]:
         """`(start, end)` of every block, without end."""
         start = 0
@@ -79,13 +83,13 @@ class Codec:
         folder: Path,
         manifest: Manifest,
         device: Device,
-        chunk_frames: int = CHUNK_FRAMES,
+        encode_chunk_frames: int = ENCODE_CHUNK_FRAMES,
         grid: DecodeGrid = DEFAULT_GRID,
     ) -> None:
         self.config = manifest.codec_config
         self.decoder = open_session(folder / manifest.codec["dac_decoder"].file.path, device)
         self.encoder = open_session(folder / manifest.codec["dac_encoder"].file.path, device)
-        self.chunk_frames = chunk_frames  # of encoding
+        self.encode_chunk_frames = encode_chunk_frames
         self.grid = grid
         # Hand the CPU arena's unused memory back after each chunk, which it would otherwise keep for good.
         self.run_options = ort.RunOptions()
@@ -132,7 +136,7 @@ class Codec:
         padded = np.zeros(frames * hop, dtype=np.float32)
         padded[: len(waveform)] = waveform
         codes = np.empty((frames, self.config.n_codebooks), dtype=np.int64)
-        for lo, hi, start, end in chunk_windows(frames, self.chunk_frames, ENCODE_CONTEXT_FRAMES):
+        for lo, hi, start, end in chunk_windows(frames, self.encode_chunk_frames, ENCODE_CONTEXT_FRAMES):
             (part,) = self.encoder.run(
                 None, {"waveform": padded[None, lo * hop : hi * hop]}, self.run_options
             )
@@ -153,6 +157,10 @@ class DecodeStream:
         self.block = next(self.blocks)
         self.decoded = 0  # frames whose audio was returned
 
+    def needs(self) -> int:
+        """How many final frames the next block waits for (before the item's end)."""
+        return self.block[1] + DECODE_CONTEXT_FRAMES
+
     def decode(self, codes: np.ndarray, last: bool = False) -> np.ndarray:
         """New audio for the blocks that `[T, C]` final codes (all of them when `last`) complete."""
         hop, total = self.codec.config.hop_length, len(codes)
@@ -161,7 +169,7 @@ class DecodeStream:
         pieces = []
         while self.decoded < total:
             start, end = self.block
-            if end + DECODE_CONTEXT_FRAMES > total and not last:
+            if self.needs() > total and not last:
                 break
             end = min(end, total)
             lo, hi = max(0, start - DECODE_CONTEXT_FRAMES), min(total, end + DECODE_CONTEXT_FRAMES)

@@ -116,17 +116,19 @@ class Generation:
             tokens = np.where(row > eos + delays, config.pad_id, tokens)
         return tokens
 
-    def final_codes(self, item: int, row: int) -> np.ndarray:
-        """The item's output frames `[n, C]` that no later step can change once `row` was produced.
+    def final_frames(self, item: int, row: int) -> int:
+        """How many of the item's output frames no later step can change once `row` was produced.
 
         Frame k is final once row k + 1 + P + max_delay exists (its last channel is then written);
         after EOS only the frames before it belong to the output.
         """
         prompt, eos = self.prompt_frames[item], self.eos_row[item]
         frames = max(0, row - prompt - self.config.max_delay)
-        if eos is not None:
-            frames = min(frames, eos - 1 - prompt)
-        return undo_delay(self.rows[item], self.config, prompt, frames)
+        return frames if eos is None else min(frames, eos - 1 - prompt)
+
+    def item_codes(self, item: int, frames: int) -> np.ndarray:
+        """The item's first `frames` output frames `[frames, C]`, delay undone."""
+        return undo_delay(self.rows[item], self.config, self.prompt_frames[item], frames)
 
     def codes(self) -> list[np.ndarray]:
         """Each item's `[T, C]` audio codes after its prompt, delay undone (after iterating)."""

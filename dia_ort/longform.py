@@ -9,6 +9,7 @@ audio is joined with a short equal-power crossfade, so the joins do not click.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import soxr
 from dia_ort.audio import DAC_SAMPLE_RATE
 from dia_ort.generation import Generation
 from dia_ort.options import GenerationOptions
+from dia_ort.progress import FRAMES_PER_SECOND, report_speed
 from dia_ort.script import LONG_FORM_SECONDS, ScriptPart, estimated_seconds, model_bytes, split_script
 from dia_ort.streaming import AudioChunk, stream_generation
 
@@ -28,9 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CROSSFADE_SECONDS = 0.04
-FRAMES_PER_SECOND = DAC_SAMPLE_RATE / 512
 # A part may come out this much longer than its estimate; the prompt must leave that much room.
-ESTIMATE_MARGIN = 1.5
+ESTIMATE_MARGIN = 1.3
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,12 @@ class LongFormStream:
         config = dia.config
         self.room = config.audio_length - config.max_delay - 2  # prompt + output frames of one generation
         self.prompt = None if audio_prompt is None else dia.prompt_codes(audio_prompt)
-        lead = 0.0 if self.prompt is None else len(self.prompt) / FRAMES_PER_SECOND
-        self.parts = split_script(text, config.text_length // 2, seconds, lead_seconds=lead)
+        prompt_frames = 0 if self.prompt is None else len(self.prompt)
+        if _fits_one_generation(text, config.text_length, self.room - prompt_frames):
+            self.parts = [ScriptPart(text, None, continues=False)]  # as a plain request would take it
+        else:
+            lead = prompt_frames / FRAMES_PER_SECOND
+            self.parts = split_script(text, config.text_length // 2, seconds, lead_seconds=lead)
         log.info("long-form script: %d parts", len(self.parts))
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -155,6 +160,7 @@ class LongFormStream:
 
         previous = None if self.prompt is None else Spoken(self.prompt, "")
         steps_done = 0
+        began = time.perf_counter()
         for k, part in enumerate(self.parts):
             if k:
                 previous = _fitting_prompt(previous, part, self.dia.config.text_length, self.room)
@@ -169,26 +175,49 @@ class LongFormStream:
                 if self.callback is not None:
                     self.callback(steps_done + event.index, steps_done + event.total + later * self.room)
             steps_done += last_index
-            (codes,) = generation.codes()
-            # The first part's prompt is the caller's, whose transcript starts the first part's text.
-            if k == 0 and self.prompt is not None:
-                codes = np.concatenate([self.prompt, codes])
-            previous = Spoken(codes, part.text)
+            previous = self._spoken(k, part, generation, previous)
             if later:
                 yield from out(fade.next_part())
         yield from out(fade.finish(), last=True)
+        if self.options.verbose:
+            report_speed(steps_done, time.perf_counter() - began)
 
     def _start(self, k: int, part: ScriptPart, previous: Spoken | None) -> Generation:
-        """Part k's generation: prompted with `previous`, with seed and frame budget of its own."""
+        """Part k's generation: prompted with `previous`, with seed and frame budget of its own.
+
+        `max_new_tokens` bounds each part; it is clamped to the room the prompt leaves here, so that
+        the default 2048 does not warn on every part (`frame_budget` reports a prompt with no room).
+        """
         text = part.text if previous is None or k == 0 else _after(previous.transcript, part)
         codes = None if previous is None else previous.codes
         budget = self.room - (0 if codes is None else len(codes))
         options = replace(
             self.options,
             seed=part_seed(self.options.seed, k),
-            max_new_tokens=min(self.options.max_new_tokens, budget),
+            max_new_tokens=max(1, min(self.options.max_new_tokens, budget)),
         )
         return self.dia.start([text], [codes], options)
+
+    def _spoken(
+        self, k: int, part: ScriptPart, generation: Generation, previous: Spoken | None
+    ) -> Spoken | None:
+        """What prompts part k + 1: part k's codes and text (the first part's with the caller's prompt,
+        whose transcript starts its text); the older prompt when part k has no audio."""
+        (codes,) = generation.codes()
+        if generation.eos_row[0] == generation.last_row[0]:
+            log.warning("part %d of the script reached its frame budget; its speech may be cut short", k + 1)
+        if len(codes) == 0:
+            log.warning("part %d of the script ended at once, with no audio: %r", k + 1, part.text[:60])
+            return previous
+        if k == 0 and self.prompt is not None:
+            codes = np.concatenate([self.prompt, codes])
+        return Spoken(codes, part.text)
+
+
+def _fits_one_generation(text: str, text_length: int, room: int) -> bool:
+    """Whether a whole script fits one generation: the text window, and the audio room with margin."""
+    fits_text = model_bytes(text) <= text_length
+    return fits_text and estimated_seconds(text) * FRAMES_PER_SECOND * ESTIMATE_MARGIN <= room
 
 
 def _after(transcript: str, part: ScriptPart) -> str:

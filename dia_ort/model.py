@@ -20,6 +20,7 @@ from dia_ort.hub import resolve_model_folder
 from dia_ort.longform import LongFormStream
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES, Manifest
 from dia_ort.options import GenerationOptions
+from dia_ort.progress import FRAMES_PER_SECOND, report_speed
 from dia_ort.script import LONG_FORM_SECONDS
 from dia_ort.streaming import (
     CHUNK_FRAMES,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_RATE = 44100
 SAMPLE_RATE_RATIO = 512
-FRAMES_PER_SECOND = DEFAULT_SAMPLE_RATE / SAMPLE_RATE_RATIO
+
 
 AudioPrompt = (
     Any  # a path, a waveform (array, array-like with .numpy(), or (array, rate)), or int codes [T, C]
@@ -164,7 +165,7 @@ class Dia:
             if callback is not None:
                 callback(step.index, step.total)
         if opts.verbose and step is not None:
-            _report_speed(step.index, time.perf_counter() - began)
+            report_speed(step.index, time.perf_counter() - began)
         return generation.codes()
 
     def generate_batch(
@@ -340,22 +341,6 @@ class Dia:
         return self.encode_audio(value)
 
 
-def _report_speed(steps: int, seconds: float) -> None:
-    """The seed's `verbose`: speed and realtime factor, through the package logger."""
-    logger = logging.getLogger("dia_ort")
-    if not logger.handlers and not logging.getLogger().handlers:
-        logger.addHandler(logging.StreamHandler())
-        logger.setLevel(logging.INFO)
-    rate = steps / seconds if seconds > 0 else float("inf")
-    logger.info(
-        "generated %d steps in %.2f s: %.1f steps/s, %.3fx realtime",
-        steps,
-        seconds,
-        rate,
-        rate / FRAMES_PER_SECOND,
-    )
-
-
 def _pairs(
     events: Iterator[Step | AudioChunk], callback: Callable[[int, int], None] | None, verbose: bool
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -371,7 +356,7 @@ def _pairs(
             if callback is not None:
                 callback(event.index, event.total)
     if verbose:
-        _report_speed(steps, time.perf_counter() - began)
+        report_speed(steps, time.perf_counter() - began)
 
 
 def _options_from(arguments: dict[str, Any]) -> GenerationOptions:

@@ -18,8 +18,10 @@ from dia_ort.text import SPEAKER_TAGS, encode_text
 # previous part (the next one's voice prompt) and the next part fit the audio window together.
 CHARS_PER_SECOND = 13.0
 # Target speech per part: the previous part (the next one's prompt) and the next part must fit the
-# model's 35.5 s audio window together, with room for a part that comes out longer than estimated.
-LONG_FORM_SECONDS = 15.0
+# model's 35.5 s audio window together, with room for a part that comes out longer than estimated
+# (10 s parts leave a previous part 22 s, or a voice prompt of 12 s before the first part).
+LONG_FORM_SECONDS = 10.0
+MIN_PART_SECONDS = 1.0
 
 _TAG = re.compile(r"\[S[12]\]")
 # A word: a run of non-space characters in which a parenthesised group, spaces and all, counts as one
@@ -65,16 +67,15 @@ def split_script(
     """Cut `text` into parts of at most `max_bytes` model bytes and about `target_seconds` of speech.
 
     The first part may hold `lead_seconds` more (the transcript of an audio prompt at its start).
-    Raises ValueError for an empty script, an unknown speaker tag, or a single word (or non-verbal)
-    that alone does not fit.
+    A word longer than a part (text without spaces) is cut between characters. Raises ValueError for
+    an empty script, an unknown speaker tag, or a non-verbal too long for a part.
     """
     encode_text(text, len(text.encode("utf-8")) + 1)  # the same checks as a plain request: empty, tags
-    if target_seconds <= 0:
-        raise ValueError(f"long_form_seconds must be positive, got {target_seconds}")
+    if not MIN_PART_SECONDS <= target_seconds < float("inf"):
+        raise ValueError(f"long_form_seconds must be a number >= {MIN_PART_SECONDS}, got {target_seconds}")
     pieces: list[_Piece] = []
     for speaker, words in _turns(text):
-        seconds = target_seconds + (lead_seconds if not pieces else 0)
-        for k, group in enumerate(_cut(words, _Budget(speaker, max_bytes, seconds), 0)):
+        for k, group in enumerate(_cut(words, _Budget(speaker, max_bytes, target_seconds), 0)):
             pieces.append(_Piece(speaker, group, first_of_turn=k == 0))
     return _pack(pieces, max_bytes, target_seconds, lead_seconds)
 
@@ -89,7 +90,7 @@ def _turns(text: str) -> list[tuple[str | None, list[str]]]:
         end = starts[k + 1] if k + 1 < len(starts) else len(text)
         body = text[start + (len(speaker) if speaker else 0) : end]
         words = _WORD.findall(body)
-        if words or speaker:
+        if words:  # a tag with nothing after it says nothing
             turns.append((speaker, words))
     return turns
 
@@ -136,9 +137,7 @@ def _cut(words: list[str], fits: _Budget, level: int) -> list[tuple[str, ...]]:
             elif fits.window_fits([word]):
                 groups.append([word])
             else:
-                raise ValueError(
-                    f"the word {word[:40]!r} alone is too long for one part of a long-form script"
-                )
+                groups += [[piece] for piece in _cut_word(word, fits)]
         return [tuple(g) for g in groups]
     groups = [[]]
     for word in words:
@@ -146,6 +145,20 @@ def _cut(words: list[str], fits: _Budget, level: int) -> list[tuple[str, ...]]:
         if _BOUNDARIES[level].search(word):
             groups.append([])
     return [piece for group in groups if group for piece in _cut(group, fits, level + 1)]
+
+
+def _cut_word(word: str, fits: _Budget) -> list[str]:
+    """A word too long for a part (text with no spaces, such as CJK) cut between its characters."""
+    if "(" in word:
+        raise ValueError(
+            f"the non-verbal in {word[:40]!r} alone is too long for one part of a long-form script"
+        )
+    pieces = [""]
+    for char in word:
+        if pieces[-1] and not fits.window_fits([pieces[-1] + char]):
+            pieces.append("")
+        pieces[-1] += char
+    return pieces
 
 
 def _pack(

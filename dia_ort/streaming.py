@@ -40,8 +40,9 @@ def check_chunk_frames(first_chunk_frames: int, chunk_frames: int) -> None:
 class ItemStream:
     """One item's final codes -> its audio, in chunks of at least `first_chunk_frames`, then `chunk_frames`.
 
-    A chunk is cut at the codec's block boundaries, so its size is rounded up to them (with the
-    default grid a first chunk of 8, 16, 32 ... frames is exact).
+    A chunk is cut at the codec's block boundaries, so its size is rounded up to them: with the
+    default grid a first chunk of 8, 16, 32, 64 ... frames is exact, one of 20 frames holds 32. The
+    first chunk comes max_delay + its rounded size + DECODE_CONTEXT_FRAMES steps after the prefill.
     """
 
     def __init__(
@@ -64,6 +65,10 @@ class ItemStream:
         self.pending: list[np.ndarray] = []  # decoded audio at 44.1 kHz not yet returned
         self.pending_samples = 0
         self.ended = False
+
+    def wants(self, frames: int) -> bool:
+        """Whether `frames` final frames complete a block (so `feed` has work to do)."""
+        return frames >= self.decoder.needs()
 
     def feed(self, codes: np.ndarray, last: bool = False) -> np.ndarray | None:
         """Every final frame so far `[T, C]`; returns a chunk when enough audio is ready, else None.
@@ -105,6 +110,9 @@ def stream_generation(
             if stream.ended:
                 continue
             last = bool(step.finished[i])
-            audio = stream.feed(generation.final_codes(i, step.row), last)
+            frames = generation.final_frames(i, step.row)
+            if not (last or stream.wants(frames)):
+                continue
+            audio = stream.feed(generation.item_codes(i, frames), last)
             if audio is not None and (len(audio) or last):
                 yield AudioChunk(i, audio, last)

@@ -55,3 +55,21 @@ def v01_folder(tmp_path_factory, v01_arch, tiny_state, tiny_codec) -> Path:
 @pytest.fixture(scope="session")
 def v01_dia(v01_folder) -> Dia:
     return Dia.from_pretrained(v01_folder, compute_dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def ends_at_once(monkeypatch):
+    """Make channel 0 sample EOS at once for the items listed in the returned set (all when empty)."""
+    import dia_ort.generation
+
+    original = dia_ort.generation.next_tokens
+    items: set[int] = set()
+
+    def sample(cond, uncond, options, config, rng):
+        tokens = original(cond, uncond, options, config, rng)
+        for i in items or range(len(tokens)):
+            tokens[i, 0] = config.eos_id
+        return tokens
+
+    monkeypatch.setattr(dia_ort.generation, "next_tokens", sample)
+    return items

@@ -288,3 +288,10 @@ def test_speak_checks_the_output_path_before_loading_anything(tmp_path, capsys):
     assert "unknown extension '.xyz'" in capsys.readouterr().err
     assert main(["speak", "[S1] Hi.", "--model", missing_model, "-o", str(tmp_path / "no" / "a.wav")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(
+            ["speak", "[S1] Hi.", "--model", missing_model, "-o", str(tmp_path / "a.wav"), "--format", "pcm"]
+        )
+        == 2
+    )
+    assert "--format pcm is for -o -" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_waveform_prompt_equals_its_codes(tiny_dia):
 def open_codec(folder, chunk_frames: int) -> Codec:
     """A codec that encodes in chunks of `chunk_frames` and decodes in blocks of that size."""
     grid = DecodeGrid(first=chunk_frames, steady=chunk_frames)
-    return Codec(folder, Manifest.load(folder), Device("cpu"), chunk_frames=chunk_frames, grid=grid)
+    return Codec(folder, Manifest.load(folder), Device("cpu"), encode_chunk_frames=chunk_frames, grid=grid)
 
 
 def relative_error(have: np.ndarray, want: np.ndarray) -> float:
@@ -98,6 +98,9 @@ def test_decode_grid_doubles_to_its_steady_block():
     assert ends == [8, 16, 32, 64, 128, 256, 512, 768, 1024]
     blocks = DecodeGrid(first=5, steady=12).blocks()
     assert [next(blocks) for _ in range(4)] == [(0, 5), (5, 10), (10, 20), (20, 32)]
+    for first, steady in ((0, 8), (9, 8)):
+        with pytest.raises(ValueError, match="first <= steady"):
+            DecodeGrid(first, steady)
 
 
 @pytest.mark.parametrize("frames", [1, 8, 9, 30, 31, 70])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dia_ort import Dia
-from dia_ort.longform import CROSSFADE_SECONDS, Crossfade, part_seed
-from dia_ort.script import estimated_seconds, model_bytes, split_script
+from dia_ort.longform import CROSSFADE_SECONDS, Crossfade, Spoken, _fitting_prompt, part_seed
+from dia_ort.script import CHARS_PER_SECOND, ScriptPart, estimated_seconds, model_bytes, split_script
 from export.architecture import TINY
 
 DIALOGUE = (
@@ -90,15 +90,30 @@ def test_non_ascii_is_measured_in_bytes_and_never_cut_inside_a_character():
     assert parts[-1].text == "[S2] とても。" and parts[-1].continues  # cut after a CJK full stop
 
 
+def test_odd_scripts():
+    # a tag with nothing after it is dropped, not left dangling at the end of a part
+    parts = split_script("[S1] One sentence here. [S2] [S1] Another one.", 1024, 1.5)
+    assert all(not p.text.endswith("]") for p in parts) and [p.speaker for p in parts] == ["[S1]", "[S1]"]
+    # text with no spaces or punctuation is cut between characters
+    text = "[S1] " + "電車" * 40
+    parts = split_script(text, 60, 100)
+    check_parts(parts, text, 60, 100)
+    # the lead (an audio prompt's transcript) widens the first part only
+    long_turn = "[S1] " + " ".join(f"Sentence {i} is here." for i in range(12))
+    parts = split_script(long_turn, 1024, 3, lead_seconds=5)
+    assert estimated_seconds(parts[0].text) > 3 and all(estimated_seconds(p.text) <= 3 for p in parts[1:])
+
+
 def test_splitter_refuses_what_cannot_fit():
     with pytest.raises(ValueError, match="too long for one part"):
-        split_script("[S1] " + "x" * 100, 50, 100)
+        split_script("[S1] (" + "x" * 100 + ")", 50, 100)
     with pytest.raises(ValueError, match="empty"):
         split_script("   ", 100, 10)
     with pytest.raises(ValueError, match=r"\[S3\]"):
         split_script("[S1] Hi. [S3] Who?", 100, 10)
-    with pytest.raises(ValueError, match="long_form_seconds"):
-        split_script("[S1] Hi.", 100, 0)
+    for seconds in (0, 0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="long_form_seconds"):
+            split_script("[S1] Hi.", 100, seconds)
 
 
 def sine(n: int, freq: float, phase: float) -> np.ndarray:
@@ -179,17 +194,35 @@ def test_each_part_is_prompted_with_the_previous_parts_codes_and_text(recorded_s
         assert text == f"{parts[k - 1].text} {parts[k].body if parts[k].continues else parts[k].text}"
 
 
+def reference_join(waves: list[np.ndarray], fade: int) -> np.ndarray:
+    """Parts joined with an equal-power crossfade of `fade` samples, written out plainly."""
+    out = waves[0]
+    for wave in waves[1:]:
+        n = min(fade, len(out), len(wave))
+        angle = (np.arange(n) + 0.5) / n * (np.pi / 2)
+        mixed = (out[len(out) - n :] * np.cos(angle) + wave[:n] * np.sin(angle)).astype(np.float32)
+        out = np.concatenate([out[: len(out) - n], mixed, wave[n:]])
+    return out
+
+
+def test_long_form_audio_is_the_parts_decoded_and_crossfaded(tiny_dia, recorded_starts):
+    starts, audio = recorded_starts
+    waves = [tiny_dia.decode_codes(generation.codes()[0]) for _, _, generation in starts]
+    want = reference_join(waves, round(CROSSFADE_SECONDS * 44100))
+    assert len(audio) == len(want)
+    np.testing.assert_allclose(audio, want, rtol=0, atol=1e-6)
+    assert [generation.options.seed for _, _, generation in starts] == [
+        part_seed(3, k) for k in range(len(starts))
+    ]
+
+
 def test_long_form_is_reproducible_and_streams_the_same_audio(tiny_dia, recorded_starts):
     _, audio = recorded_starts
     kwargs = dict(long_form=True, long_form_seconds=1.5, seed=3, max_new_tokens=40)
     np.testing.assert_array_equal(tiny_dia.generate(DIALOGUE, **kwargs), audio)
-    streamed = np.concatenate(list(tiny_dia.generate_stream(DIALOGUE, **kwargs)))
+    streamed = np.concatenate(list(tiny_dia.generate_stream(DIALOGUE, first_chunk_frames=16, **kwargs)))
     np.testing.assert_array_equal(streamed, audio)
     assert not np.array_equal(tiny_dia.generate(DIALOGUE, **{**kwargs, "seed": 4}), audio)
-    part_samples = 40 * 512
-    fade = round(CROSSFADE_SECONDS * 44100)
-    parts = len(split_script(DIALOGUE, TINY.encoder.max_length // 2, 1.5))
-    assert len(audio) == parts * part_samples - (parts - 1) * fade  # the random model runs to its budget
 
 
 def test_resampled_long_form_stream_equals_generate(tiny_dia):
@@ -199,12 +232,33 @@ def test_resampled_long_form_stream_equals_generate(tiny_dia):
     assert len(got) == len(want) and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_a_one_part_script_equals_a_plain_call(tiny_dia):
+def test_a_script_that_fits_one_generation_is_a_plain_call(tiny_dia):
+    text = "[S1]hi  there.\n[S2] Yes?"  # left as it is: not re-spaced by the splitter
     kwargs = dict(seed=11, max_new_tokens=30)
     np.testing.assert_array_equal(
-        tiny_dia.generate("[S1] Hi there.", long_form=True, **kwargs),
-        tiny_dia.generate("[S1] Hi there.", **kwargs),
+        tiny_dia.generate(text, long_form=True, **kwargs), tiny_dia.generate(text, **kwargs)
     )
+
+
+def test_a_previous_part_too_long_for_the_window_is_not_a_prompt(caplog):
+    """At the real model's size: a 10 s part leaves a previous part up to about 22 s as its prompt."""
+    room = 3072 - 15 - 2
+    part = ScriptPart("[S1] " + "x" * round(10 * CHARS_PER_SECOND), "[S1]", continues=False)
+    frames = round(20 * 44100 / 512)
+    previous = Spoken(np.zeros((frames, 9), dtype=np.int64), "[S2] Before.")
+    assert _fitting_prompt(previous, part, 1024, room) is previous
+    longer = Spoken(np.zeros((round(24 * 44100 / 512), 9), dtype=np.int64), "[S2] Before.")
+    assert _fitting_prompt(longer, part, 1024, room) is None
+    wordy = Spoken(previous.codes, "[S2] " + "y" * 900)  # the two texts overflow the text window
+    assert _fitting_prompt(wordy, part, 1024, room) is None
+    assert caplog.text.count("does not fit as the prompt") == 2
+
+
+def test_parts_with_no_audio_leave_the_script_going(tiny_dia, ends_at_once, caplog):
+    audio = tiny_dia.generate(DIALOGUE, long_form=True, long_form_seconds=1.5, temperature=0)
+    assert audio.dtype == np.float32 and len(audio) == 0
+    parts = len(split_script(DIALOGUE, TINY.encoder.max_length // 2, 1.5))
+    assert caplog.text.count("ended at once, with no audio") == parts
 
 
 def test_long_form_with_an_audio_prompt_keeps_it_for_the_second_part(tiny_dia, monkeypatch):

@@ -69,9 +69,13 @@ def test_batch_stream_per_item_with_items_ending_at_different_steps(tiny_dia):
     assert len(set(ended_at.values())) == 3, ended_at  # three items, three different last steps
 
 
-@pytest.mark.parametrize(("first", "prompt_frames"), [(8, 0), (16, 0), (8, 25), (32, 10)])
-def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames):
-    """The first chunk is out after max_delay + first_chunk_frames + the codec's right context steps."""
+@pytest.mark.parametrize(
+    ("first", "prompt_frames", "rounded"),
+    [(8, 0, 8), (16, 0, 16), (8, 25, 8), (32, 10, 32), (20, 0, 32), (1, 0, 8)],
+)
+def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames, rounded):
+    """The first chunk is out after max_delay + first_chunk_frames + the codec's right context steps,
+    its size rounded up to the decode grid (blocks ending at 8, 16, 32, ...)."""
     prompt = np.random.default_rng(0).integers(0, 1024, size=(prompt_frames, 9)) if prompt_frames else None
     options = GenerationOptions(temperature=0, max_new_tokens=120)
     generation = tiny_dia.start([TEXT], [prompt], options)
@@ -80,9 +84,9 @@ def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames)
         if isinstance(event, Step):
             steps = event.index
         else:
-            assert isinstance(event, AudioChunk) and len(event.audio) == first * 512
+            assert isinstance(event, AudioChunk) and len(event.audio) == rounded * 512
             break
-    assert steps == D + first + DECODE_CONTEXT_FRAMES
+    assert steps == D + rounded + DECODE_CONTEXT_FRAMES
 
 
 def test_an_item_that_ends_early_still_gets_its_last_chunk(tiny_dia):
@@ -94,6 +98,17 @@ def test_an_item_that_ends_early_still_gets_its_last_chunk(tiny_dia):
         if not isinstance(e, Step)
     ]
     assert [c.last for c in chunks] == [True] and len(chunks[0].audio) == 3 * 512
+
+
+def test_an_item_with_no_audio_ends_with_an_empty_last_chunk(tiny_dia, ends_at_once):
+    ends_at_once.add(0)
+    options = GenerationOptions(temperature=0, max_new_tokens=30)
+    generation = tiny_dia.start([TEXT, "[S2] Two."], None, options)
+    chunks = [e for e in stream_generation(generation, tiny_dia.codec) if not isinstance(e, Step)]
+    assert (chunks[0].item, len(chunks[0].audio), chunks[0].last) == (0, 0, True)
+    assert all(c.item == 1 for c in chunks[1:]) and sum(len(c.audio) for c in chunks[1:]) == 30 * 512
+    assert list(tiny_dia.generate_batch_stream([TEXT], temperature=0)) == []
+    assert len(tiny_dia.generate(TEXT, temperature=0)) == 0
 
 
 def test_stream_callback_counts_every_step(tiny_dia):
