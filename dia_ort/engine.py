@@ -256,9 +256,14 @@ class DecoderState:
             grown = -(-end // self.GROWTH) * self.GROWTH
             self._allocate(min(self.slots, grown), batch=tokens.shape[0])
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
+        self.binding.bind_cpu_input("positions", row_positions(tokens.shape[0], start, end))
         self.session.run_with_iobinding(self.binding, self.run_options)
         return np.array(self.binding.get_outputs()[0].numpy())  # the bound buffer is reused next step
+
+
+def row_positions(batch: int, start: int, end: int) -> np.ndarray:
+    """The step graph's `positions` `[B, S]` for every row at start..end-1."""
+    return np.tile(np.arange(start, end, dtype=np.int64), (batch, 1))
 
 
 @dataclass(eq=False)
@@ -275,7 +280,7 @@ class StepBuffers:
     key: tuple[int, int, int]
     graph_id: int
     tokens: ort.OrtValue  # [B, 1, C] int64
-    positions: ort.OrtValue  # [1] int64
+    positions: ort.OrtValue  # [B, 1] int64
     text_mask: ort.OrtValue  # [B, L] bool
     cross: list[ort.OrtValue]
     caches: list[ort.OrtValue]
@@ -294,7 +299,7 @@ class StepBuffers:
             key=key,
             graph_id=graph_id,
             tokens=device.zeros((batch, 1, config.num_channels), "tensor(int64)"),
-            positions=device.zeros((1,), "tensor(int64)"),
+            positions=device.zeros((batch, 1), "tensor(int64)"),
             text_mask=device.zeros((batch, text_length), "tensor(bool)"),
             cross=[device.zeros(cross_shape, engine.cross_type) for _ in range(2 * layers)],
             caches=[device.zeros(cache_shape, engine.cache_type) for _ in range(2 * layers)],
@@ -354,11 +359,11 @@ class GraphDecoderState:
                 if self.prefilled:
                     self._bind_step_inputs()
                 self.buffers.tokens.update_inplace(tokens)
-                self.buffers.positions.update_inplace(np.array([start], dtype=np.int64))
+                self.buffers.positions.update_inplace(row_positions(tokens.shape[0], start, end))
                 self.session.run_with_iobinding(self.binding, self.replay)
             else:
                 self.binding.bind_cpu_input("tokens", tokens)
-                self.binding.bind_cpu_input("positions", np.arange(start, end, dtype=np.int64))
+                self.binding.bind_cpu_input("positions", row_positions(tokens.shape[0], start, end))
                 self.prefilled = True
                 self.session.run_with_iobinding(self.binding, self.uncaptured)
             return np.array(self.buffers.logits.numpy())  # the buffer is rewritten next step

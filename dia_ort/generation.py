@@ -3,7 +3,8 @@
 A batch of items shares decoder positions. Each item's known cells (BOS and its audio prompt, laid
 out by the delay pattern) are fixed in advance; the rows every item knows are prefilled in one
 call, then each step samples one row, keeps known cells, applies EOS forcing, and feeds the row
-back. An item finishes D rows after its channel 0 produced EOS (or its budget ran out).
+back. An item finishes D rows after its channel 0 produced EOS (or its budget ran out). `ItemState`
+holds one item's part of that, so that the continuous-batching scheduler runs items the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +54,66 @@ def frame_budget(config: ModelConfig, prompt_frames: int, max_new_tokens: int) -
     return min(max_new_tokens, room)
 
 
+class ItemState:
+    """One item's decoder rows: its known cells (BOS and its audio prompt), what was sampled, its EOS.
+
+    Rows are produced one at a time by `place`; the item is finished max_delay rows after its channel
+    0 produced EOS, or after its frame budget forced it.
+    """
+
+    def __init__(self, config: ModelConfig, prompt: np.ndarray | None, max_new_tokens: int) -> None:
+        self.config = config
+        self.known = known_rows(prompt, config)
+        self.prompt_frames = 0 if prompt is None else len(prompt)
+        # channel 0 is forced to EOS on this row when the item has not ended by then
+        self.last_row = self.prompt_frames + 1 + frame_budget(config, self.prompt_frames, max_new_tokens)
+        self.eos_row: int | None = None
+        self.rows = np.full((self.slots, config.num_channels), config.pad_id, dtype=np.int64)
+        self.rows[: len(self.known)] = np.where(self.known == UNKNOWN, config.pad_id, self.known)
+        self.prefill = known_prefix(self.known)  # rows known before generation starts
+
+    @property
+    def slots(self) -> int:
+        """Rows this item can fill: up to its last row and the max_delay rows of its EOS tail."""
+        return self.last_row + self.config.max_delay + 1
+
+    def place(self, row: int, sampled: np.ndarray) -> np.ndarray:
+        """Write `row` from `[C]` sampled tokens: known cells win, then EOS/PAD forcing after EOS."""
+        config = self.config
+        delays = np.asarray(config.delay_pattern)
+        tokens = sampled.copy()
+        if row < len(self.known):
+            tokens = np.where(self.known[row] == UNKNOWN, tokens, self.known[row])
+        if self.eos_row is None and (tokens[0] == config.eos_id or row >= self.last_row):
+            self.eos_row = row
+        if self.eos_row is not None:
+            tokens = np.where(row == self.eos_row + delays, config.eos_id, tokens)
+            tokens = np.where(row > self.eos_row + delays, config.pad_id, tokens)
+        self.rows[row] = tokens
+        return tokens
+
+    def finished(self, row: int) -> bool:
+        """Whether `row` was the item's last (the end of its EOS tail)."""
+        return self.eos_row is not None and row >= self.eos_row + self.config.max_delay
+
+    def final_frames(self, row: int) -> int:
+        """How many output frames no later step can change once `row` was produced.
+
+        Frame k is final once row k + 1 + P + max_delay exists (its last channel is then written);
+        after EOS only the frames before it belong to the output.
+        """
+        frames = max(0, row - self.prompt_frames - self.config.max_delay)
+        return frames if self.eos_row is None else min(frames, self.eos_row - 1 - self.prompt_frames)
+
+    def codes(self, frames: int | None = None) -> np.ndarray:
+        """The first `frames` output frames `[frames, C]` (all of them when None), delay undone."""
+        if frames is None:
+            if self.eos_row is None:
+                raise RuntimeError("the generation was not run to the end")
+            frames = self.eos_row - 1 - self.prompt_frames
+        return undo_delay(self.rows, self.config, self.prompt_frames, frames)
+
+
 class Generation:
     """One batched request. Iterate it for `Step`s; afterwards `codes()` gives each item's frames."""
 
@@ -64,81 +125,36 @@ class Generation:
         options: GenerationOptions,
         cuda_graph: bool = False,
     ) -> None:
-        config = engine.config
         self.cuda_graph = cuda_graph  # run one-row steps on fixed buffers as a CUDA graph (engine.py)
-        self.engine, self.config, self.options = engine, config, options
-        self.known = [known_rows(p, config) for p in prompts]
-        self.prompt_frames = [0 if p is None else len(p) for p in prompts]
-        # channel 0 is forced to EOS on this row when the item has not ended by then
-        self.last_row = [p + 1 + frame_budget(config, p, options.max_new_tokens) for p in self.prompt_frames]
-        self.eos_row: list[int | None] = [None] * len(texts)
-        slots = max(self.last_row) + config.max_delay + 1
-        self.rows = np.full((len(texts), slots, config.num_channels), config.pad_id, dtype=np.int64)
-        for i, grid in enumerate(self.known):
-            self.rows[i, : len(grid)] = np.where(grid == UNKNOWN, config.pad_id, grid)
+        self.engine, self.config, self.options = engine, engine.config, options
+        self.items = [ItemState(engine.config, p, options.max_new_tokens) for p in prompts]
         self.text_ids, self.text_mask = cfg_text_rows(texts)
-        self.slots = slots
+        self.slots = max(item.slots for item in self.items)
 
     def __iter__(self) -> Iterator[Step]:
-        config, delays = self.config, np.asarray(self.config.delay_pattern)
-        batch = len(self.known)
+        config = self.config
+        batch = len(self.items)
         rng = np.random.default_rng(self.options.seed)
         state = self.engine.start(self.text_ids, self.text_mask, self.slots, graph=self.cuda_graph)
-        prefill = min(known_prefix(grid) for grid in self.known)
-        total = max(r + config.max_delay for r in self.last_row) - prefill + 1
+        prefill = min(item.prefill for item in self.items)
+        total = max(item.last_row + config.max_delay for item in self.items) - prefill + 1
         finished = np.zeros(batch, dtype=bool)
-        logits = state.step(np.repeat(self.rows[:, :prefill], 2, axis=0), 0)
+        known = np.stack([item.rows[:prefill] for item in self.items])
+        logits = state.step(np.repeat(known, 2, axis=0), 0)
         for index, row in enumerate(range(prefill, self.slots), start=1):
             cond, uncond = logits[1::2], logits[0::2]
             tokens = next_tokens(cond, uncond, self.options, config, rng)
-            for i in range(batch):
-                tokens[i] = self._place(i, row, tokens[i], delays) if not finished[i] else config.pad_id
-                eos = self.eos_row[i]
-                finished[i] |= eos is not None and row >= eos + config.max_delay
-            self.rows[:, row] = tokens
+            for i, item in enumerate(self.items):
+                tokens[i] = config.pad_id if finished[i] else item.place(row, tokens[i])
+                finished[i] |= item.finished(row)
             yield Step(index=index, total=total, row=row, tokens=tokens.copy(), finished=finished.copy())
             if finished.all():
                 return
             logits = state.step(np.repeat(tokens[:, None], 2, axis=0), row)
 
-    def _place(self, item: int, row: int, sampled: np.ndarray, delays: np.ndarray) -> np.ndarray:
-        """The cells of `row` for one item: known cells win, then EOS/PAD forcing after its EOS."""
-        config = self.config
-        grid = self.known[item]
-        tokens = sampled.copy()
-        if row < len(grid):
-            tokens = np.where(grid[row] == UNKNOWN, tokens, grid[row])
-        if self.eos_row[item] is None and (tokens[0] == config.eos_id or row >= self.last_row[item]):
-            self.eos_row[item] = row
-        eos = self.eos_row[item]
-        if eos is not None:
-            tokens = np.where(row == eos + delays, config.eos_id, tokens)
-            tokens = np.where(row > eos + delays, config.pad_id, tokens)
-        return tokens
-
-    def final_frames(self, item: int, row: int) -> int:
-        """How many of the item's output frames no later step can change once `row` was produced.
-
-        Frame k is final once row k + 1 + P + max_delay exists (its last channel is then written);
-        after EOS only the frames before it belong to the output.
-        """
-        prompt, eos = self.prompt_frames[item], self.eos_row[item]
-        frames = max(0, row - prompt - self.config.max_delay)
-        return frames if eos is None else min(frames, eos - 1 - prompt)
-
-    def item_codes(self, item: int, frames: int) -> np.ndarray:
-        """The item's first `frames` output frames `[frames, C]`, delay undone."""
-        return undo_delay(self.rows[item], self.config, self.prompt_frames[item], frames)
-
     def codes(self) -> list[np.ndarray]:
         """Each item's `[T, C]` audio codes after its prompt, delay undone (after iterating)."""
-        out = []
-        for i, eos in enumerate(self.eos_row):
-            if eos is None:
-                raise RuntimeError("the generation was not run to the end")
-            frames = eos - 1 - self.prompt_frames[i]
-            out.append(undo_delay(self.rows[i], self.config, self.prompt_frames[i], frames))
-        return out
+        return [item.codes() for item in self.items]
 
 
 def cfg_text_rows(texts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

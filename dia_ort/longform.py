@@ -204,7 +204,7 @@ class LongFormStream:
         """What prompts part k + 1: part k's codes and text (the first part's with the caller's prompt,
         whose transcript starts its text); the older prompt when part k has no audio."""
         (codes,) = generation.codes()
-        if generation.eos_row[0] == generation.last_row[0]:
+        if generation.items[0].eos_row == generation.items[0].last_row:
             log.warning("part %d of the script reached its frame budget; its speech may be cut short", k + 1)
         if len(codes) == 0:
             log.warning("part %d of the script ended at once, with no audio: %r", k + 1, part.text[:60])

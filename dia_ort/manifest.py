@@ -16,7 +16,8 @@ from typing import Any
 from dia_ort.config import ModelConfig
 
 MANIFEST_NAME = "dia_ort.json"
-FORMAT_VERSION = 1
+# 2: the decoder step takes `positions` [B, S], one row of positions per batch row (continuous batching)
+FORMAT_VERSION = 2
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # exported with `python -m export --dtype`
 QUANTIZED_DTYPES = ("int8", "int4")  # ... and with `--quantize`, from the float32 graphs
 DIA_GRAPHS = ("encoder", "decoder_step")
@@ -135,12 +136,18 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: dict[str, Any], folder: str | Path = "DIR") -> Manifest:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise ValueError(
-                f"{MANIFEST_NAME} has format version {version}, this dia_ort reads version {FORMAT_VERSION}; "
-                f"{REEXPORT_HINT}"
+                f"{MANIFEST_NAME} in {folder} has format version {version}, this dia_ort reads version "
+                f"{FORMAT_VERSION}; "
+                + (
+                    "upgrade dia-ort to read it"
+                    if newer
+                    else f"re-export it with `{reexport_command(data, folder)}`"
+                )
             )
         try:
             variants = {
@@ -178,7 +185,7 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); {REEXPORT_HINT}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, folder)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -191,3 +198,19 @@ class Manifest:
         for graph in graphs:
             for entry in graph.files():
                 entry.check(Path(folder))
+
+
+def reexport_command(data: dict[str, Any], folder: str | Path) -> str:
+    """The `python -m export` command that writes a folder like the one `data` describes, anew."""
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    variants = list(data.get("variants", {})) if isinstance(data.get("variants"), dict) else []
+    if "random_init" in source:
+        argv = ["--random-init", str(source["random_init"]), "--seed", str(source.get("seed", 0))]
+    else:
+        argv = ["--model", str(source.get("model", "/path/to/checkpoint"))]
+        argv += ["--dac", str(source["dac"])] if source.get("dac") else []
+        argv += ["--revision", str(source["revision"])] if source.get("revision") else []
+    floats = [v for v in variants if v in FLOAT_DTYPES] or ["float32"]
+    quantized = [v for v in variants if v in QUANTIZED_DTYPES]
+    argv += ["--out", str(folder), "--dtype", *floats] + (["--quantize", *quantized] if quantized else [])
+    return "python -m export " + " ".join(argv)

@@ -103,16 +103,17 @@ def stream_generation(
     Every item ends with one chunk marked `last` (empty when its audio ended on the step before); the
     others are never empty.
     """
-    items = [ItemStream(codec, sample_rate, first_chunk_frames, chunk_frames) for _ in generation.known]
+    items = [ItemStream(codec, sample_rate, first_chunk_frames, chunk_frames) for _ in generation.items]
     for step in generation:
         yield step
         for i, stream in enumerate(items):
             if stream.ended:
                 continue
             last = bool(step.finished[i])
-            frames = generation.final_frames(i, step.row)
+            item = generation.items[i]
+            frames = item.final_frames(step.row)
             if not (last or stream.wants(frames)):
                 continue
-            audio = stream.feed(generation.item_codes(i, frames), last)
+            audio = stream.feed(item.codes(frames), last)
             if audio is not None and (len(audio) or last):
                 yield AudioChunk(i, audio, last)

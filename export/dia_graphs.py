@@ -28,13 +28,14 @@ def step_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Decoder-step inputs for `rows` rows at positions start.. with random cache contents.
 
-    Slots at and after `start` hold random values too, so the causal mask is exercised.
+    Batch row b starts at `start + b % 3`, so rows at different positions share the step (the other
+    rows' slots past their positions hold random values, so the causal mask is exercised).
     """
     arch = model.arch
     g = torch.Generator().manual_seed(seed)
     d = arch.decoder
     tokens = torch.randint(0, d.vocab_size, (batch, rows, d.num_channels), generator=g)
-    positions = torch.arange(start, start + rows)
+    positions = torch.arange(rows)[None, :] + start + torch.arange(batch)[:, None] % 3
     text_ids, text_mask = encoder_inputs(model, text_length, seed, batch)
     with torch.no_grad():
         cross = EncoderGraph(model)(text_ids, text_mask)
@@ -67,7 +68,7 @@ def step_spec(model: DiaModel, name: str) -> GraphSpec:
     inputs = (*STEP_INPUTS, *cross_names(layers), *past)
     axes = {
         "tokens": {0: "batch", 1: "rows"},
-        "positions": {0: "rows"},
+        "positions": {0: "batch", 1: "rows"},
         "text_mask": {0: "batch", 1: "text"},
         "logits": {0: "batch"},
     }

@@ -108,8 +108,8 @@ class Rotary(nn.Module):
         self.half = head_dim // 2  # a Python int, so the graph slices with constants
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions Tensor[S] (int) -> (cos, sin) Tensor[S x D/2], computed once per graph call."""
-        angle = positions.float()[:, None] / self.timescale.to(positions.device)
+        """positions Tensor[...] (int) -> (cos, sin) Tensor[... x D/2], computed once per graph call."""
+        angle = positions.float()[..., None] / self.timescale.to(positions.device)
         return torch.cos(angle), torch.sin(angle)
 
     def rotate(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
@@ -216,9 +216,9 @@ class CacheWrite(torch.autograd.Function):
 
 
 def cache_indices(batch: int, kv_heads: int, positions: Tensor) -> Tensor:
-    """ScatterND indices Tensor[B x Hkv x S x 3] addressing cache slots (b, h, positions[s])."""
+    """ScatterND indices Tensor[B x Hkv x S x 3] addressing cache slots (b, h, positions[b, s])."""
     b, h, p = torch.broadcast_tensors(
-        torch.arange(batch).view(-1, 1, 1), torch.arange(kv_heads).view(1, -1, 1), positions.view(1, 1, -1)
+        torch.arange(batch).view(-1, 1, 1), torch.arange(kv_heads).view(1, -1, 1), positions[:, None, :]
     )
     return torch.stack([b, h, p], dim=-1)
 
@@ -263,10 +263,12 @@ class EncoderGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     """S decoder rows at absolute `positions`, against the cache buffers -> last row's logits.
 
-    Inputs: tokens Tensor[B x S x C] (int64), positions Tensor[S] (int64, consecutive), text_mask
-    Tensor[B x L] (bool), then per layer cross_key_i, cross_value_i Tensor[B x Hc x L x Dc], then per
-    layer past_key_i, past_value_i Tensor[B x Hkv x T x D] (slots >= positions[0] may hold any finite
-    values: they are masked, and a masked slot's value still enters the sum with weight 0).
+    Every batch row has positions of its own, so requests at different points of their generation
+    share one step (continuous batching). Inputs: tokens Tensor[B x S x C] (int64), positions
+    Tensor[B x S] (int64, consecutive along S), text_mask Tensor[B x L] (bool), then per layer
+    cross_key_i, cross_value_i Tensor[B x Hc x L x Dc], then per layer past_key_i, past_value_i
+    Tensor[B x Hkv x T x D] (a row's slots after its positions may hold any finite values: they are
+    masked, and a masked slot's value still enters the sum with weight 0).
     Outputs: logits Tensor[B x C x V] (float32) of the last row, then present_key_i, present_value_i:
     the buffers with this step's rows written at `positions`.
     """
@@ -285,10 +287,10 @@ class DecoderStepGraph(nn.Module):
         batch, kv_heads = tokens.shape[0], m.arch.decoder.kv_heads
         indices = cache_indices(batch, kv_heads, positions)
         slots = torch.arange(past[0].shape[2])
-        causal = (slots[None, :] <= positions[:, None])[None, None, None]  # [1, 1, 1, S, T]
+        causal = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B, 1, 1, S, T]
         text_allowed = text_mask[:, None, None, None, :]  # [B, 1, 1, 1, L]
-        rope = m.rotary_decoder(positions)
-        cross_rope = m.rotary_cross(positions) if m.arch.flavour == "v0.1" else None
+        rope = _per_head(m.rotary_decoder(positions))
+        cross_rope = _per_head(m.rotary_cross(positions)) if m.arch.flavour == "v0.1" else None
         x = dec.embeddings(tokens)
         presents = []
         for i, layer in enumerate(dec.layers):
@@ -307,3 +309,8 @@ class DecoderStepGraph(nn.Module):
         last = dec.norm(x[:, -1])
         logits = m.logits_dense(last).unflatten(-1, (m.arch.decoder.num_channels, m.arch.decoder.vocab_size))
         return (logits.float(), *presents)
+
+
+def _per_head(angles: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(cos, sin) Tensor[B x S x D/2] -> Tensor[B x 1 x S x D/2], to rotate Tensor[B x H x S x D]."""
+    return angles[0][:, None], angles[1][:, None]

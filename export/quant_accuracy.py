@@ -84,7 +84,7 @@ def quantization_accuracy(
         engine.start(generation.text_ids, generation.text_mask, generation.slots)
         for engine in (ref_engine, Engine(folder, manifest, dtype, device))
     ]
-    rows = np.repeat(generation.rows, 2, axis=0)  # the cond/uncond pair of each item
+    rows = np.repeat(generation.items[0].rows[None], 2, axis=0)  # the cond/uncond pair of the item
     feeds = [(rows[:, : produced[0]], 0)] + [(rows[:, row : row + 1], row) for row in produced[:-1]]
     agree, kl = [], []
     for tokens, start in feeds:

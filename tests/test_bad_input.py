@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -169,7 +170,21 @@ def test_manifest_of_another_format_is_refused(folder_copy):
     data = json.loads(path.read_text())
     data["format_version"] = 99
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="re-export"):
+    with pytest.raises(ValueError, match="format version 99, this dia_ort reads version 2; upgrade dia-ort"):
+        Dia.from_pretrained(folder_copy, device="cpu")
+    data["format_version"] = 1  # one position per step: before continuous batching
+    data["variants"]["int8"] = data["variants"]["float32"]
+    data["source"] = {"model": "nari-labs/Dia-1.6B", "revision": None, "dac": "descript/dac_44khz"}
+    path.write_text(json.dumps(data))
+    command = (
+        f"python -m export --model nari-labs/Dia-1.6B --dac descript/dac_44khz --out {folder_copy} "
+        "--dtype float32 --quantize int8"
+    )
+    with pytest.raises(ValueError, match=f"format version 1, .*re-export it with `{re.escape(command)}`"):
+        Dia.from_pretrained(folder_copy, device="cpu")
+    data["source"] = {"random_init": "tiny", "seed": 3}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape("`python -m export --random-init tiny --seed 3 --out")):
         Dia.from_pretrained(folder_copy, device="cpu")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -17,7 +17,6 @@ from conftest import export_tiny
 from cuda_placement import basic_optimized, host_device_copies
 
 from dia_ort import Dia, GenerationOptions
-from dia_ort.delay import known_prefix
 from dia_ort.engine import Engine, GraphDecoderState, StepBuffers
 from dia_ort.generation import Generation
 from dia_ort.manifest import Manifest
@@ -46,9 +45,10 @@ def test_fixed_buffers_give_the_plain_loops_tokens(tiny_dia, prompt):
     prompts = [prompt, prompt[:5]]  # both items known for 6 rows: a 6-row prefill, then 1-row steps
     plain = generate(tiny_dia, TEXTS, prompts)  # the plain loop is checked against transformers
     fixed = generate(tiny_dia, TEXTS, prompts, cuda_graph=True)
-    assert min(known_prefix(grid) for grid in fixed.known) == 6
-    np.testing.assert_array_equal(fixed.rows, plain.rows)
-    assert fixed.eos_row == plain.eos_row
+    assert min(item.prefill for item in fixed.items) == 6
+    for ours, theirs in zip(fixed.items, plain.items, strict=True):
+        np.testing.assert_array_equal(ours.rows, theirs.rows)
+        assert ours.eos_row == theirs.eos_row
 
 
 def test_next_request_of_the_same_shape_reuses_the_buffers(tiny_dia):
@@ -60,7 +60,9 @@ def test_next_request_of_the_same_shape_reuses_the_buffers(tiny_dia):
     again = generate(tiny_dia, TEXTS[1:], cuda_graph=True)  # another text of the same bucket
     assert engine.buffers == [buffers]
     assert [v.data_ptr() for v in (*buffers.cross, *buffers.caches, buffers.logits)] == addresses
-    np.testing.assert_array_equal(again.rows, generate(tiny_dia, TEXTS[1:]).rows)  # nothing stale leaks
+    np.testing.assert_array_equal(
+        again.items[0].rows, generate(tiny_dia, TEXTS[1:]).items[0].rows
+    )  # no stale rows
 
 
 def test_live_requests_never_share_buffers(tiny_dia):
@@ -75,7 +77,7 @@ def test_live_requests_never_share_buffers(tiny_dia):
     while running:  # one step of each live request in turn, until all have ended
         running = [steps for steps in running if next(steps, None) is not None]
     for generation, one in zip(generations, ones, strict=True):
-        np.testing.assert_array_equal(generation.rows, one.rows)
+        np.testing.assert_array_equal(generation.items[0].rows, one.items[0].rows)
 
 
 def test_free_buffers_are_bounded(tiny_dia):

@@ -46,10 +46,10 @@ def assert_rows_match_before_budget(ours: np.ndarray, eos_row: int, theirs: np.n
 
 def test_single_text_matches_transformers(tiny_dia, hf):
     generation = run_rows(tiny_dia, TEXTS[:1])
-    eos = generation.eos_row[0]
+    eos = generation.items[0].eos_row
     assert eos == NEW + 1  # the random model never ends by itself: the budget ends it
     theirs = hf_greedy_rows(hf, TINY, encode_text(TEXTS[0], TINY.encoder.max_length), NEW + D + 5)
-    assert assert_rows_match_before_budget(generation.rows[0], eos, theirs) > 0
+    assert assert_rows_match_before_budget(generation.items[0].rows, eos, theirs) > 0
     codes = generation.codes()[0]
     assert codes.shape == (NEW, TINY.decoder.num_channels)
     for c, d in enumerate(TINY.delay_pattern):  # frame k of channel c is row k + 1 + d[c]
@@ -61,7 +61,7 @@ def test_batch_of_different_lengths_matches_single_runs(tiny_dia, hf):
     generation = run_rows(tiny_dia, TEXTS)
     for i, text in enumerate(TEXTS):
         theirs = hf_greedy_rows(hf, TINY, encode_text(text, TINY.encoder.max_length), NEW + D + 5)
-        assert_rows_match_before_budget(generation.rows[i], generation.eos_row[i], theirs)
+        assert_rows_match_before_budget(generation.items[i].rows, generation.items[i].eos_row, theirs)
 
 
 def test_audio_prompt_matches_transformers(tiny_dia, hf):
@@ -71,8 +71,8 @@ def test_audio_prompt_matches_transformers(tiny_dia, hf):
     theirs = hf_greedy_rows(
         hf, TINY, encode_text(TEXTS[0], TINY.encoder.max_length), NEW + D + 5, prompt=prompt
     )
-    assert generation.eos_row[0] == len(prompt) + 1 + NEW
-    assert_rows_match_before_budget(generation.rows[0], generation.eos_row[0], theirs)
+    assert generation.items[0].eos_row == len(prompt) + 1 + NEW
+    assert_rows_match_before_budget(generation.items[0].rows, generation.items[0].eos_row, theirs)
     codes = generation.codes()[0]
     assert codes.shape == (NEW, TINY.decoder.num_channels)  # the prompt is not part of the output
 
@@ -87,14 +87,14 @@ def test_natural_eos_matches_transformers(tmp_path, tiny_state, tiny_codec):
         export_tiny(tmp_path, TINY, state, tiny_codec), compute_dtype="float32", device="cpu"
     )
     generation = run_rows(dia, TEXTS[:1], options=GenerationOptions(temperature=0, max_new_tokens=100))
-    eos = generation.eos_row[0]
+    eos = generation.items[0].eos_row
     assert 3 < eos < 100, f"EOS at row {eos}: retune the head scale"
     theirs = hf_greedy_rows(hf_model(TINY, state), TINY, encode_text(TEXTS[0], TINY.encoder.max_length), 120)
     tail = eos + D + 1
-    np.testing.assert_array_equal(generation.rows[0][:tail], theirs[:tail])
+    np.testing.assert_array_equal(generation.items[0].rows[:tail], theirs[:tail])
     for c, d in enumerate(TINY.delay_pattern):
-        assert generation.rows[0][eos + d, c] == TINY.eos_id
-        assert (generation.rows[0][eos + d + 1 : tail, c] == TINY.pad_id).all()
+        assert generation.items[0].rows[eos + d, c] == TINY.eos_id
+        assert (generation.items[0].rows[eos + d + 1 : tail, c] == TINY.pad_id).all()
     assert generation.codes()[0].shape == (eos - 1, TINY.decoder.num_channels)
 
 
@@ -120,8 +120,10 @@ def test_v01_matches_spec_reference(v01_dia, v01_arch, tiny_state):
     reference = SpecReference(v01_arch, tiny_state)
     with torch.no_grad():
         want = reference.greedy_rows(encode_text(TEXTS[0], TINY.encoder.max_length), steps)
-    eos = generation.eos_row[0]
-    np.testing.assert_array_equal(generation.rows[0][: min(eos, len(want))], want[: min(eos, len(want))])
+    eos = generation.items[0].eos_row
+    np.testing.assert_array_equal(
+        generation.items[0].rows[: min(eos, len(want))], want[: min(eos, len(want))]
+    )
 
 
 def test_v01_differs_from_0626(v01_dia, tiny_dia):

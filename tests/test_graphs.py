@@ -61,11 +61,34 @@ def test_torch_step_matches_transformers(tiny_state):
         want = want.view(2, TINY.decoder.num_channels, 6, -1).transpose(1, 2)  # [B, S, C, V]
         step = DecoderStepGraph(model)
         caches = [torch.zeros_like(c) for c in inputs[3 + len(cross) :]]
-        out = step(tokens[:, :3], torch.arange(3), text_mask, *cross, *caches)
+        out = step(tokens[:, :3], torch.arange(3).expand(2, 3), text_mask, *cross, *caches)
         torch.testing.assert_close(out[0], want[:, 2], rtol=1e-4, atol=1e-4)
         for row in range(3, 6):
-            out = step(tokens[:, row : row + 1], torch.tensor([row]), text_mask, *cross, *out[1:])
+            out = step(tokens[:, row : row + 1], torch.tensor([[row], [row]]), text_mask, *cross, *out[1:])
             torch.testing.assert_close(out[0], want[:, row], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_at_different_positions_step_as_if_alone(tiny_state):
+    """One step over rows at positions 5 and 2 gives each row the logits and cache it gets alone."""
+    model = DiaModel.from_state(TINY, tiny_state)
+    tokens, _, text_mask, *caches = step_inputs(model, rows=1, start=0, cache_slots=8, text_length=9, seed=6)
+    layers = 2 * TINY.decoder.layers
+    cross, past = caches[:layers], caches[layers:]
+    step = DecoderStepGraph(model)
+    with torch.no_grad():
+        together = step(tokens, torch.tensor([[5], [2]]), text_mask, *cross, *past)
+        for row, position in ((0, 5), (1, 2)):
+            alone = step(
+                tokens[row : row + 1],
+                torch.tensor([[position]]),
+                text_mask[row : row + 1],
+                *(c[row : row + 1] for c in cross),
+                *(p[row : row + 1] for p in past),
+            )
+            torch.testing.assert_close(together[0][row], alone[0][0], rtol=1e-5, atol=1e-5)
+            for a, b in zip(together[1:], alone[1:], strict=True):
+                torch.testing.assert_close(a[row], b[0])
+            assert not torch.equal(together[1][row, :, position], past[0][row, :, position])  # written
 
 
 def test_half_variants_track_float32(tmp_path, tiny_state, tiny_codec):

@@ -1,0 +1,152 @@
+"""Decoder caches for a batch whose rows change between steps: what continuous batching runs on.
+
+Each request is a CFG pair of rows. The rows live in host buffers with room for `max_rows`, and the
+active ones are always the first `rows` of them, so a step binds contiguous views of the buffers and
+nothing is copied per step (each cache buffer is the step's `past_*` input and `present_*` output).
+A request that joins takes the next pair of rows, with its own encoder run and prefill written into
+them; one that leaves has the last pair moved into its place. Every row has positions of its own,
+which the step graph takes per batch row. The caches grow by GROWTH slots as positions advance, and
+the cross-attention buffers widen to the longest text in the batch.
+
+The buffers are host memory, which is what the CPU provider reads; on CUDA each step would copy them
+to the device, so continuous batching is for the CPU for now.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from dia_ort.engine import TENSOR_TYPES, Engine, _bind_caches, _encode
+from dia_ort.manifest import cross_names
+
+PAIR = 2  # rows per request: unconditional, conditional
+
+
+class BatchDecoder:
+    """The caches, cross-attention K/V and text masks of up to `max_rows` rows of one engine."""
+
+    GROWTH = 256
+
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        if max_rows < PAIR or max_rows % PAIR:
+            raise ValueError(f"max_rows must be a positive multiple of {PAIR}, got {max_rows}")
+        config = engine.config
+        self.engine, self.config, self.max_rows = engine, config, max_rows
+        self.rows = 0
+        self.capacity = 0  # cache slots
+        self.text_length = 0  # cross-attention keys
+        self.positions = np.zeros(max_rows, dtype=np.int64)  # the next position of each row
+        self.caches: list[np.ndarray] = []
+        self.cross: list[np.ndarray] = []
+        self.mask = np.zeros((max_rows, 0), dtype=bool)
+        self._grow_caches(self.GROWTH)
+        self._widen_text(1)
+
+    # -- joining and leaving ------------------------------------------------------------------------
+
+    def add(self, text_ids: np.ndarray, text_mask: np.ndarray) -> int:
+        """Encode a request's `[2, L]` text rows into the next free pair of rows; return its first row."""
+        if self.rows + PAIR > self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        length = text_ids.shape[1]
+        if length > self.text_length:
+            self._widen_text(length)
+        first = self.rows
+        encoded = _encode(self.engine, text_ids, text_mask, None)
+        for buffer, value in zip(self.cross, encoded, strict=True):
+            buffer[first : first + PAIR] = 0
+            buffer[first : first + PAIR, :, :length] = value.numpy()
+        self.mask[first : first + PAIR] = False
+        self.mask[first : first + PAIR, :length] = text_mask
+        self.positions[first : first + PAIR] = 0
+        self.rows += PAIR
+        return first
+
+    def remove(self, first: int) -> int | None:
+        """Free the pair at `first`; the last pair moves into it. Returns where that pair was, or None."""
+        last = self.rows - PAIR
+        moved = None
+        if first != last:
+            for buffer in (*self.caches, *self.cross, self.mask, self.positions):
+                buffer[first : first + PAIR] = buffer[last : last + PAIR]
+            moved = last
+        self.rows -= PAIR
+        if self.rows == 0:  # an empty batch starts small again
+            self._grow_caches(self.GROWTH)
+            self._widen_text(1)
+        return moved
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def prefill(self, first: int, tokens: np.ndarray) -> np.ndarray:
+        """Feed a new pair its `[2, S, C]` known rows at positions 0..S-1; return its logits `[2, C, V]`."""
+        rows = tokens.shape[1]
+        self._ensure_slots(rows)
+        positions = np.tile(np.arange(rows, dtype=np.int64), (PAIR, 1))
+        logits = self._run(first, first + PAIR, tokens, positions)
+        self.positions[first : first + PAIR] = rows
+        return logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed every active row one `[rows, 1, C]` token row at its own position; return `[rows, C, V]`."""
+        if tokens.shape[0] != self.rows:
+            raise ValueError(f"{self.rows} rows are active, got tokens for {tokens.shape[0]}")
+        positions = self.positions[: self.rows, None].copy()
+        self._ensure_slots(int(positions.max()) + 1)
+        logits = self._run(0, self.rows, tokens, positions)
+        self.positions[: self.rows] += 1
+        return logits
+
+    def _run(self, lo: int, hi: int, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One step-graph call on rows lo:hi, bound as views of the buffers."""
+        engine = self.engine
+        binding = engine.step.io_binding()
+        binding.bind_output("logits", "cpu")
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input("positions", positions)
+        binding.bind_cpu_input("text_mask", self.mask[lo:hi])
+        _, cross_element = TENSOR_TYPES[engine.cross_type]
+        for name, buffer in zip(cross_names(self.config.decoder_layers), self.cross, strict=True):
+            binding.bind_ortvalue_input(
+                name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(buffer[lo:hi], cross_element)
+            )
+        _, cache_element = TENSOR_TYPES[engine.cache_type]
+        views = [
+            ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c[lo:hi], cache_element) for c in self.caches
+        ]
+        _bind_caches(binding, views, self.config.decoder_layers)
+        engine.step.run_with_iobinding(binding)
+        return np.array(binding.get_outputs()[0].numpy())
+
+    # -- buffers ------------------------------------------------------------------------------------
+
+    def _ensure_slots(self, slots: int) -> None:
+        if slots > self.config.audio_length:
+            raise ValueError(f"the cache holds {self.config.audio_length} rows, asked for {slots}")
+        if slots > self.capacity:
+            self._grow_caches(min(self.config.audio_length, -(-slots // self.GROWTH) * self.GROWTH))
+
+    def _grow_caches(self, capacity: int) -> None:
+        """Cache buffers of `capacity` slots, keeping the active rows' slots written so far."""
+        config = self.config
+        storage, _ = TENSOR_TYPES[self.engine.cache_type]
+        shape = (self.max_rows, config.kv_heads, capacity, config.head_dim)
+        fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * config.decoder_layers)]
+        keep = min(capacity, self.capacity)
+        for old, new in zip(self.caches, fresh, strict=False):  # none on the first call
+            new[: self.rows, :, :keep] = old[: self.rows, :, :keep]
+        self.caches, self.capacity = fresh, capacity
+
+    def _widen_text(self, length: int) -> None:
+        """Cross-attention buffers for `length` text positions, keeping the active rows' keys."""
+        config = self.config
+        storage, _ = TENSOR_TYPES[self.engine.cross_type]
+        shape = (self.max_rows, config.cross_heads, length, config.cross_head_dim)
+        fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * config.decoder_layers)]
+        keep = min(length, self.text_length)
+        for old, new in zip(self.cross, fresh, strict=False):
+            new[: self.rows, :, :keep] = old[: self.rows, :, :keep]
+        mask = np.zeros((self.max_rows, length), dtype=bool)
+        mask[: self.rows, :keep] = self.mask[: self.rows, :keep]
+        self.cross, self.mask, self.text_length = fresh, mask, length

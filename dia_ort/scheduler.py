@@ -1,0 +1,236 @@
+"""Continuous batching: many requests share one engine, each joining the running batch at the next step.
+
+A small state machine in the spirit of vLLM's scheduler: `waiting` (a bounded FIFO) and `running`
+(at most `max_batch` requests). Each `step()` drops cancelled requests, admits waiting ones (their
+encoder run and prefill), runs one decoder step for every running request at its own position, and
+hands out the audio that step completed. A finished or cancelled request leaves at the next step and
+frees its rows. Sampling, EOS handling and streaming are `Dia.generate`'s own (`ItemState`,
+`next_tokens`, `ItemStream`), and every request has its own random generator, so a request gets the
+tokens it would get alone, up to floating-point rounding of the batched matrix products.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dia_ort.batching import PAIR, BatchDecoder
+from dia_ort.generation import ItemState, cfg_text_rows
+from dia_ort.options import GenerationOptions
+from dia_ort.sampling import next_tokens
+from dia_ort.streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, AudioChunk, ItemStream, check_chunk_frames
+from dia_ort.text import encode_text
+
+if TYPE_CHECKING:
+    from dia_ort.model import AudioPrompt, Dia
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; try again later."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One text in the continuous batch, from submission to its last audio chunk.
+
+    Iterate it (from any thread) for its float32 audio chunks at its sample rate; `cancel()` frees its
+    rows at the next step.
+    """
+
+    id: int
+    text: np.ndarray  # byte ids [L]
+    item: ItemState
+    options: GenerationOptions
+    audio: ItemStream
+    rng: np.random.Generator
+    chunks: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # AudioChunk | Exception | None
+    first_row: int | None = None  # its pair's first row in the batch, while running
+    row: int = 0  # the decoder row it produced last
+    tokens: np.ndarray | None = None  # that row, fed at the next step
+    submitted: float = field(default_factory=time.perf_counter)
+    first_audio: float | None = None  # when its first audio was handed out
+    cancelled: bool = False
+    done: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Its audio chunks as they come; raises what failed it."""
+        while (chunk := self.chunks.get()) is not None:
+            if isinstance(chunk, Exception):
+                raise chunk
+            if len(chunk.audio):
+                yield chunk.audio
+
+    def codes(self) -> np.ndarray:
+        """Its `[T, C]` audio codes (once it is done)."""
+        return self.item.codes()
+
+
+class Scheduler:
+    """Runs requests on one `Dia`'s engine with continuous batching, in a thread of its own or by `step()`."""
+
+    def __init__(
+        self,
+        dia: Dia,
+        max_batch: int = 8,
+        max_queue: int = 32,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+    ) -> None:
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_chunk_frames(first_chunk_frames, chunk_frames)
+        self.dia, self.config = dia, dia.config
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.chunking = (first_chunk_frames, chunk_frames)
+        self.batch = BatchDecoder(dia.engine, PAIR * max_batch)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.ids = itertools.count(1)
+        self.work = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        self.steps = 0  # decoder steps run, for metrics
+
+    # -- the caller's side --------------------------------------------------------------------------
+
+    def submit(self, text: str, audio_prompt: AudioPrompt | None = None, **options: Any) -> Request:
+        """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound."""
+        opts = GenerationOptions(**options).validate()
+        ids = encode_text(text, self.config.text_length)
+        prompt = None if audio_prompt is None else self.dia.prompt_codes(audio_prompt)
+        request = Request(
+            id=next(self.ids),
+            text=ids,
+            item=ItemState(self.config, prompt, opts.max_new_tokens),
+            options=opts,
+            audio=ItemStream(self.dia.codec, opts.sample_rate, *self.chunking),
+            rng=np.random.default_rng(opts.seed),
+        )
+        with self.work:
+            if self.closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the most this server queues)")
+            self.waiting.append(request)
+            self.work.notify()
+        return request
+
+    def start(self) -> Scheduler:
+        """Run `step()` in a background thread whenever there is work."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="dia-ort-scheduler", daemon=True)
+            self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; requests still waiting or running end with an error."""
+        with self.work:
+            self.closed = True
+            self.work.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for request in (*self.waiting, *self.running):
+            request.chunks.put(RuntimeError("the scheduler was closed before the request finished"))
+        self.waiting.clear()
+        self.running.clear()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.running)
+
+    # -- the scheduler's side -----------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Drop cancelled requests, admit waiting ones, run one decoder step; False when idle."""
+        with self.work:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                request.chunks.put(None)
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+                admitted.append(self.waiting.popleft())
+        for request in [r for r in self.running if r.cancelled]:
+            self._retire(request)
+        for request in admitted:
+            self._admit(request)
+        if self.running:
+            tokens = np.zeros((self.batch.rows, 1, self.config.num_channels), dtype=np.int64)
+            for request in self.running:
+                tokens[request.first_row : request.first_row + PAIR, 0] = request.tokens
+            logits = self.batch.step(tokens)
+            self.steps += 1
+            # rows as they were in this step: a request that leaves moves another into its rows
+            for request, first in [(r, r.first_row) for r in self.running]:
+                self._produce(request, logits[first : first + PAIR])
+        return bool(self.running or self.waiting)
+
+    def _admit(self, request: Request) -> None:
+        """Join the batch: encode the text into the next pair of rows and prefill its known rows."""
+        text_ids, text_mask = cfg_text_rows([request.text])
+        request.first_row = self.batch.add(text_ids, text_mask)
+        self.running.append(request)
+        item = request.item
+        known = np.repeat(item.rows[None, : item.prefill], PAIR, axis=0)
+        request.row = item.prefill - 1
+        self._produce(request, self.batch.prefill(request.first_row, known))
+
+    def _produce(self, request: Request, logits: np.ndarray) -> None:
+        """Sample the request's next row from its pair's `[2, C, V]` logits; hand out finished audio."""
+        item, row = request.item, request.row + 1
+        sampled = next_tokens(logits[1:2], logits[0:1], request.options, self.config, request.rng)[0]
+        request.tokens, request.row = item.place(row, sampled), row
+        last = item.finished(row)
+        frames = item.final_frames(row)
+        if last or request.audio.wants(frames):
+            audio = request.audio.feed(item.codes(frames), last)
+            if audio is not None and (len(audio) or last):
+                if request.first_audio is None and len(audio):
+                    request.first_audio = time.perf_counter()
+                request.chunks.put(AudioChunk(request.id, audio, last))
+        if last:
+            request.done = True
+            self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        """Leave the batch: free the pair of rows (the last pair moves into them)."""
+        moved = self.batch.remove(request.first_row)
+        if moved is not None:
+            mover = next(r for r in self.running if r.first_row == moved)
+            mover.first_row = request.first_row
+        self.running.remove(request)
+        request.first_row = None
+        request.chunks.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.work:
+                while not self.closed and not (self.waiting or self.running):
+                    self.work.wait()
+                if self.closed:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # fail the requests in flight, keep serving the next ones
+                log.exception("decoder step failed")
+                for request in list(self.running):
+                    request.chunks.put(exc)
+                    self._retire(request)
