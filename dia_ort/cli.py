@@ -1,4 +1,5 @@
-"""`dia-ort speak`: text (argument, --file or stdin) -> an audio file, or audio on stdout as it is made."""
+"""The command line: `dia-ort speak` (text -> an audio file, or audio on stdout as it is made) and
+`dia-ort serve` (the speech server)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
     speak.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, int8 or int4")
     speak.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible speech server")
+    serve.add_argument("--model", required=True, help="exported folder, Hub id or checkpoint")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, int8 or int4")
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
+    serve.add_argument(
+        "--voices", type=Path, help="folder of NAME.wav|flac|mp3 voices with NAME.txt transcripts"
+    )
+    serve.add_argument(
+        "--strict-voices", action="store_true", help="refuse to start if a voice cannot be read"
+    )
+    serve.add_argument("--api-key", help="require this bearer key (default: $DIA_ORT_API_KEY, else none)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch")
     return parser
 
 
@@ -155,11 +172,34 @@ def write_stream(out: BinaryIO, chunks: Iterable[np.ndarray], sample_rate: int, 
     return samples / sample_rate
 
 
+def serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from dia_ort.serving.app import create_app
+    except ImportError as exc:
+        raise ValueError(f"the server needs the serve extra: pip install 'dia-ort[serve]' ({exc})") from exc
+    from dia_ort.model import Dia
+    from dia_ort.scheduler import Scheduler
+    from dia_ort.serving.voices import load_voices
+
+    logging.getLogger("dia_ort").setLevel(logging.INFO)
+    model = Dia.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
+    voices = load_voices(model, args.voices, strict=args.strict_voices)
+    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    api_key = args.api_key or os.environ.get("DIA_ORT_API_KEY") or None
+    app = create_app(model, scheduler, voices, api_key=api_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        scheduler.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        speak(args)
+        (serve if args.command == "serve" else speak)(args)
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
         print(f"dia-ort: error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -40,6 +40,12 @@ class QueueFull(Exception):
     """The waiting queue is at its bound; try again later."""
 
 
+class Sink(Protocol):
+    """Where a request's chunks go: `AudioChunk`s, then None at its end, or the exception that failed it."""
+
+    def put(self, item: AudioChunk | Exception | None) -> None: ...
+
+
 @dataclass(eq=False)
 class Request:
     """One text in the continuous batch, from submission to its last audio chunk.
@@ -54,7 +60,7 @@ class Request:
     options: GenerationOptions
     audio: ItemStream
     rng: np.random.Generator
-    chunks: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # AudioChunk | Exception | None
+    chunks: Sink = field(default_factory=queue.SimpleQueue)
     first_row: int | None = None  # its pair's first row in the batch, while running
     row: int = 0  # the decoder row it produced last
     tokens: np.ndarray | None = None  # that row, fed at the next step
@@ -67,7 +73,7 @@ class Request:
         self.cancelled = True
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        """Its audio chunks as they come; raises what failed it."""
+        """Its audio chunks as they come (with the default sink); raises what failed it."""
         while (chunk := self.chunks.get()) is not None:
             if isinstance(chunk, Exception):
                 raise chunk
@@ -105,11 +111,18 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.closed = False
         self.steps = 0  # decoder steps run, for metrics
+        self.step_times: deque[float] = deque(maxlen=64)  # when the last steps ended
 
     # -- the caller's side --------------------------------------------------------------------------
 
-    def submit(self, text: str, audio_prompt: AudioPrompt | None = None, **options: Any) -> Request:
-        """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound."""
+    def submit(
+        self, text: str, audio_prompt: AudioPrompt | None = None, sink: Sink | None = None, **options: Any
+    ) -> Request:
+        """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound.
+
+        Its chunks go to `sink` (for example an asyncio queue fed thread-safely), else to a queue that
+        iterating the request reads.
+        """
         opts = GenerationOptions(**options).validate()
         ids = encode_text(text, self.config.text_length)
         prompt = None if audio_prompt is None else self.dia.prompt_codes(audio_prompt)
@@ -121,6 +134,8 @@ class Scheduler:
             audio=ItemStream(self.dia.codec, opts.sample_rate, *self.chunking),
             rng=np.random.default_rng(opts.seed),
         )
+        if sink is not None:
+            request.chunks = sink
         with self.work:
             if self.closed:
                 raise RuntimeError("the scheduler is closed")
@@ -157,6 +172,14 @@ class Scheduler:
     def occupancy(self) -> int:
         return len(self.running)
 
+    @property
+    def steps_per_second(self) -> float:
+        """Decoder steps per second over the last steps (0 when idle for a second)."""
+        times = self.step_times
+        if len(times) < 2 or time.perf_counter() - times[-1] > 1.0:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
     # -- the scheduler's side -----------------------------------------------------------------------
 
     def step(self) -> bool:
@@ -178,6 +201,7 @@ class Scheduler:
                 tokens[request.first_row : request.first_row + PAIR, 0] = request.tokens
             logits = self.batch.step(tokens)
             self.steps += 1
+            self.step_times.append(time.perf_counter())
             # rows as they were in this step: a request that leaves moves another into its rows
             for request, first in [(r, r.first_row) for r in self.running]:
                 self._produce(request, logits[first : first + PAIR])

@@ -1,0 +1,200 @@
+"""The FastAPI app: OpenAI's speech routes, voices, models, health, metrics and the web page.
+
+`create_app(...)` builds it from a loaded `Dia`, so tests and `dia-ort serve` share one factory. Bad
+requests answer 400 and a wrong API key 401, in OpenAI's error shape; a full queue answers 429 with
+Retry-After. Nothing a client sends makes a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from dia_ort.scheduler import QueueFull, Scheduler
+from dia_ort.serving.formats import FORMATS, AudioEncoder, available_formats
+from dia_ort.serving.schemas import ErrorBody, ErrorDetail, SpeechRequest
+from dia_ort.serving.service import SpeechService, SpeechStream
+from dia_ort.serving.voices import Voice
+
+if TYPE_CHECKING:
+    from dia_ort.model import Dia
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MODEL_ID = "dia"
+RETRY_AFTER_SECONDS = 1
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, **headers: str
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dia_ort_speech_requests", "Speech requests by outcome", ["status"], registry=self.registry
+        )
+        queue = Gauge("dia_ort_queue_depth", "Requests waiting for a batch row", registry=self.registry)
+        queue.set_function(lambda: scheduler.queue_depth)
+        batch = Gauge("dia_ort_batch_size", "Requests in the running batch", registry=self.registry)
+        batch.set_function(lambda: scheduler.occupancy)
+        rate = Gauge("dia_ort_steps_per_second", "Decoder steps per second, recent", registry=self.registry)
+        rate.set_function(lambda: scheduler.steps_per_second)
+        steps = Gauge("dia_ort_decoder_steps", "Decoder steps run since the start", registry=self.registry)
+        steps.set_function(lambda: scheduler.steps)
+        self.first_audio = Histogram(
+            "dia_ort_time_to_first_audio_seconds",
+            "From submission to the first audio chunk",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+
+
+def create_app(
+    dia: Dia, scheduler: Scheduler, voices: dict[str, Voice], api_key: str | None = None
+) -> FastAPI:
+    """The speech server's app over a started `scheduler` of `dia`."""
+    service = SpeechService(dia, scheduler, voices)
+    metrics = Metrics(scheduler)
+    app = FastAPI(title="dia-ort", description="Dia text-to-dialogue, OpenAI-compatible speech API")
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
+
+    guarded = [Depends(authorized)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        metrics.requests.labels("400").inc()
+        return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_body")
+
+    @app.post("/v1/audio/speech", dependencies=guarded)
+    async def speech(body: SpeechRequest) -> Response:
+        try:
+            prepared = service.prepare(body)
+            stream = service.start(prepared)
+        except QueueFull as exc:
+            metrics.requests.labels("429").inc()
+            return error_response(
+                429,
+                str(exc),
+                "rate_limit_exceeded",
+                "queue_full",
+                **{"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        except (ValueError, TypeError) as exc:
+            metrics.requests.labels("400").inc()
+            return error_response(400, str(exc), "invalid_request_error", "invalid_value")
+        metrics.requests.labels("200").inc()
+        encoded = _encoded(stream, AudioEncoder(prepared.format), metrics)
+        if body.stream_format == "sse":
+            return StreamingResponse(_events(encoded), media_type="text/event-stream")
+        return StreamingResponse(encoded, media_type=FORMATS[prepared.format].media_type)
+
+    @app.get("/v1/audio/voices", dependencies=guarded)
+    async def list_voices() -> dict:
+        return {
+            "voices": [
+                {"name": v.name, "prompt": v.codes is not None, "transcript": v.transcript}
+                for v in sorted(voices.values(), key=lambda v: v.name)
+            ],
+            "formats": available_formats(),
+        }
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "dia-ort"}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "ready": scheduler.thread is not None and not scheduler.closed,
+            "queue_depth": scheduler.queue_depth,
+            "max_queue": scheduler.max_queue,
+            "batch_occupancy": scheduler.occupancy,
+            "max_batch": scheduler.max_batch,
+            "compute_dtype": dia.compute_dtype,
+        }
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def _encoded(stream: SpeechStream, encoder: AudioEncoder, metrics: Metrics) -> AsyncIterator[bytes]:
+    """The request's audio in its response format, sent as it is encoded."""
+    observed = False
+    async for audio in stream:
+        if not observed:
+            metrics.first_audio.observe(stream.first_audio)
+            observed = True
+        data = encoder.encode(audio)
+        if data:
+            yield data
+    tail = encoder.finish()
+    if tail:
+        yield tail
+
+
+async def _events(encoded: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """OpenAI's server-sent events: `speech.audio.delta` with base64 audio, then `speech.audio.done`."""
+    async for data in encoded:
+        yield (
+            "data: "
+            + json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            + "\n\n"
+        )
+    yield "data: " + json.dumps({"type": "speech.audio.done"}) + "\n\n"
