@@ -130,7 +130,7 @@ class AudioEncoder:
             return bytes(self.mp3.encode(pcm16(audio)))
         if self.sound is None:
             return head + pcm16(audio)
-        self.sound.write(np.clip(audio, -1.0, 1.0))
+        self.sound.write(np.frombuffer(pcm16(audio), dtype="<i2"))  # the samples wav and pcm carry
         return head + self.file.take()
 
     def finish(self) -> bytes:

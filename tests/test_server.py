@@ -1,0 +1,322 @@
+"""The real server (uvicorn in a subprocess, on loopback) with the official `openai` client and httpx."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
+
+from dia_ort.audio import pcm16
+from dia_ort.serving.voices import load_voices
+
+TEXT = "[S1] Hello there. [S2] Hi, how are you?"
+GREEDY = {"temperature": 0, "max_new_tokens": 40}
+KEY = "sk-test-dia-ort"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`dia-ort serve` in a subprocess on a loopback port; stopped at the end."""
+
+    def __init__(self, folder: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable,
+            "-m",
+            "dia_ort",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(self.port),
+            *flags,
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "DIA_ORT_API_KEY"}
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not come up in 120 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("voices")
+    sf.write(folder / "narrator.wav", 0.2 * np.sin(np.arange(44100 // 4) / 6), 44100)
+    (folder / "narrator.txt").write_text("[S1] This is how I sound.")
+    (folder / "broken.wav").write_bytes(b"not audio")
+    (folder / "broken.txt").write_text("[S1] Never read.")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder, voices):
+    running = Server(tiny_folder, "--voices", str(voices), "--max-batch", "4")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Any container FFmpeg reads (not libsndfile: an independent decoder) -> mono samples, rate."""
+    with av.open(io.BytesIO(data)) as container:
+        frames = [frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)]
+        return np.concatenate(frames), container.streams.audio[0].rate
+
+
+def test_every_format_decodes_to_the_generated_length(client, tiny_dia):
+    for fmt, rate in (("wav", 44100), ("flac", 44100), ("mp3", 44100), ("opus", 48000), ("pcm", 24000)):
+        data = client.audio.speech.create(
+            model="dia", voice="alloy", input=TEXT, response_format=fmt, extra_body={"seed": 3, **GREEDY}
+        ).content
+        want = tiny_dia.generate(TEXT, seed=3, sample_rate=rate, **GREEDY)
+        if fmt == "pcm":
+            assert data == pcm16(want)  # the plain result, sample for sample
+            continue
+        samples, got_rate = decode(data)
+        assert got_rate == rate
+        if fmt == "mp3":  # MP3 pads to whole frames of 1152 samples, plus the encoder's delay
+            assert len(want) <= len(samples) <= len(want) + 2 * 1152, fmt
+        else:
+            assert len(samples) == len(want), fmt
+        if fmt in ("wav", "flac"):  # lossless: the 16-bit samples of the plain result
+            assert samples.dtype == np.int16  # FFmpeg hands 16-bit PCM out as it is
+            np.testing.assert_array_equal(samples, np.frombuffer(pcm16(want), dtype="<i2"))
+
+
+def test_streaming_response_equals_the_whole_response(client):
+    body = dict(model="dia", voice="alloy", input=TEXT, response_format="wav", extra_body=GREEDY)
+    whole = client.audio.speech.create(**body).content
+    with client.audio.speech.with_streaming_response.create(**body) as response:
+        pieces = list(response.iter_bytes(4096))
+    assert b"".join(pieces) == whole and len(pieces) > 1
+
+
+def test_sse_events_carry_the_same_audio(server, client):
+    whole = client.audio.speech.create(
+        model="dia", voice="alloy", input=TEXT, response_format="pcm", extra_body=GREEDY
+    ).content
+    body = {
+        "model": "dia",
+        "voice": "alloy",
+        "input": TEXT,
+        "response_format": "pcm",
+        "stream_format": "sse",
+        **GREEDY,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events][-1] == "speech.audio.done"
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    assert audio == whole
+
+
+def test_a_voice_from_the_folder_clones_and_a_bad_file_is_skipped(client, server, tiny_dia, voices):
+    listed = httpx.get(f"{server.url}/v1/audio/voices", timeout=5).json()["voices"]
+    names = {v["name"]: v for v in listed}
+    assert names["narrator"]["prompt"] and not names["alloy"]["prompt"] and "broken" not in names
+    data = client.audio.speech.create(
+        model="dia", voice="narrator", input=TEXT, response_format="pcm", extra_body=GREEDY
+    ).content
+    prompt = tiny_dia.encode_audio(str(voices / "narrator.wav"))
+    want = tiny_dia.generate(f"[S1] This is how I sound. {TEXT}", prompt, sample_rate=24000, **GREEDY)
+    assert data == pcm16(want)
+
+
+def test_voices_folder_loading(tiny_dia, voices, tmp_path, caplog):
+    loaded = load_voices(tiny_dia, voices)
+    assert "narrator" in loaded and "broken" not in loaded and loaded["alloy"].codes is None
+    assert "skipping voice broken.wav" in caplog.text
+    with pytest.raises(ValueError, match="voice broken.wav"):
+        load_voices(tiny_dia, voices, strict=True)
+    outside = tmp_path / "outside.wav"
+    sf.write(outside, 0.1 * np.sin(np.arange(4410) / 5), 44100)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "escape.wav").symlink_to(outside)
+    (linked / "escape.txt").write_text("[S1] Hi.")
+    assert "escape" not in load_voices(tiny_dia, linked)
+    assert "outside the voices folder" in caplog.text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_voices(tiny_dia, tmp_path / "missing")
+
+
+def test_four_concurrent_requests_share_the_batch(client, tiny_dia):
+    """4 requests at once take less than twice one request, and each is its solo result."""
+    texts = [f"[S1] Request number {i}. [S2] Fine." for i in range(4)]
+
+    def speak(text: str) -> bytes:
+        body = dict(model="dia", voice="alloy", input=text, response_format="pcm")
+        return client.audio.speech.create(
+            **body, extra_body={"temperature": 0, "max_new_tokens": 200}
+        ).content
+
+    speak(texts[0])  # warm
+    began = time.perf_counter()
+    speak(texts[0])
+    one = time.perf_counter() - began
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        began = time.perf_counter()
+        results = list(pool.map(speak, texts))
+        four = time.perf_counter() - began
+    assert four < 2 * one, (one, four)
+    for text, data in zip(texts, results, strict=True):
+        assert data == pcm16(tiny_dia.generate(text, temperature=0, max_new_tokens=200, sample_rate=24000))
+
+
+def test_bad_requests_get_400_in_openai_shape(server):
+    def post(**changes):
+        body = {"model": "dia", "voice": "alloy", "input": TEXT, **changes}
+        return httpx.post(f"{server.url}/v1/audio/speech", json=body, timeout=30)
+
+    for changes, words in (
+        ({"voice": "nobody"}, "unknown voice 'nobody'"),
+        ({"voice": "../../etc/passwd"}, "unknown voice"),
+        ({"response_format": "aac"}, "'wav', 'pcm', 'flac', 'mp3', 'opus'"),
+        ({"speed": 1.5}, "speed 1.5 is not supported"),
+        ({"input": "[S1] " + "word " * 40}, "long_form"),
+        ({"input": ""}, "input"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"instructions": "whisper"}, "instructions"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ):
+        response = post(**changes)
+        assert response.status_code == 400, changes
+        error = response.json()["error"]
+        assert words in error["message"] and error["type"] == "invalid_request_error", (changes, error)
+    garbled = httpx.post(
+        f"{server.url}/v1/audio/speech", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert garbled.status_code == 400 and "error" in garbled.json()
+
+
+def test_long_form_over_the_api(client, tiny_dia):
+    script = " ".join(f"[S{1 + i % 2}] Line number {i} of a script that goes on." for i in range(8))
+    data = client.audio.speech.create(
+        model="dia",
+        voice="alloy",
+        input=script,
+        response_format="pcm",
+        extra_body={"long_form": True, "seed": 2, "max_new_tokens": 40},
+    ).content
+    want = tiny_dia.generate(script, long_form=True, seed=2, max_new_tokens=40, sample_rate=24000)
+    assert data == pcm16(want)
+
+
+def test_health_models_and_metrics(server, client):
+    health = server.health()
+    assert health["ready"] and health["max_batch"] == 4 and health["queue_depth"] == 0
+    assert [m.id for m in client.models.list().data] == ["dia"]
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "dia_ort_queue_depth",
+        "dia_ort_batch_size",
+        "dia_ort_steps_per_second",
+        "dia_ort_speech_requests",
+    ):
+        assert name in families, sorted(families)
+    ttfa = families["dia_ort_time_to_first_audio_seconds"]
+    count = next(s.value for s in ttfa.samples if s.name.endswith("_count"))
+    assert count > 0
+    steps = next(s.value for s in families["dia_ort_decoder_steps"].samples)
+    assert steps > 0
+
+
+def test_a_client_that_leaves_frees_its_row(server):
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", "max_new_tokens": 239}
+    before = server.health()
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
+        next(response.iter_bytes())  # the first audio: the request is in the batch
+    deadline = time.monotonic() + 10
+    while server.health()["batch_occupancy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["batch_occupancy"] == 0
+    assert before["batch_occupancy"] == 0
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_folder):
+    running = Server(tiny_folder, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1")
+    yield running
+    running.stop()
+
+
+def test_the_api_key_guards_every_route_but_health_and_the_page(guarded_server):
+    url = guarded_server.url
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/").status_code == 200
+    for route in ("/v1/models", "/v1/audio/voices", "/metrics"):
+        response = httpx.get(f"{url}{route}", headers={"Authorization": "Bearer wrong"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert KEY not in response.text and "wrong" not in response.text
+        assert httpx.get(f"{url}{route}").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    data = keyed.audio.speech.create(
+        model="dia", voice="alloy", input=TEXT, response_format="pcm", extra_body=GREEDY
+    )
+    assert len(data.content) > 0
+
+
+def test_a_full_queue_answers_429_with_retry_after(guarded_server):
+    """Max batch 1 and max queue 1: of 6 requests sent at once, those beyond the two are turned away."""
+    url, headers = f"{guarded_server.url}/v1/audio/speech", {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", "max_new_tokens": 239}
+    body["temperature"] = 0
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(lambda _: httpx.post(url, json=body, headers=headers, timeout=60), range(6))
+        )
+    served = [r for r in responses if r.status_code == 200]
+    turned_away = [r for r in responses if r.status_code == 429]
+    assert len(served) + len(turned_away) == 6 and len(served) >= 2 and turned_away
+    assert all(
+        r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in turned_away
+    )
+    assert len({r.content for r in served}) == 1 and len(served[0].content) > 0  # greedy: one result
