@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -19,10 +20,14 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from conftest import export_tiny
 from prometheus_client.parser import text_string_to_metric_families
 
+from dia_ort import Dia
 from dia_ort.audio import pcm16
 from dia_ort.serving.voices import load_voices
+from export.architecture import TINY
+from export.checkpoint import random_state
 
 TEXT = "[S1] Hello there. [S2] Hi, how are you?"
 GREEDY = {"temperature": 0, "max_new_tokens": 40}
@@ -87,9 +92,24 @@ def voices(tmp_path_factory) -> Path:
     return folder
 
 
+# The tiny model with 16 decoder layers: its step then outweighs the work each request adds (sampling,
+# the codec), as the real model's does, so that batching shows in the wall time.
+SERVED = replace(TINY, decoder=replace(TINY.decoder, layers=16))
+
+
 @pytest.fixture(scope="module")
-def server(tiny_folder, voices):
-    running = Server(tiny_folder, "--voices", str(voices), "--max-batch", "4")
+def served_folder(tmp_path_factory, tiny_codec) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("served"), SERVED, random_state(SERVED, seed=4), tiny_codec)
+
+
+@pytest.fixture(scope="module")
+def served_dia(served_folder) -> Dia:
+    return Dia(served_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(served_folder, voices):
+    running = Server(served_folder, "--voices", str(voices), "--max-batch", "4")
     yield running
     running.stop()
 
@@ -106,12 +126,12 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
         return np.concatenate(frames), container.streams.audio[0].rate
 
 
-def test_every_format_decodes_to_the_generated_length(client, tiny_dia):
+def test_every_format_decodes_to_the_generated_length(client, served_dia):
     for fmt, rate in (("wav", 44100), ("flac", 44100), ("mp3", 44100), ("opus", 48000), ("pcm", 24000)):
         data = client.audio.speech.create(
             model="dia", voice="alloy", input=TEXT, response_format=fmt, extra_body={"seed": 3, **GREEDY}
         ).content
-        want = tiny_dia.generate(TEXT, seed=3, sample_rate=rate, **GREEDY)
+        want = served_dia.generate(TEXT, seed=3, sample_rate=rate, **GREEDY)
         if fmt == "pcm":
             assert data == pcm16(want)  # the plain result, sample for sample
             continue
@@ -154,37 +174,37 @@ def test_sse_events_carry_the_same_audio(server, client):
     assert audio == whole
 
 
-def test_a_voice_from_the_folder_clones_and_a_bad_file_is_skipped(client, server, tiny_dia, voices):
+def test_a_voice_from_the_folder_clones_and_a_bad_file_is_skipped(client, server, served_dia, voices):
     listed = httpx.get(f"{server.url}/v1/audio/voices", timeout=5).json()["voices"]
     names = {v["name"]: v for v in listed}
     assert names["narrator"]["prompt"] and not names["alloy"]["prompt"] and "broken" not in names
     data = client.audio.speech.create(
         model="dia", voice="narrator", input=TEXT, response_format="pcm", extra_body=GREEDY
     ).content
-    prompt = tiny_dia.encode_audio(str(voices / "narrator.wav"))
-    want = tiny_dia.generate(f"[S1] This is how I sound. {TEXT}", prompt, sample_rate=24000, **GREEDY)
+    prompt = served_dia.encode_audio(str(voices / "narrator.wav"))
+    want = served_dia.generate(f"[S1] This is how I sound. {TEXT}", prompt, sample_rate=24000, **GREEDY)
     assert data == pcm16(want)
 
 
-def test_voices_folder_loading(tiny_dia, voices, tmp_path, caplog):
-    loaded = load_voices(tiny_dia, voices)
+def test_voices_folder_loading(served_dia, voices, tmp_path, caplog):
+    loaded = load_voices(served_dia, voices)
     assert "narrator" in loaded and "broken" not in loaded and loaded["alloy"].codes is None
     assert "skipping voice broken.wav" in caplog.text
     with pytest.raises(ValueError, match="voice broken.wav"):
-        load_voices(tiny_dia, voices, strict=True)
+        load_voices(served_dia, voices, strict=True)
     outside = tmp_path / "outside.wav"
     sf.write(outside, 0.1 * np.sin(np.arange(4410) / 5), 44100)
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "escape.wav").symlink_to(outside)
     (linked / "escape.txt").write_text("[S1] Hi.")
-    assert "escape" not in load_voices(tiny_dia, linked)
+    assert "escape" not in load_voices(served_dia, linked)
     assert "outside the voices folder" in caplog.text
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_voices(tiny_dia, tmp_path / "missing")
+        load_voices(served_dia, tmp_path / "missing")
 
 
-def test_four_concurrent_requests_share_the_batch(client, tiny_dia):
+def test_four_concurrent_requests_share_the_batch(client, served_dia):
     """4 requests at once take less than twice one request, and each is its solo result."""
     texts = [f"[S1] Request number {i}. [S2] Fine." for i in range(4)]
 
@@ -194,17 +214,20 @@ def test_four_concurrent_requests_share_the_batch(client, tiny_dia):
             **body, extra_body={"temperature": 0, "max_new_tokens": 200}
         ).content
 
-    speak(texts[0])  # warm
-    began = time.perf_counter()
-    speak(texts[0])
-    one = time.perf_counter() - began
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    def timed(run):
         began = time.perf_counter()
-        results = list(pool.map(speak, texts))
-        four = time.perf_counter() - began
+        result = run()
+        return time.perf_counter() - began, result
+
+    speak(texts[0])  # warm
+    one = min(timed(lambda: speak(texts[0]))[0] for _ in range(2))  # best of two, on a shared machine
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = [timed(lambda: list(pool.map(speak, texts))) for _ in range(2)]
+    four, results = min(runs, key=lambda run: run[0])
+    print(f"one request {one:.3f} s, four at once {four:.3f} s")
     assert four < 2 * one, (one, four)
     for text, data in zip(texts, results, strict=True):
-        assert data == pcm16(tiny_dia.generate(text, temperature=0, max_new_tokens=200, sample_rate=24000))
+        assert data == pcm16(served_dia.generate(text, temperature=0, max_new_tokens=200, sample_rate=24000))
 
 
 def test_bad_requests_get_400_in_openai_shape(server):
@@ -234,7 +257,7 @@ def test_bad_requests_get_400_in_openai_shape(server):
     assert garbled.status_code == 400 and "error" in garbled.json()
 
 
-def test_long_form_over_the_api(client, tiny_dia):
+def test_long_form_over_the_api(client, served_dia):
     script = " ".join(f"[S{1 + i % 2}] Line number {i} of a script that goes on." for i in range(8))
     data = client.audio.speech.create(
         model="dia",
@@ -243,7 +266,7 @@ def test_long_form_over_the_api(client, tiny_dia):
         response_format="pcm",
         extra_body={"long_form": True, "seed": 2, "max_new_tokens": 40},
     ).content
-    want = tiny_dia.generate(script, long_form=True, seed=2, max_new_tokens=40, sample_rate=24000)
+    want = served_dia.generate(script, long_form=True, seed=2, max_new_tokens=40, sample_rate=24000)
     assert data == pcm16(want)
 
 
@@ -280,8 +303,8 @@ def test_a_client_that_leaves_frees_its_row(server):
 
 
 @pytest.fixture(scope="module")
-def guarded_server(tiny_folder):
-    running = Server(tiny_folder, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1")
+def guarded_server(served_folder):
+    running = Server(served_folder, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1")
     yield running
     running.stop()
 
