@@ -7,6 +7,7 @@ import concurrent.futures
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from export.checkpoint import random_state
 TEXT = "[S1] Hello there. [S2] Hi, how are you?"
 GREEDY = {"temperature": 0, "max_new_tokens": 40}
 KEY = "sk-test-dia-ort"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots (not committed)
 
 
 def free_port() -> int:
@@ -343,3 +345,36 @@ def test_a_full_queue_answers_429_with_retry_after(guarded_server):
         r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in turned_away
     )
     assert len({r.content for r in served}) == 1 and len(served[0].content) > 0  # greedy: one result
+
+
+def test_the_page_plays_audio_while_it_is_generated(server):
+    """Debian's chromium, driven by Playwright: type a script, press Play, hear it (audio time > 0)."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.wait_for_function("document.getElementById('voice').options.length > 1", timeout=30_000)
+            assert "narrator" in page.inner_text("#voice")
+            page.fill("#script", "")
+            page.click("button[data-tag='[S1]']")
+            page.keyboard.type("Hello from the page.")
+            page.click("button[data-tag='[S2]']")
+            page.keyboard.type("It plays while it is made.")
+            assert page.input_value("#script").strip().startswith("[S1] Hello")
+            page.fill("#seed", "1")
+            page.click("#play")
+            page.wait_for_function(
+                "Number(document.getElementById('played').textContent) > 0", timeout=60_000
+            )
+            assert page.inner_text("#ttfa").endswith(" s") and page.inner_text("#error") == ""
+            page.wait_for_selector("#download:not([hidden])", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "page.png"))
+        finally:
+            browser.close()
