@@ -19,7 +19,7 @@ from bench.exports import QUANTIZED, ensure_export
 from bench.machine import describe, physical_cores
 from bench.measure import EngineResult
 from bench.process import REPO, run_child
-from bench.report import SizeResult, accuracy_table, dac_table, render
+from bench.report import SizeResult, accuracy_table, dac_table, kept_sections, render
 from bench.roofline import floor_ms, step_weight_bytes
 from dia_ort.manifest import Manifest
 
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_dac
         else dac_section(first, weights_seed(first, args.seed), args.device)
     )
-    markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [dac])
+    kept = kept_sections(args.results)  # e.g. python -m bench.serve's table
+    markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [dac, *kept])
     print(markdown)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(markdown)

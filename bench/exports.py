@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.process import run_child
-from dia_ort.manifest import MANIFEST_NAME, Manifest
+from dia_ort.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
 from export.quantize import QUANTIZED_BITS  # no torch: onnx only
 
 RECORD = "bench_export.json"
@@ -39,12 +39,17 @@ def export_command(size: str, folder: Path, seed: int, variants: tuple[str, ...]
     return argv + ["--dtype", *dtypes] + (["--quantize", *quantize] if quantize else [])
 
 
+def _current_format(folder: Path) -> bool:
+    """Whether the folder's manifest is of the format this runtime reads (else it is exported anew)."""
+    return json.loads((folder / MANIFEST_NAME).read_text()).get("format_version") == FORMAT_VERSION
+
+
 def ensure_export(
     size: str, folder: Path, seed: int, variants: tuple[str, ...], re_export: bool
 ) -> tuple[Manifest, ExportRun]:
-    """The folder's manifest, exporting first unless a finished export (its manifest) is there."""
+    """The folder's manifest, exporting first unless a finished export of the current format is there."""
     record = folder / RECORD
-    if (folder / MANIFEST_NAME).is_file() and not re_export:
+    if (folder / MANIFEST_NAME).is_file() and not re_export and _current_format(folder):
         if record.is_file():
             run = ExportRun(**{**json.loads(record.read_text()), "reused": True})
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,27 @@ class SizeResult:
     logits_error: dict[str, float] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)  # further markdown (quantization accuracy)
     notes: list[str] = field(default_factory=list)
+
+
+SECTION_MARK = re.compile(r"<!-- (\w+) -->\n.*?\n<!-- /\1 -->", re.DOTALL)
+
+
+def replace_section(path: Path, name: str, markdown: str) -> None:
+    """Put `markdown` between the file's `<!-- name -->` markers (appended when it has none), so a
+    benchmark of its own (`python -m bench.serve`) updates its part of the results file alone."""
+    block = f"<!-- {name} -->\n{markdown}\n<!-- /{name} -->"
+    text = path.read_text() if path.exists() else ""
+    match = next((m for m in SECTION_MARK.finditer(text) if m.group(1) == name), None)
+    if match:
+        text = text[: match.start()] + block + text[match.end() :]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def kept_sections(path: Path) -> list[str]:
+    """The marked sections of an existing results file, which `python -m bench` keeps when it rewrites it."""
+    return [m.group(0) for m in SECTION_MARK.finditer(path.read_text())] if path.exists() else []
 
 
 def number(value: float | None, digits: int = 3) -> str:

@@ -130,23 +130,26 @@ class BatchDecoder:
     def _grow_caches(self, capacity: int) -> None:
         """Cache buffers of `capacity` slots, keeping the active rows' slots written so far."""
         config = self.config
-        storage, _ = TENSOR_TYPES[self.engine.cache_type]
         shape = (self.max_rows, config.kv_heads, capacity, config.head_dim)
-        fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * config.decoder_layers)]
-        keep = min(capacity, self.capacity)
-        for old, new in zip(self.caches, fresh, strict=False):  # none on the first call
-            new[: self.rows, :, :keep] = old[: self.rows, :, :keep]
-        self.caches, self.capacity = fresh, capacity
+        self.caches = self._resized(self.caches, shape, self.engine.cache_type)
+        self.capacity = capacity
 
     def _widen_text(self, length: int) -> None:
         """Cross-attention buffers for `length` text positions, keeping the active rows' keys."""
         config = self.config
-        storage, _ = TENSOR_TYPES[self.engine.cross_type]
         shape = (self.max_rows, config.cross_heads, length, config.cross_head_dim)
-        fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * config.decoder_layers)]
+        self.cross = self._resized(self.cross, shape, self.engine.cross_type)
         keep = min(length, self.text_length)
-        for old, new in zip(self.cross, fresh, strict=False):
-            new[: self.rows, :, :keep] = old[: self.rows, :, :keep]
         mask = np.zeros((self.max_rows, length), dtype=bool)
         mask[: self.rows, :keep] = self.mask[: self.rows, :keep]
-        self.cross, self.mask, self.text_length = fresh, mask, length
+        self.mask, self.text_length = mask, length
+
+    def _resized(self, old: list[np.ndarray], shape: tuple[int, ...], tensor_type: str) -> list[np.ndarray]:
+        """One zeroed buffer per layer's key and value of `shape`, holding the active rows of `old` along
+        axis 2 (slots or text positions) as far as both reach."""
+        storage, _ = TENSOR_TYPES[tensor_type]
+        fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * self.config.decoder_layers)]
+        for before, after in zip(old, fresh, strict=False):  # none on the first call
+            keep = min(before.shape[2], shape[2])
+            after[: self.rows, :, :keep] = before[: self.rows, :, :keep]
+        return fresh
