@@ -12,16 +12,11 @@ import re
 from pathlib import Path
 
 from dia_ort.manifest import MANIFEST_NAME, QUANTIZED_DTYPES, Manifest
+from dia_ort.verified import cache_root
 
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("DIA_ORT_CACHE", Path.home() / ".cache" / "dia_ort"))
 
 
 def is_hub_id(model_id: str) -> bool:

@@ -7,13 +7,13 @@ Graph inputs and outputs are named by the conventions below and paired by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dia_ort.config import ModelConfig
+from dia_ort.verified import has_sha256, sha256_of
 
 MANIFEST_NAME = "dia_ort.json"
 # 2: the decoder step takes `positions` [B, S], one row of positions per batch row (continuous batching)
@@ -33,14 +33,6 @@ def cross_names(layers: int) -> list[str]:
 def cache_names(prefix: str, layers: int) -> list[str]:
     """Self-attention cache names: past_key_0, past_value_0, ... (prefix "past" or "present")."""
     return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,7 @@ class FileEntry:
             raise ValueError(
                 f"{full} has {size} bytes but the manifest says {self.size} (truncated or replaced); {REEXPORT_HINT}"
             )
-        if sha256_of(full) != self.sha256:
+        if not has_sha256(full, self.sha256):
             raise ValueError(
                 f"{full} does not match its sha256 in {MANIFEST_NAME} (altered); {REEXPORT_HINT}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,20 @@ def export_tiny(
 ) -> Path:
     export_model(Sources(arch, state, codec, {"random_init": "test"}), folder, dtypes)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The user's cache ($DIA_ORT_CACHE: verified-file records, exports) is a folder of the test session,
+    for this process and the servers and commands it starts."""
+    folder = tmp_path_factory.mktemp("dia-ort-cache")
+    previous = os.environ.get("DIA_ORT_CACHE")
+    os.environ["DIA_ORT_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["DIA_ORT_CACHE"]
+    else:
+        os.environ["DIA_ORT_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
