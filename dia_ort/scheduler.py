@@ -255,6 +255,8 @@ class Scheduler:
                 self.step()
             except Exception as exc:  # fail the requests in flight, keep serving the next ones
                 log.exception("decoder step failed")
-                for request in list(self.running):
+                for request in self.running:
+                    request.first_row = None
                     request.chunks.put(exc)
-                    self._retire(request)
+                self.running.clear()
+                self.batch = BatchDecoder(self.dia.engine, self.batch.max_rows)  # no half-updated rows

@@ -151,3 +151,27 @@ def test_cache_growth_keeps_every_rows_slots(tiny_dia, monkeypatch):
             request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=NEW).rows
         )
     assert TINY.decoder.max_length >= scheduler.batch.capacity
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_next_ones_run(tiny_dia, monkeypatch):
+    scheduler = Scheduler(tiny_dia, max_batch=2).start()
+    try:
+        original = BatchDecoder.step
+        calls = {"n": 0}
+
+        def flaky(self, tokens):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("the device went away")
+            return original(self, tokens)
+
+        monkeypatch.setattr(BatchDecoder, "step", flaky)
+        failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
+        with pytest.raises(RuntimeError, match="the device went away"):
+            list(failed)
+        after = scheduler.submit(TEXTS[1], seed=2, max_new_tokens=NEW)
+        np.testing.assert_array_equal(
+            np.concatenate(list(after)), tiny_dia.generate(TEXTS[1], seed=2, max_new_tokens=NEW)
+        )
+    finally:
+        scheduler.close()

@@ -8,6 +8,7 @@ at a time, and another gets `QueueFull` meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +50,8 @@ class _LoopSink:
         self.loop, self.queue = loop, queue
 
     def put(self, item: AudioChunk | Exception | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the loop has closed (the server stops): nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class SpeechStream:
