@@ -57,6 +57,8 @@ class BatchDecoder:
         for buffer, value in zip(self.cross, encoded, strict=True):
             buffer[first : first + PAIR] = 0
             buffer[first : first + PAIR, :, :length] = value.numpy()
+        for cache in self.caches:  # a masked slot still enters the sum with weight 0: no NaN may stay
+            cache[first : first + PAIR] = 0
         self.mask[first : first + PAIR] = False
         self.mask[first : first + PAIR, :length] = text_mask
         self.positions[first : first + PAIR] = 0

@@ -8,6 +8,7 @@ Graph inputs and outputs are named by the conventions below and paired by name.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,4 +206,4 @@ def reexport_command(data: dict[str, Any], folder: str | Path) -> str:
     floats = [v for v in variants if v in FLOAT_DTYPES] or ["float32"]
     quantized = [v for v in variants if v in QUANTIZED_DTYPES]
     argv += ["--out", str(folder), "--dtype", *floats] + (["--quantize", *quantized] if quantized else [])
-    return "python -m export " + " ".join(argv)
+    return shlex.join(["python", "-m", "export", *argv])

@@ -70,6 +70,7 @@ class Request:
     done: bool = False
 
     def cancel(self) -> None:
+        """Leave the batch (or the queue) at the next step; a no-op once the request has ended."""
         self.cancelled = True
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -166,11 +167,18 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for rows."""
         return len(self.waiting)
 
     @property
     def occupancy(self) -> int:
+        """Requests in the running batch."""
         return len(self.running)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the background thread is serving."""
+        return self.thread is not None and self.thread.is_alive() and not self.closed
 
     @property
     def steps_per_second(self) -> float:
@@ -183,7 +191,10 @@ class Scheduler:
     # -- the scheduler's side -----------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Drop cancelled requests, admit waiting ones, run one decoder step; False when idle."""
+        """Drop cancelled requests, admit waiting ones, run one decoder step; False when idle.
+
+        Called by the background thread once `start()` ran; call it directly only without one.
+        """
         with self.work:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
@@ -194,7 +205,13 @@ class Scheduler:
         for request in [r for r in self.running if r.cancelled]:
             self._retire(request)
         for request in admitted:
-            self._admit(request)
+            try:
+                self._admit(request)
+            except Exception as exc:  # this request fails; the batch goes on without it
+                log.exception("admitting request %d failed", request.id)
+                request.chunks.put(exc)  # before the end that retiring sends
+                if request in self.running:
+                    self._retire(request)
         if self.running:
             tokens = np.zeros((self.batch.rows, 1, self.config.num_channels), dtype=np.int64)
             for request in self.running:

@@ -29,6 +29,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +42,8 @@ def has_sha256(path: Path, sha256: str) -> bool:
     matched, else hashed now (and remembered when it matches)."""
     stat = path.stat()
     key = str(path.resolve())
-    fingerprint = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+    # ctime too: `cp -p`, `rsync -t` or `tar x` can put a modification time back, nothing can set ctime
+    fingerprint = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
     always = os.environ.get("DIA_ORT_VERIFY") == "always"
     records = {} if always else _read()
     if records.get(key) == {"fingerprint": fingerprint, "sha256": sha256}:
@@ -70,6 +72,7 @@ def _write(records: dict) -> None:
     """Replace the record whole (a reader never sees half of it); a cache that cannot be written is
     only a slower next load."""
     path = _record_path()
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".verified-", delete=False) as tmp:
@@ -77,3 +80,5 @@ def _write(records: dict) -> None:
         os.replace(tmp.name, path)
     except OSError as exc:
         log.debug("cannot record verified files in %s: %s", path, exc)
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)

@@ -175,3 +175,38 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_next_ones_run(tiny_
         )
     finally:
         scheduler.close()
+
+
+def test_a_short_text_joining_rows_a_longer_text_left_sees_none_of_it(tiny_dia):
+    """The freed pair's text mask, cross keys and cache are cleared for the next request."""
+    scheduler = Scheduler(tiny_dia, max_batch=2)
+    stays = scheduler.submit(TEXTS[2], temperature=0, max_new_tokens=60)
+    leaves = scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=5)  # the longest text
+    while not leaves.done:
+        scheduler.step()
+    joins = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
+    run(scheduler)
+    for request, text, new in ((stays, TEXTS[2], 60), (joins, TEXTS[0], NEW)):
+        np.testing.assert_array_equal(
+            request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=new).rows
+        )
+
+
+def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia, monkeypatch):
+    scheduler = Scheduler(tiny_dia, max_batch=3)
+    original = BatchDecoder.prefill
+
+    def failing_once(self, first, tokens):
+        monkeypatch.setattr(BatchDecoder, "prefill", original)
+        raise MemoryError("no room for the prefill")
+
+    monkeypatch.setattr(BatchDecoder, "prefill", failing_once)
+    failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
+    fine = scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW)
+    run(scheduler)
+    with pytest.raises(MemoryError, match="no room"):
+        list(failed)
+    np.testing.assert_array_equal(
+        fine.item.rows, solo_rows(tiny_dia, TEXTS[1], temperature=0, max_new_tokens=NEW).rows
+    )
+    assert scheduler.batch.rows == 0

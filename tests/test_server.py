@@ -201,7 +201,13 @@ def test_voices_folder_loading(served_dia, voices, tmp_path, caplog):
     (linked / "escape.wav").symlink_to(outside)
     (linked / "escape.txt").write_text("[S1] Hi.")
     assert "escape" not in load_voices(served_dia, linked)
-    assert "outside the voices folder" in caplog.text
+    assert "escape.wav links to a file outside the voices folder" in caplog.text
+    secret = tmp_path / "secret.txt"
+    secret.write_text("[S1] not for the server")
+    sf.write(linked / "talker.wav", 0.1 * np.sin(np.arange(4410) / 5), 44100)
+    (linked / "talker.txt").symlink_to(secret)
+    assert "talker" not in load_voices(served_dia, linked)  # a transcript linked out is not read either
+    assert "talker.txt links to a file outside the voices folder" in caplog.text
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_voices(served_dia, tmp_path / "missing")
 
@@ -292,16 +298,28 @@ def test_health_models_and_metrics(server, client):
     assert steps > 0
 
 
+def decoder_steps(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "dia_ort_decoder_steps"
+        for s in f.samples
+    )
+
+
 def test_a_client_that_leaves_frees_its_row(server):
+    """It stops decoding: far fewer steps run than its 239-frame budget would take."""
     body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", "max_new_tokens": 239}
-    before = server.health()
+    assert server.health()["batch_occupancy"] == 0
+    before = decoder_steps(server)
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
         next(response.iter_bytes())  # the first audio: the request is in the batch
     deadline = time.monotonic() + 10
     while server.health()["batch_occupancy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert server.health()["batch_occupancy"] == 0
-    assert before["batch_occupancy"] == 0
+    assert decoder_steps(server) - before < 150  # the whole request would take 239 + 15 steps
 
 
 @pytest.fixture(scope="module")

@@ -82,3 +82,16 @@ def test_an_unreadable_record_only_costs_a_hash(folder, hashed, private_cache):
     (private_cache / dia_ort.verified.RECORD_NAME).write_text("{not json")
     Dia(folder, device="cpu")
     assert hashed and Dia(folder, device="cpu")
+
+
+def test_a_modification_time_put_back_does_not_hide_a_change(folder):
+    """`cp -p`, `rsync -t` and `tar x` restore mtimes; the change time still shows the edit."""
+    Dia(folder, device="cpu")
+    data = folder / "dac_decoder.onnx.data"
+    times = data.stat()
+    content = bytearray(data.read_bytes())
+    content[100] ^= 0xFF
+    data.write_bytes(bytes(content))
+    os.utime(data, ns=(times.st_atime_ns, times.st_mtime_ns))
+    with pytest.raises(ValueError, match="dac_decoder.onnx.data does not match its sha256"):
+        Dia(folder, device="cpu")

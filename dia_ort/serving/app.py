@@ -94,9 +94,10 @@ def create_app(
     def authorized(request: Request) -> None:
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = ""
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise ApiError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
 
     guarded = [Depends(authorized)]
@@ -117,6 +118,7 @@ def create_app(
     async def speech(body: SpeechRequest) -> Response:
         try:
             prepared = service.prepare(body)
+            encoder = AudioEncoder(prepared.format)
             stream = service.start(prepared)
         except QueueFull as exc:
             metrics.requests.labels("429").inc()
@@ -130,8 +132,11 @@ def create_app(
         except (ValueError, TypeError) as exc:
             metrics.requests.labels("400").inc()
             return error_response(400, str(exc), "invalid_request_error", "invalid_value")
+        except RuntimeError as exc:  # the scheduler is shutting down
+            metrics.requests.labels("503").inc()
+            return error_response(503, str(exc), "server_error", "shutting_down")
         metrics.requests.labels("200").inc()
-        encoded = _encoded(stream, AudioEncoder(prepared.format), metrics)
+        encoded = _encoded(stream, encoder, metrics)
         if body.stream_format == "sse":
             return StreamingResponse(_events(encoded), media_type="text/event-stream")
         return StreamingResponse(encoded, media_type=FORMATS[prepared.format].media_type)
@@ -154,7 +159,7 @@ def create_app(
     async def health() -> dict:
         return {
             "status": "ok",
-            "ready": scheduler.thread is not None and not scheduler.closed,
+            "ready": scheduler.alive,
             "queue_depth": scheduler.queue_depth,
             "max_queue": scheduler.max_queue,
             "batch_occupancy": scheduler.occupancy,
@@ -177,16 +182,19 @@ def create_app(
 async def _encoded(stream: SpeechStream, encoder: AudioEncoder, metrics: Metrics) -> AsyncIterator[bytes]:
     """The request's audio in its response format, sent as it is encoded."""
     observed = False
-    async for audio in stream:
-        if not observed:
-            metrics.first_audio.observe(stream.first_audio)
-            observed = True
-        data = encoder.encode(audio)
-        if data:
-            yield data
-    tail = encoder.finish()
-    if tail:
-        yield tail
+    try:
+        async for audio in stream:
+            if not observed:
+                metrics.first_audio.observe(stream.first_audio)
+                observed = True
+            data = encoder.encode(audio)
+            if data:
+                yield data
+        tail = encoder.finish()
+        if tail:
+            yield tail
+    finally:
+        stream.cancel()  # also when the response ends before the stream was first read
 
 
 async def _events(encoded: AsyncIterator[bytes]) -> AsyncIterator[str]:

@@ -9,6 +9,8 @@ count) keeps its first, valid "unknown" form for the client.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 from dataclasses import dataclass
 
@@ -38,14 +40,18 @@ FORMATS = {
 UNSUPPORTED = {"aac": "libsndfile has no AAC encoder"}
 
 
+@functools.cache
 def available_formats() -> list[str]:
-    """The formats this libsndfile can encode."""
-    return [
-        name
-        for name, f in FORMATS.items()
-        if f.container is None
-        or (f.container in sf.available_formats() and f.subtype in sf.available_subtypes(f.container))
-    ]
+    """The formats this installation can encode (libsndfile's build, and LAME for mp3)."""
+    return [name for name, f in FORMATS.items() if _can_encode(name, f)]
+
+
+def _can_encode(name: str, f: Format) -> bool:
+    if name == "mp3":
+        return importlib.util.find_spec("lameenc") is not None
+    if f.container is None:
+        return True
+    return f.container in sf.available_formats() and f.subtype in sf.available_subtypes(f.container)
 
 
 class _GrowingFile(io.RawIOBase):

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +30,8 @@ from dia_ort.text import encode_text
 if TYPE_CHECKING:
     from dia_ort.model import Dia
 
-OPTION_FIELDS = ("seed", "temperature", "top_p", "top_k", "cfg_scale", "cfg_filter_top_k", "max_new_tokens")
+# Dia's options a request body carries (the rest of GenerationOptions is the server's to set)
+OPTION_FIELDS = [f.name for f in fields(GenerationOptions) if f.name in SpeechRequest.model_fields]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class Speech:
     options: GenerationOptions
     format: str
     long_form: bool
+
+
+class _Stopped(Exception):
+    """Raised in a long-form request's thread when its client has gone."""
 
 
 class _LoopSink:
@@ -59,6 +65,7 @@ class SpeechStream:
 
     def __init__(self, queue: asyncio.Queue, cancel: Callable[[], None]) -> None:
         self.queue, self.cancel = queue, cancel
+        weakref.finalize(self, cancel)  # a response dropped before its body was read still cancels
         self.started = time.perf_counter()
         self.first_audio: float | None = None  # seconds from submission to the first audio
 
@@ -132,9 +139,9 @@ class SpeechService:
     def _run_long_form(self, parts: LongFormStream, sink: _LoopSink, stop: threading.Event) -> None:
         try:
             for audio in parts:
-                if stop.is_set():
-                    break
                 sink.put(AudioChunk(0, audio, last=False))
+            sink.put(None)
+        except _Stopped:  # the client left
             sink.put(None)
         except Exception as exc:  # handed to the response, which ends with it
             sink.put(exc)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dia_ort.progress import FRAMES_PER_SECOND
+
 if TYPE_CHECKING:
     from dia_ort.model import Dia
 
@@ -48,7 +50,7 @@ def load_voices(dia: Dia, folder: str | Path | None, strict: bool = False) -> di
     for audio in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
         try:
             voices[audio.stem] = _load_voice(dia, folder, audio)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:
             if strict:
                 raise ValueError(f"voice {audio.name}: {exc}") from exc
             log.warning("skipping voice %s: %s", audio.name, exc)
@@ -58,14 +60,15 @@ def load_voices(dia: Dia, folder: str | Path | None, strict: bool = False) -> di
 def _load_voice(dia: Dia, folder: Path, audio: Path) -> Voice:
     if not _NAME.fullmatch(audio.stem):
         raise ValueError("a voice name has letters, digits, '_', '.' and '-' only, at most 64")
-    if audio.resolve().parent != folder.resolve():
-        raise ValueError("it links to a file outside the voices folder")
     transcript_file = audio.with_suffix(".txt")
+    for path in (audio, transcript_file):
+        if path.exists() and path.resolve().parent != folder.resolve():
+            raise ValueError(f"{path.name} links to a file outside the voices folder")
     if not transcript_file.is_file():
         raise FileNotFoundError(f"its transcript {transcript_file.name} is missing")
     transcript = transcript_file.read_text(encoding="utf-8").strip()
     if not transcript:
         raise ValueError(f"its transcript {transcript_file.name} is empty")
     codes = dia.encode_audio(str(audio))
-    log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / 86.13)
+    log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / FRAMES_PER_SECOND)
     return Voice(audio.stem, codes, transcript)
