@@ -17,11 +17,12 @@ import numpy as np
 
 from bench.exports import QUANTIZED, ensure_export
 from bench.machine import describe, physical_cores
-from bench.measure import EngineResult
+from bench.measure import TEXT, EngineResult
 from bench.process import REPO, run_child
 from bench.report import SizeResult, accuracy_table, dac_table, kept_sections, render
-from bench.roofline import floor_ms, step_weight_bytes
+from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes
 from dia_ort.manifest import Manifest
+from dia_ort.text import encode_text
 
 SIZES = ("tiny", "full")
 DEVICE_VARIANTS = {"cpu": ("float32", *QUANTIZED), "cuda": ("float16", "bfloat16", "float32")}
@@ -124,11 +125,15 @@ def bench_variant(
     ]
     measured = run_child(argv, f"dia-ort {variant} on {args.device} ({result.folder})").result
     engine = EngineResult.from_dict(measured["engine"])
-    weights = step_weight_bytes(result.folder / manifest.variants[variant]["decoder_step"].file.path)
+    graph = result.folder / manifest.variants[variant]["decoder_step"].file.path
+    weights = step_weight_bytes(graph)
     result.engines.append(engine)
     result.weight_bytes[variant] = weights
     if args.device == "cpu":
-        result.floor_ms[engine.name] = floor_ms(weights, bandwidth)
+        text_bytes = len(encode_text(TEXT, manifest.model.text_length))
+        result.floor_ms[engine.name] = tuple(
+            floor_ms(step_floor_bytes(graph, weights, text_bytes, p), bandwidth) for p in engine.positions
+        )
     result.batches[engine.name] = measured["batches"]
     if measured["stream"]:
         result.streams[engine.name] = measured["stream"]
@@ -154,8 +159,9 @@ def bench_reference(
     measured = run_child(argv, f"transformers' Dia ({result.size}, {dtype} on {args.device})").result
     engine = EngineResult.from_dict(measured["engine"])
     result.engines.append(engine)
-    if args.device == "cpu" and dtype in result.weight_bytes:
-        result.floor_ms[engine.name] = floor_ms(result.weight_bytes[dtype], bandwidth)
+    ours = next((e.name for e in result.engines if e.name == f"dia-ort {dtype}"), None)
+    if args.device == "cpu" and ours in result.floor_ms:  # the same bytes to read, on the same weights
+        result.floor_ms[engine.name] = result.floor_ms[ours]
     if our_logits is not None:
         reference = np.asarray(measured["logits"])
         scale = max(1.0, float(np.abs(reference).max()))  # relative, as the export's verification

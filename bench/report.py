@@ -26,7 +26,8 @@ class SizeResult:
     folder: Path
     export: ExportRun
     engines: list[EngineResult] = field(default_factory=list)
-    floor_ms: dict[str, float] = field(default_factory=dict)  # engine name -> ms/step to read its weights
+    # engine name -> ms a step at each measured position needs to read its bytes (weights, text K/V, cache)
+    floor_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)
     weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
     batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
     streams: dict[str, dict] = field(default_factory=dict)  # engine name -> generate_stream figures
@@ -89,14 +90,14 @@ def engine_table(result: SizeResult) -> str:
         *(f"step @{p} ms" for p in positions),
         "steps/s",
         "RTF",
-        "floor ms",
-        f"step @{positions[0]} / floor",
+        *(f"floor @{p} ms" for p in positions),
+        *(f"step / floor @{p}" for p in positions),
         "load peak GB",
         "run peak GB",
     ]
     rows = []
     for e in result.engines:
-        floor = result.floor_ms.get(e.name)
+        floors = result.floor_ms.get(e.name) or (None,) * len(positions)
         rows.append(
             [
                 e.name,
@@ -107,8 +108,8 @@ def engine_table(result: SizeResult) -> str:
                 *map(number, e.step_ms),
                 number(e.steps_per_s),
                 number(e.realtime_factor),
-                number(floor),
-                number(None if floor is None else e.step_ms[0] / floor),
+                *map(number, floors),
+                *(number(None if f is None else step / f) for step, f in zip(e.step_ms, floors, strict=True)),
                 _gb(e.load_peak_rss),
                 _gb(e.run_peak_rss),
             ]
@@ -243,7 +244,9 @@ def render(machine: Machine, command: str, results: list[SizeResult], sections: 
         *([warning] if busy else []),
         "Times are medians. steps/s = 1000 / mean(step ms at the early and late positions); RTF = steps/s "
         f"/ {FRAMES_PER_SECOND:.2f} (above 1 is faster than real time). Each step is a CFG pair (2 rows). "
-        "floor = decoder weight bytes / read bandwidth. dia-ort's encoder time is `engine.start` "
+        "floor = the bytes a step must read / read bandwidth: the decoder weights (one row of each "
+        "embedding table per token), the text's cross-attention K/V and the cache up to the position, for "
+        "both CFG rows. dia-ort's encoder time is `engine.start` "
         "(encoder, cross-attention K/V and cache allocation); transformers computes its cross K/V in "
         "the first decoder step. Load time includes hashing the files; run peak RSS counts from the "
         "end of loading.",

@@ -1,4 +1,8 @@
-"""The floor of a decoder step: the bytes of weights it must read, at the machine's read bandwidth."""
+"""The floor of a decoder step: the bytes it must read, at the machine's read bandwidth.
+
+A CFG step (two rows) reads every weight once, one row of each gathered embedding table per token,
+the text's cross-attention K/V, and the self-attention cache up to its position.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,30 @@ def step_weight_bytes(graph_path: Path) -> int:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     return sum(_nbytes(t) for t in graph.initializer if readers.get(t.name, set()) != {"Gather"})
+
+
+def step_floor_bytes(graph_path: Path, weight_bytes: int, text_bytes: int, position: int) -> int:
+    """Bytes one CFG step (2 rows) of the graph must read at `position` for a text of `text_bytes`."""
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    shapes = {v.name: v.type.tensor_type for v in graph.input}
+    tables = [
+        t
+        for t in graph.initializer
+        if t.name not in {n for node in graph.node if node.op_type != "Gather" for n in node.input}
+    ]
+    gathered = sum(_nbytes(t) // t.dims[0] for t in tables if t.dims) * 9  # one row per channel's token
+
+    def per_slot(name: str) -> int:  # bytes of one position of one row of a K or V input, all layers
+        kind = shapes[name]
+        heads, dim = (d.dim_value for d in kind.shape.dim[1:4:2])
+        layers = sum(1 for n in shapes if n.startswith(name.rsplit("_", 1)[0] + "_"))
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(kind.elem_type)).itemsize
+        return 2 * layers * heads * dim * itemsize  # K and V
+
+    rows = 2
+    return weight_bytes + rows * (
+        gathered + text_bytes * per_slot("cross_key_0") + (position + 1) * per_slot("past_key_0")
+    )
 
 
 def floor_ms(weight_bytes: int, bandwidth: float) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import export_tiny
 
+from bench.roofline import step_floor_bytes, step_weight_bytes
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
 from export.architecture import TINY
 
@@ -78,3 +79,14 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     accuracy = _table(markdown, "| variant | steps |")
     assert [row[0] for row in accuracy] == ["int8"] and 0 < float(accuracy[0][2]) <= 1
     assert "Not measured: ['int4']" in markdown
+
+
+def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
+    """Both CFG rows read the text's cross K/V and the cache up to the position, besides the weights."""
+    graph = float32_int8_folder / "decoder_step.float32.onnx"
+    weights = step_weight_bytes(graph)
+    d = TINY.decoder
+    per_row = 9 * d.hidden * 4  # one embedding row per channel's token
+    per_row += 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4  # 30 text bytes of cross K/V
+    per_row += 21 * d.layers * 2 * d.kv_heads * d.head_dim * 4  # cache slots 0..20
+    assert step_floor_bytes(graph, weights, text_bytes=30, position=20) == weights + 2 * per_row
