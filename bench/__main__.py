@@ -24,12 +24,12 @@ from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 
-SIZES = ("tiny", "full")
+SIZES = ("tiny", "mid", "full")
 DEVICE_VARIANTS = {"cpu": ("float32", *QUANTIZED), "cuda": ("float16", "bfloat16", "float32")}
 REFERENCE_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}  # transformers' precisions
 BATCHES = (1, 4, 16)
-BATCH_STEPS = {"tiny": 200, "full": 30}  # full: enough for a steady state, few enough to finish
-STREAM_FRAMES = {"tiny": 200, "full": 258}  # frames of the streaming run (full: 3 s of audio)
+BATCH_STEPS = {"tiny": 200, "mid": 100, "full": 30}  # full: enough for a steady state, few enough to finish
+STREAM_FRAMES = {"tiny": 200, "mid": 258, "full": 258}  # frames of the streaming run (full: 3 s of audio)
 ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
 DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -52,13 +52,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed single-row steps at each position")
     parser.add_argument(
-        "--batch-steps", type=int, help="max_new_tokens of the batch runs (default: tiny 200, full 30)"
+        "--batch-steps",
+        type=int,
+        help="max_new_tokens of the batch runs (default: tiny 200, mid 100, full 30)",
     )
     parser.add_argument("--skip-reference", action="store_true", help="do not measure transformers")
     parser.add_argument("--skip-dac", action="store_true", help="do not measure the DAC codec")
     parser.add_argument("--skip-stream", action="store_true", help="do not measure generate_stream")
     parser.add_argument(
-        "--stream-frames", type=int, help="frames of the streaming run (default: tiny 200, full 258)"
+        "--stream-frames", type=int, help="frames of the streaming run (default: tiny 200, mid and full 258)"
     )
     parser.add_argument("--re-export", action="store_true", help="export even where a finished folder exists")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")

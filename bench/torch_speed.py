@@ -21,10 +21,8 @@ from transformers import DiaConfig, DiaForConditionalGeneration, DynamicCache, E
 from bench.measure import TEXT, EngineResult, decoder_times, median_ms, peak_rss, reset_peak_rss
 from dia_ort.generation import cfg_text_rows
 from dia_ort.text import encode_text
-from export.architecture import FULL, TINY, DiaArchitecture
+from export.architecture import PRESETS, DiaArchitecture
 from export.checkpoint import random_state
-
-PRESETS = {"tiny": TINY, "full": FULL}
 
 
 def build_model(arch: DiaArchitecture, seed: int) -> DiaForConditionalGeneration:

@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--random-init",
-        metavar="{tiny,full,CONFIG.json}",
+        metavar="{tiny,mid,full,CONFIG.json}",
         help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")

@@ -311,6 +311,28 @@ TINY = DiaArchitecture(
     flavour="0626",
 )
 
+# Between the two: the decoder of the issue that measured the quantized variants (8 x 1024, GQA 4:1),
+# 592 MB of float32 step weights, for benchmarks that want the real layer shapes in a few minutes.
+MID = DiaArchitecture(
+    encoder=EncoderDims(
+        layers=4, hidden=512, intermediate=2048, heads=8, head_dim=64, vocab_size=256, max_length=1024
+    ),
+    decoder=DecoderDims(
+        layers=8,
+        hidden=1024,
+        intermediate=4096,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        cross_heads=8,
+        cross_head_dim=128,
+        vocab_size=1028,
+        num_channels=9,
+        max_length=3072,
+    ),
+    flavour="0626",
+)
+
 FULL = DiaArchitecture(
     encoder=EncoderDims(
         layers=12, hidden=1024, intermediate=4096, heads=16, head_dim=128, vocab_size=256, max_length=1024
@@ -330,3 +352,5 @@ FULL = DiaArchitecture(
     ),
     flavour="0626",
 )
+
+PRESETS = {"tiny": TINY, "mid": MID, "full": FULL}  # `python -m export --random-init NAME`

@@ -19,7 +19,7 @@ import torch
 
 from dia_ort.hub import download, is_hub_id
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
-from export.architecture import FULL, TINY, DiaArchitecture
+from export.architecture import PRESETS, DiaArchitecture
 from export.checkpoint import checkpoint_files, load_checkpoint, random_state
 from export.dac import DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
 from export.dac_weights import load_dac, random_dac
@@ -56,9 +56,8 @@ class Sources:
 
 
 def random_sources(spec: str, seed: int, dac_arch: DacArchitecture | None = None) -> Sources:
-    """`tiny`, `full` or a schema-B config file -> random weights, with a random DAC of the real shape."""
-    presets = {"tiny": TINY, "full": FULL}
-    arch = presets[spec] if spec in presets else DiaArchitecture.from_file(spec)
+    """`tiny`, `mid`, `full` or a schema-B config file -> random weights, with a random DAC of the real shape."""
+    arch = PRESETS[spec] if spec in PRESETS else DiaArchitecture.from_file(spec)
     dac_arch = dac_arch or DacArchitecture()
     return Sources(
         arch=arch,
