@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import export_tiny
 
+from bench.profile import profile_step
 from bench.roofline import step_floor_bytes, step_weight_bytes
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
 from export.architecture import TINY
@@ -90,3 +91,10 @@ def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
     per_row += 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4  # 30 text bytes of cross K/V
     per_row += 21 * d.layers * 2 * d.kv_heads * d.head_dim * 4  # cache slots 0..20
     assert step_floor_bytes(graph, weights, text_bytes=30, position=20) == weights + 2 * per_row
+
+
+def test_step_profile_sums_its_operator_types(float32_int8_folder):
+    result = profile_step(float32_int8_folder, "int8", threads=1, steps=2, position=4)
+    assert result["nodes"] == sum(op["nodes"] for op in result["ops"]) > 0
+    assert abs(sum(op["share"] for op in result["ops"]) - 1) < 1e-6
+    assert "MatMulNBits" in {op["op"] for op in result["ops"]}  # the int8 weights
