@@ -64,8 +64,6 @@ class Request:
     first_row: int | None = None  # its pair's first row in the batch, while running
     row: int = 0  # the decoder row it produced last
     tokens: np.ndarray | None = None  # that row, fed at the next step
-    submitted: float = field(default_factory=time.perf_counter)
-    first_audio: float | None = None  # when its first audio was handed out
     cancelled: bool = False
     done: bool = False
 
@@ -239,14 +237,10 @@ class Scheduler:
         item, row = request.item, request.row + 1
         sampled = next_tokens(logits[1:2], logits[0:1], request.options, self.config, request.rng)[0]
         request.tokens, request.row = item.place(row, sampled), row
+        audio = request.audio.after_row(item, row)
+        if audio is not None:
+            request.chunks.put(AudioChunk(request.id, audio, request.audio.ended))
         last = item.finished(row)
-        frames = item.final_frames(row)
-        if last or request.audio.wants(frames):
-            audio = request.audio.feed(item.codes(frames), last)
-            if audio is not None and (len(audio) or last):
-                if request.first_audio is None and len(audio):
-                    request.first_audio = time.perf_counter()
-                request.chunks.put(AudioChunk(request.id, audio, last))
         if last:
             request.done = True
             self._retire(request)

@@ -16,7 +16,7 @@ import soxr
 
 from dia_ort.audio import DAC_SAMPLE_RATE
 from dia_ort.codec import Codec
-from dia_ort.generation import Generation, Step
+from dia_ort.generation import Generation, ItemState, Step
 
 FIRST_CHUNK_FRAMES = 8  # about 93 ms of audio: the first chunk, for a short time to first audio
 CHUNK_FRAMES = 8  # later chunks: every decoded block as soon as it is ready (the blocks grow)
@@ -66,9 +66,15 @@ class ItemStream:
         self.pending_samples = 0
         self.ended = False
 
-    def wants(self, frames: int) -> bool:
-        """Whether `frames` final frames complete a block (so `feed` has work to do)."""
-        return frames >= self.decoder.needs()
+    def after_row(self, item: ItemState, row: int) -> np.ndarray | None:
+        """The audio to hand out once the item produced `row`: a chunk (empty only at the item's end),
+        or None. Decodes only when a block is complete or the item has ended."""
+        last = item.finished(row)
+        frames = item.final_frames(row)
+        if not (last or frames >= self.decoder.needs()):
+            return None
+        audio = self.feed(item.codes(frames), last)
+        return audio if audio is not None and (len(audio) or last) else None
 
     def feed(self, codes: np.ndarray, last: bool = False) -> np.ndarray | None:
         """Every final frame so far `[T, C]`; returns a chunk when enough audio is ready, else None.
@@ -106,14 +112,6 @@ def stream_generation(
     items = [ItemStream(codec, sample_rate, first_chunk_frames, chunk_frames) for _ in generation.items]
     for step in generation:
         yield step
-        for i, stream in enumerate(items):
-            if stream.ended:
-                continue
-            last = bool(step.finished[i])
-            item = generation.items[i]
-            frames = item.final_frames(step.row)
-            if not (last or stream.wants(frames)):
-                continue
-            audio = stream.feed(item.codes(frames), last)
-            if audio is not None and (len(audio) or last):
-                yield AudioChunk(i, audio, last)
+        for i, (stream, item) in enumerate(zip(items, generation.items, strict=True)):
+            if not stream.ended and (audio := stream.after_row(item, step.row)) is not None:
+                yield AudioChunk(i, audio, stream.ended)
