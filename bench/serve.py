@@ -21,6 +21,7 @@ import httpx
 
 from bench.exports import ensure_export
 from bench.machine import describe, physical_cores
+from bench.measure import TEXT
 from bench.process import REPO
 from bench.report import number, replace_section, table
 
@@ -28,9 +29,6 @@ SIZES = {"tiny": ("float32",), "full": ("int8", "int4")}
 FRAMES = {"tiny": 200, "full": 129}  # per request; full: 1.5 s of audio, so 16 clients finish
 CLIENTS = (1, 4, 8, 16)
 SECTION = "serve"
-TEXT = (
-    "[S1] Dia is an open weights text to dialogue model. [S2] You get full control over scripts and voices."
-)
 
 
 def free_port() -> int:

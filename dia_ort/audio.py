@@ -114,6 +114,15 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return soxr.resample(audio, from_rate, to_rate, quality="VHQ").astype(np.float32, copy=False)
 
 
+def stream_resampler(to_rate: int) -> soxr.ResampleStream | None:
+    """`resample` from the codec's rate for audio that comes in pieces (the same samples as resampling
+    the whole); None when `to_rate` is the codec's rate."""
+    to_rate = _check_rate(to_rate, "to_rate")
+    if to_rate == DAC_SAMPLE_RATE:
+        return None
+    return soxr.ResampleStream(DAC_SAMPLE_RATE, to_rate, 1, dtype="float32", quality="VHQ")
+
+
 def _read_file(source: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read an audio file as mono float32 and its rate, with errors that name the file."""
     if not os.path.exists(source):

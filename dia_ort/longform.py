@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-import soxr
 
-from dia_ort.audio import DAC_SAMPLE_RATE
+from dia_ort.audio import DAC_SAMPLE_RATE, stream_resampler
 from dia_ort.generation import Generation
 from dia_ort.options import GenerationOptions
 from dia_ort.progress import FRAMES_PER_SECOND, report_speed
@@ -144,13 +143,8 @@ class LongFormStream:
         log.info("long-form script: %d parts", len(self.parts))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        rate = self.options.sample_rate
         fade = Crossfade(round(CROSSFADE_SECONDS * DAC_SAMPLE_RATE))
-        resampler = (
-            None
-            if rate == DAC_SAMPLE_RATE
-            else soxr.ResampleStream(DAC_SAMPLE_RATE, rate, 1, dtype="float32", quality="VHQ")
-        )
+        resampler = stream_resampler(self.options.sample_rate)
 
         def out(audio: np.ndarray, last: bool = False) -> Iterator[np.ndarray]:
             if resampler is not None:

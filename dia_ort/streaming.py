@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import soxr
 
-from dia_ort.audio import DAC_SAMPLE_RATE
+from dia_ort.audio import DAC_SAMPLE_RATE, stream_resampler
 from dia_ort.codec import Codec
 from dia_ort.generation import Generation, ItemState, Step
 
@@ -55,11 +54,7 @@ class ItemStream:
         check_chunk_frames(first_chunk_frames, chunk_frames)
         self.decoder = codec.stream()
         self.hop = codec.config.hop_length
-        self.resampler = (
-            None
-            if sample_rate == DAC_SAMPLE_RATE
-            else soxr.ResampleStream(DAC_SAMPLE_RATE, sample_rate, 1, dtype="float32", quality="VHQ")
-        )
+        self.resampler = stream_resampler(sample_rate)
         self.wanted = first_chunk_frames * self.hop
         self.chunk = chunk_frames * self.hop
         self.pending: list[np.ndarray] = []  # decoded audio at 44.1 kHz not yet returned
