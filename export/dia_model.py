@@ -11,6 +11,13 @@ The decoder's self-attention cache is a fixed buffer `[B x Hkv x T x D]` per lay
 new keys and values into the buffer with one ScatterND and attends over the whole buffer under a
 causal mask, so the runtime can bind the same memory as cache input and output and nothing is copied
 per step.
+
+The graphs are written to be lean, since ONNX Runtime pays a fixed cost per node at every step:
+reshapes carry constant shapes (`reshape`), the step multiplies by one fused Q/K/V kernel, masks become
+one additive bias per step, and in float32 RoPE and attention export as ONNX Runtime's fused
+`RotaryEmbedding` and `MultiHeadAttention` ops. The torch forward of each fused op is the reference
+math the export is verified against. Half-precision graphs (for CUDA) keep standard ops, which every
+provider runs in those types.
 """
 
 from __future__ import annotations
@@ -57,6 +64,91 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(fused[..., : self.intermediate]) * fused[..., self.intermediate :])
 
 
+class Reshape(torch.autograd.Function):
+    """`x` reshaped to `shape`, where 0 keeps the input's dimension and -1 is inferred (ONNX's rule).
+
+    Exported as one Reshape with a constant shape: torch's own reshape and unflatten trace to chains
+    of Shape, Gather and Concat nodes that ONNX Runtime would run at every step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shape: tuple[int, ...]) -> Tensor:  # noqa: ARG004
+        return x.reshape([x.shape[i] if size == 0 else size for i, size in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):  # noqa: ANN001
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def reshape(x: Tensor, *shape: int) -> Tensor:
+    return Reshape.apply(x, shape)
+
+
+def heads_first(x: Tensor, heads: int) -> Tensor:
+    """Tensor[B x L x heads*D] -> Tensor[B x heads x L x D], the layout of the caches."""
+    return reshape(x, 0, 0, heads, -1).transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, heads: int) -> Tensor:
+    """Scale-1.0 attention: q Tensor[B x S x H*D], k and v Tensor[B x H x T x D], bias Tensor[B x 1 x S x T]
+    (0 where allowed, -inf where masked) -> Tensor[B x S x H*D]. Softmax runs in float32."""
+    q = heads_first(q, heads)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+    return reshape(out.transpose(1, 2), 0, 0, -1)
+
+
+class FusedAttention(torch.autograd.Function):
+    """`attention`, exported as ONNX Runtime's MultiHeadAttention (keys and values in BNSH layout)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, heads: int) -> Tensor:  # noqa: ARG004
+        return attention(q, k, v, bias, heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, heads):  # noqa: ANN001
+        none = g.op("prim::Constant")  # an absent optional input, as torch's own symbolics write it
+        none.setType(torch._C.OptionalType.ofTensor())
+        out = g.op(
+            "com.microsoft::MultiHeadAttention", q, k, v, none, none, bias, num_heads_i=heads, scale_f=1.0
+        )
+        out.setType(q.type())  # the output has the query's shape; saying so keeps the exporter quiet
+        return out
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, heads: int, fused: bool) -> Tensor:
+    """`attention`, as ONNX Runtime's MultiHeadAttention when `fused`."""
+    return FusedAttention.apply(q, k, v, bias, heads) if fused else attention(q, k, v, bias, heads)
+
+
+def rotate_half(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    """x Tensor[B x S x heads*D] with each head rotated by its row's angles, in float32.
+
+    positions Tensor[B x S]; cos and sin Tensor[P x D/2], the tables of every position.
+    """
+    half = int(cos.shape[-1])
+    x = reshape(x, 0, 0, heads, -1)
+    c, s = cos[positions][:, :, None], sin[positions][:, :, None]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return reshape(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype), 0, 0, -1)
+
+
+class FusedRotate(torch.autograd.Function):
+    """`rotate_half`, exported as ONNX Runtime's RotaryEmbedding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:  # noqa: ARG004
+        return rotate_half(x, positions, cos, sin, heads)
+
+    @staticmethod
+    def symbolic(g, x, positions, cos, sin, heads):  # noqa: ANN001
+        out = g.op(
+            "com.microsoft::RotaryEmbedding", x, positions, cos, sin, num_heads_i=heads, interleaved_i=0
+        )
+        out.setType(x.type())
+        return out
+
+
 class Projections(nn.Module):
     """q/k/v/o projections of one attention block (names as in transformers)."""
 
@@ -68,55 +160,32 @@ class Projections(nn.Module):
         self.v_proj = Linear(kv_hidden, kv_heads * head_dim)
         self.o_proj = Linear(heads * head_dim, hidden)
 
-    def queries(self, x: Tensor) -> Tensor:
-        """Tensor[B x S x E] -> Tensor[B x H x S x D]."""
-        return self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Tensor[B x L x E] -> two Tensor[B x Hkv x L x D]."""
-        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        return k, v
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-        """Scale-1.0 attention with grouped queries; returns the projected output Tensor[B x S x E].
-
-        q is Tensor[B x H x S x D], k and v Tensor[B x Hkv x T x D]; `allowed` broadcasts to
-        [B x 1 x 1 x S x T]. Query head h reads KV head h // (H / Hkv). Queries are grouped per KV
-        head instead of repeating the keys, so the cache is read once and never copied.
-        """
-        groups = self.heads // self.kv_heads
-        q = q.unflatten(1, (self.kv_heads, groups)).flatten(2, 3)
-        scores = torch.matmul(q, k.transpose(-1, -2)).unflatten(2, (groups, -1))
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)
-        out = torch.matmul(weights, v).unflatten(2, (groups, -1))  # [B, Hkv, G, S, D]
-        out = out.permute(0, 3, 1, 2, 4).flatten(2)  # [B, S, H*D]
-        return self.o_proj(out)
+def additive(allowed: Tensor) -> Tensor:
+    """A boolean mask as an attention bias: 0 where allowed, -inf where not (float32)."""
+    return torch.where(allowed, 0.0, float("-inf"))
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE with timescale_i = min * (max/min) ** (2i/D), in float32."""
+    """Rotate-half RoPE with timescale_i = min * (max/min) ** (2i/D), in float32.
 
-    def __init__(self, head_dim: int, min_timescale: float, max_timescale: float) -> None:
+    The cos and sin of every position below `positions` are tables computed once at export, with the
+    float32 arithmetic the model uses (angle = position / timescale). They are plain attributes, not
+    buffers: `.half()` must not round them (at position 3000 a float16 angle would move by a radian).
+    """
+
+    def __init__(self, head_dim: int, min_timescale: float, max_timescale: float, positions: int) -> None:
         super().__init__()
         fraction = 2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim
-        timescale = min_timescale * (max_timescale / min_timescale) ** fraction
-        # a plain attribute, not a buffer: `.half()` must not round it (at position 3000 a float16
-        # timescale would move the angle by a radian); the graph gets it as a float32 constant
-        self.timescale = timescale.float()
-        self.half = head_dim // 2  # a Python int, so the graph slices with constants
+        timescale = (min_timescale * (max_timescale / min_timescale) ** fraction).float()
+        angle = torch.arange(positions, dtype=torch.float32)[:, None] / timescale
+        self.cos, self.sin = torch.cos(angle), torch.sin(angle)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions Tensor[...] (int) -> (cos, sin) Tensor[... x D/2], computed once per graph call."""
-        angle = positions.float()[..., None] / self.timescale.to(positions.device)
-        return torch.cos(angle), torch.sin(angle)
-
-    def rotate(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
-        """x Tensor[B x H x S x D] rotated by the (cos, sin) of its positions."""
-        cos, sin = angles
-        x1, x2 = x[..., : self.half].float(), x[..., self.half :].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    def rotate(self, x: Tensor, positions: Tensor, heads: int, fused: bool) -> Tensor:
+        """x Tensor[B x S x heads*D] rotated at positions Tensor[B x S] (int64)."""
+        if fused:
+            return FusedRotate.apply(x, positions, self.cos, self.sin, heads)
+        return rotate_half(x, positions, self.cos, self.sin, heads)
 
 
 class EncoderLayer(nn.Module):
@@ -187,9 +256,21 @@ class DiaModel(nn.Module):
         self.model = DiaBackbone(arch)
         d = arch.decoder
         self.logits_dense = Linear(d.hidden, d.num_channels * d.vocab_size)
-        self.rotary_encoder = Rotary(arch.encoder.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
-        self.rotary_decoder = Rotary(d.head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
-        self.rotary_cross = Rotary(d.cross_head_dim, arch.rope_min_timescale, arch.rope_max_timescale)
+        scales = (arch.rope_min_timescale, arch.rope_max_timescale)
+        text, audio = arch.encoder.max_length, d.max_length
+        self.rotary_encoder = Rotary(arch.encoder.head_dim, *scales, positions=text)
+        self.rotary_decoder = Rotary(d.head_dim, *scales, positions=audio)
+        # v0.1 rotates cross-attention keys at text positions and queries at audio positions
+        self.rotary_cross = Rotary(d.cross_head_dim, *scales, positions=max(text, audio))
+
+    @property
+    def fused_ops(self) -> bool:
+        """Whether the graphs use ONNX Runtime's fused RotaryEmbedding and MultiHeadAttention.
+
+        Only in float32 (the CPU variants and what they are quantized from): half-precision graphs
+        are for CUDA, whose fused kernels do not all take bfloat16, so they keep standard ops.
+        """
+        return self.logits_dense.weight.dtype == torch.float32
 
     @classmethod
     def from_state(cls, arch: DiaArchitecture, state: dict[str, Tensor]) -> DiaModel:
@@ -236,28 +317,51 @@ class EncoderGraph(nn.Module):
 
     def forward(self, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, ...]:
         m = self.model
-        enc = m.model.encoder
-        positions = torch.arange(text_ids.shape[1])
+        enc, fused = m.model.encoder, m.fused_ops
+        heads = m.arch.encoder.heads
+        positions = torch.arange(text_ids.shape[1]).expand_as(text_ids)
         # a real byte attends real bytes only, a pad byte pad bytes only (SPEC.md section 3)
-        allowed = (text_mask[:, :, None] == text_mask[:, None, :])[:, None, None]
-        rope = m.rotary_encoder(positions)
+        bias = additive(text_mask[:, :, None] == text_mask[:, None, :])[:, None]  # [B, 1, L, L]
         x = enc.embedding(text_ids)
         for layer in enc.layers:
             sa = layer.self_attention
             h = layer.pre_sa_norm(x)
-            k, v = sa.keys_values(h)
-            q = m.rotary_encoder.rotate(sa.queries(h), rope)
-            x = x + sa.attend(q, m.rotary_encoder.rotate(k, rope), v, allowed)
+            q = m.rotary_encoder.rotate(sa.q_proj(h), positions, heads, fused)
+            k = heads_first(m.rotary_encoder.rotate(sa.k_proj(h), positions, heads, fused), heads)
+            v = heads_first(sa.v_proj(h), heads)
+            x = x + sa.o_proj(attend(q, k, v, bias, heads, fused))
             x = x + layer.mlp(layer.post_sa_norm(x))
         x = enc.norm(x)
         outputs = []
-        cross_rope = m.rotary_cross(positions) if m.arch.flavour == "v0.1" else None
+        cross_heads = m.arch.decoder.cross_heads
         for layer in m.model.decoder.layers:
-            k, v = layer.cross_attention.keys_values(x)
+            ca = layer.cross_attention
+            k = ca.k_proj(x)
             if m.arch.flavour == "v0.1":
-                k = m.rotary_cross.rotate(k, cross_rope)
-            outputs += [k, v]
+                k = m.rotary_cross.rotate(k, positions, cross_heads, fused)
+            outputs += [heads_first(k, cross_heads), heads_first(ca.v_proj(x), cross_heads)]
         return tuple(outputs)
+
+
+class FusedSelfAttention(nn.Module):
+    """One decoder layer's self-attention kernels as the step graph multiplies by them.
+
+    `qkv` is q/k/v side by side (one MatMul per step instead of three). Its q columns are ordered
+    (group, KV head, dim) instead of (KV head, group, dim), and `o`'s rows likewise, so the G query
+    heads that share a KV head become G query rows of one head by a plain reshape: attention then
+    reads each cached K/V once and never repeats it. Built once at export, a copy of the weights.
+    """
+
+    def __init__(self, sa: Projections) -> None:
+        super().__init__()
+        groups, kv, d = sa.heads // sa.kv_heads, sa.kv_heads, sa.head_dim
+        q = sa.q_proj.weight.detach().unflatten(1, (kv, groups, d)).transpose(1, 2).flatten(1)
+        self.qkv = nn.Parameter(
+            torch.cat([q, sa.k_proj.weight.detach(), sa.v_proj.weight.detach()], 1), False
+        )
+        o = sa.o_proj.weight.detach().unflatten(0, (kv, groups, d)).transpose(0, 1).flatten(0, 2)
+        self.o = nn.Parameter(o.contiguous(), False)
+        self.splits = (sa.heads * d, kv * d, kv * d)
 
 
 class DecoderStepGraph(nn.Module):
@@ -276,41 +380,43 @@ class DecoderStepGraph(nn.Module):
     def __init__(self, model: DiaModel) -> None:
         super().__init__()
         self.model = model
+        layers = model.model.decoder.layers
+        self.self_attention = nn.ModuleList(FusedSelfAttention(layer.self_attention) for layer in layers)
 
     def forward(
         self, tokens: Tensor, positions: Tensor, text_mask: Tensor, *caches: Tensor
     ) -> tuple[Tensor, ...]:
         m = self.model
-        dec = m.model.decoder
+        dec, d, fused = m.model.decoder, m.arch.decoder, m.fused_ops
         n = len(dec.layers)
         cross, past = caches[: 2 * n], caches[2 * n :]
-        batch, kv_heads = tokens.shape[0], m.arch.decoder.kv_heads
-        indices = cache_indices(batch, kv_heads, positions)
+        groups = d.heads // d.kv_heads
+        indices = cache_indices(tokens.shape[0], d.kv_heads, positions)
         slots = torch.arange(past[0].shape[2])
-        causal = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B, 1, 1, S, T]
-        text_allowed = text_mask[:, None, None, None, :]  # [B, 1, 1, 1, L]
-        rope = _per_head(m.rotary_decoder(positions))
-        cross_rope = _per_head(m.rotary_cross(positions)) if m.arch.flavour == "v0.1" else None
+        causal = additive(slots[None, None, :] <= positions[:, :, None])  # [B, S, T]
+        # query row (s, g) of a KV head is row s of its g-th query head
+        self_bias = reshape(torch.stack([causal] * groups, dim=2), 0, 1, -1, 0)  # [B, 1, S*G, T]
+        # MultiHeadAttention takes a bias row per query row, so the text mask is repeated S times
+        cross_bias = additive(text_mask[:, None, :].expand(-1, tokens.shape[1], -1))[:, None]  # [B, 1, S, L]
+
         x = dec.embeddings(tokens)
         presents = []
         for i, layer in enumerate(dec.layers):
-            sa, ca = layer.self_attention, layer.cross_attention
-            h = layer.pre_sa_norm(x)
-            k, v = sa.keys_values(h)
-            k = CacheWrite.apply(past[2 * i], indices, m.rotary_decoder.rotate(k, rope))
-            v = CacheWrite.apply(past[2 * i + 1], indices, v)
+            sa, ca = self.self_attention[i], layer.cross_attention
+            q, k, v = torch.split(torch.matmul(layer.pre_sa_norm(x), sa.qkv), sa.splits, dim=-1)
+            q = m.rotary_decoder.rotate(q, positions, d.heads, fused)
+            k = m.rotary_decoder.rotate(k, positions, d.kv_heads, fused)
+            k = CacheWrite.apply(past[2 * i], indices, heads_first(k, d.kv_heads))
+            v = CacheWrite.apply(past[2 * i + 1], indices, heads_first(v, d.kv_heads))
             presents += [k, v]
-            x = x + sa.attend(m.rotary_decoder.rotate(sa.queries(h), rope), k, v, causal)
-            q = ca.queries(layer.pre_ca_norm(x))
+            q = reshape(q, 0, -1, d.kv_heads * d.head_dim)  # [B, S*G, Hkv*D]
+            attended = attend(q, k, v, self_bias, d.kv_heads, fused)  # [B, S*G, Hkv*D]
+            x = x + torch.matmul(reshape(attended, 0, -1, d.heads * d.head_dim), sa.o)
+            q = ca.q_proj(layer.pre_ca_norm(x))
             if m.arch.flavour == "v0.1":
-                q = m.rotary_cross.rotate(q, cross_rope)
-            x = x + ca.attend(q, cross[2 * i], cross[2 * i + 1], text_allowed)
+                q = m.rotary_cross.rotate(q, positions, d.cross_heads, fused)
+            x = x + ca.o_proj(attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, d.cross_heads, fused))
             x = x + layer.mlp(layer.pre_mlp_norm(x))
         last = dec.norm(x[:, -1])
-        logits = m.logits_dense(last).unflatten(-1, (m.arch.decoder.num_channels, m.arch.decoder.vocab_size))
+        logits = m.logits_dense(last).unflatten(-1, (d.num_channels, d.vocab_size))
         return (logits.float(), *presents)
-
-
-def _per_head(angles: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(cos, sin) Tensor[B x S x D/2] -> Tensor[B x 1 x S x D/2], to rotate Tensor[B x H x S x D]."""
-    return angles[0][:, None], angles[1][:, None]

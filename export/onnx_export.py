@@ -60,6 +60,7 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
+                custom_opsets={"com.microsoft": 1},
             )
         model = onnx.load(str(traced), load_external_data=False)
         gather_weights(model, Path(tmp), folder / data_file)

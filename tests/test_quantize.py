@@ -39,7 +39,7 @@ def test_weights_are_matmulnbits_but_head_and_embeddings_stay_float(quant_folder
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 8 * TINY.decoder.layers  # q, k, v, o, cross q, cross o, gate_up, down
+    assert len(nbits) == 6 * TINY.decoder.layers  # qkv, o, cross q, cross o, gate_up, down
     for node in nbits:
         attributes = {a.name: a.i for a in node.attribute}
         assert attributes["bits"] == QUANTIZED_BITS[dtype]
