@@ -12,10 +12,10 @@ from pathlib import Path
 
 from bench.process import run_child
 from dia_ort.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
-from export.quantize import QUANTIZED_BITS  # no torch: onnx only
+from export.quantize import RECIPES  # no torch: onnx only
 
 RECORD = "bench_export.json"
-QUANTIZED = tuple(QUANTIZED_BITS)  # the variants `python -m export --quantize` writes
+QUANTIZED = tuple(RECIPES)  # the variants `python -m export --quantize` writes
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,19 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
+INDEXING_OPS = {"Gather", "RotaryEmbedding"}  # ops that read a few rows of a table, not all of it
+
+
 def step_weight_bytes(graph_path: Path) -> int:
-    """Bytes of the initializers one step reads in full: all but the tables that are only gathered
-    (the embeddings, of which a step reads one row per token). Sizes come from the graph's
-    metadata; the external weight data is not loaded."""
+    """Bytes of the initializers one step reads in full: all but the tables it only reads rows of
+    (the embeddings, one row per token; RoPE's cos and sin, one row per position). Sizes come from
+    the graph's metadata; the external weight data is not loaded."""
     graph = onnx.load(str(graph_path), load_external_data=False).graph
     readers: dict[str, set[str]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
-    return sum(_nbytes(t) for t in graph.initializer if readers.get(t.name, set()) != {"Gather"})
+    return sum(_nbytes(t) for t in graph.initializer if not readers.get(t.name, set()) <= INDEXING_OPS)
 
 
 def step_floor_bytes(graph_path: Path, weight_bytes: int, text_bytes: int, position: int) -> int:

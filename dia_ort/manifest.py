@@ -20,7 +20,7 @@ MANIFEST_NAME = "dia_ort.json"
 # 2: the decoder step takes `positions` [B, S], one row of positions per batch row (continuous batching)
 FORMAT_VERSION = 2
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # exported with `python -m export --dtype`
-QUANTIZED_DTYPES = ("int8", "int4")  # ... and with `--quantize`, from the float32 graphs
+QUANTIZED_DTYPES = ("int8", "int4", "int4-plain")  # ... and with `--quantize`, from the float32 graphs
 DIA_GRAPHS = ("encoder", "decoder_step")
 CODEC_GRAPHS = ("dac_decoder", "dac_encoder")
 REEXPORT_HINT = "re-export the model with `python -m export --out DIR` (see README)"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
+from export.architecture import PRESETS
 from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, checkpoint_sources, export_model, random_sources
 
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--random-init",
-        metavar="{tiny,mid,full,CONFIG.json}",
+        metavar="{" + ",".join(PRESETS) + ",CONFIG.json}",
         help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")

@@ -353,4 +353,13 @@ FULL = DiaArchitecture(
     flavour="0626",
 )
 
-PRESETS = {"tiny": TINY, "mid": MID, "full": FULL}  # `python -m export --random-init NAME`
+# One layer of each stack at the tiny shape: a step that costs nothing but its fixed overhead (Python,
+# binding, dispatch), which `python -m bench.overhead` measures.
+ONE_LAYER = replace(TINY, encoder=replace(TINY.encoder, layers=1), decoder=replace(TINY.decoder, layers=1))
+
+PRESETS = {
+    "tiny": TINY,
+    "mid": MID,
+    "full": FULL,
+    "one-layer": ONE_LAYER,
+}  # `python -m export --random-init NAME`

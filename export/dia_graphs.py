@@ -10,6 +10,7 @@ from export.onnx_export import GraphSpec
 
 ENCODER_INPUTS = ("text_ids", "text_mask")
 STEP_INPUTS = ("tokens", "positions", "text_mask")
+FUSED_OPSETS = {"com.microsoft": 1}  # the domain of ONNX Runtime's fused ops (DiaModel.fused_ops)
 
 
 def encoder_inputs(
@@ -59,6 +60,7 @@ def encoder_spec(model: DiaModel, name: str) -> GraphSpec:
         inputs=ENCODER_INPUTS,
         outputs=outputs,
         dynamic_axes=axes,
+        custom_opsets=FUSED_OPSETS if model.fused_ops else {},
     )
 
 
@@ -81,6 +83,7 @@ def step_spec(model: DiaModel, name: str) -> GraphSpec:
         inputs=inputs,
         outputs=("logits", *present),
         dynamic_axes=axes,
+        custom_opsets=FUSED_OPSETS if model.fused_ops else {},
     )
 
 

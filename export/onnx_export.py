@@ -11,7 +11,7 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class GraphSpec:
     inputs: Sequence[str]
     outputs: Sequence[str]
     dynamic_axes: dict[str, dict[int, str]]
+    custom_opsets: dict[str, int] = field(default_factory=dict)  # op domains beyond ONNX's own
 
 
 def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
@@ -60,7 +61,7 @@ def export_graph(spec: GraphSpec, folder: Path) -> GraphEntry:
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
-                custom_opsets={"com.microsoft": 1},
+                custom_opsets=spec.custom_opsets,
             )
         model = onnx.load(str(traced), load_external_data=False)
         gather_weights(model, Path(tmp), folder / data_file)

@@ -9,7 +9,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from export.dac_weights import load_dac, random_dac
 from export.dia_graphs import encoder_samples, encoder_spec, step_samples, step_spec
 from export.dia_model import DiaModel
 from export.onnx_export import OPSET, GraphSpec, export_graph, verify_graph
-from export.quantize import QUANTIZED_BITS, quantize_graph
+from export.quantize import ACCURACY_LEVEL, BLOCK_SIZE, RECIPES, quantize_graph
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ TOLERANCE = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 6e-2}
 # Quantized decoder steps: int8 0.011-0.013 and int4 0.11-0.15 on the tiny model and on a random
 # 8-layer one with unsaturated attention. Plain random weights saturate Dia's unscaled attention and
 # amplify the error with depth: up to 0.13 and 0.57 at 18 layers. Unrelated weights score 1.7.
-QUANTIZED_TOLERANCE = {"int8": 0.25, "int4": 0.8}
+QUANTIZED_TOLERANCE = {8: 0.25, 4: 0.8}  # by the recipe's bits
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,10 @@ def _quantized_variant(
     """
     spec = step_spec(dia, f"decoder_step.{dtype}")
     source = folder / float32["decoder_step"].file.path
-    make = partial(quantize_graph, source, folder, spec.name, QUANTIZED_BITS[dtype])
-    step, error = _export_verified(spec, step_samples(dia), folder, QUANTIZED_TOLERANCE[dtype], make)
+    make = partial(quantize_graph, source, folder, spec.name, RECIPES[dtype])
+    step, error = _export_verified(
+        spec, step_samples(dia), folder, QUANTIZED_TOLERANCE[RECIPES[dtype].bits], make
+    )
     return {"encoder": float32["encoder"], "decoder_step": step}, error
 
 
@@ -163,12 +165,12 @@ def export_model(
     The quantized variants ("int8", "int4") are made from the float32 graphs, which are exported
     (and listed) too when not asked for.
     """
-    supported = [*SUPPORTED_DTYPES, *QUANTIZED_BITS]
+    supported = [*SUPPORTED_DTYPES, *RECIPES]
     unsupported = [d for d in dtypes if d not in supported]
     if unsupported:
         raise ValueError(f"precision {unsupported} cannot be exported yet; supported: {supported}")
-    quantized = [d for d in dtypes if d in QUANTIZED_BITS]
-    dtypes = tuple(d for d in dtypes if d not in QUANTIZED_BITS)
+    quantized = [d for d in dtypes if d in RECIPES]
+    dtypes = tuple(d for d in dtypes if d not in RECIPES)
     if quantized and "float32" not in dtypes:
         dtypes = ("float32", *dtypes)
     out = Path(out)
@@ -216,6 +218,10 @@ def export_model(
             "opset": OPSET,
             "python": platform.python_version(),
             "verification_error": errors,
+            "quantization": {
+                d: {**asdict(RECIPES[d]), "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL}
+                for d in quantized
+            },
         },
     )
     manifest.save(out)

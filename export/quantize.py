@@ -7,8 +7,10 @@ use integer dot products; without it the kernel dequantizes the weights and is s
 
 The settings were chosen on a random 8-layer decoder (hidden 1024), teacher-forced against float32
 over 200 steps (export/quant_accuracy.py): block 32 agrees more with float32 than 64 or 128 (int8
-98% of top-1 ids vs 97%, int4 79% vs 78% and 74%) for ~15% more step time than 128; keeping the output
-head (the MatMul the logits come from) float32 halves the KL divergence for ~5% of step time.
+98% of top-1 ids vs 97%, int4 79% vs 78% and 74%) for ~15% more step time than 128; a zero point per
+block (asymmetric) measured no better (int4 80.1% vs 79.5%). The int8 variant keeps the output head
+(the MatMul the logits come from) float32, which halves its KL divergence for ~5% of step time; int4
+is a mixed recipe that keeps the tensors that hurt agreement most at 8 bits (`RECIPES`).
 The embedding tables (Gather) stay float32: a step reads one row of them per token. The encoder is
 left float32 (see export/pipeline.py): quantizing it cost int8 0.7 and int4 9 points of agreement.
 """
@@ -16,6 +18,8 @@ left float32 (see export/pipeline.py): quantizing it cost int8 0.7 and int4 9 po
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -25,18 +29,80 @@ from dia_ort.manifest import FileEntry, GraphEntry
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_BITS = {"int8": 8, "int4": 4}  # the quantized variants and their weight bits
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations: the CPU kernel's fast path
 
+# The MatMul kinds of a decoder step, told apart by their weight's name (export/dia_model.py).
+KIND_PATTERNS = {
+    "qkv": r"self_attention\.\d+\.qkv$",
+    "o": r"self_attention\.\d+\.o$",
+    "cross_q": r"cross_attention\.q_proj\.weight$",
+    "cross_o": r"cross_attention\.o_proj\.weight$",
+    "gate_up": r"mlp\.gate_up_proj\.weight$",
+    "down": r"mlp\.down_proj\.weight$",
+    "head": r"logits_dense\.weight$",
+}
 
-def head_matmul(graph: onnx.GraphProto, output: str = "logits") -> str | None:
-    """The name of the MatMul that `output` is computed from (following data inputs), if any."""
-    producers = {name: node for node in graph.node for name in node.output}
-    node = producers.get(output)
-    while node is not None and node.op_type != "MatMul":
-        node = producers.get(node.input[0])
-    return None if node is None else node.name
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a quantized variant stores each MatMul's weight, by kind (`KIND_PATTERNS`).
+
+    Each weight is stored at `bits`, except that the entries of `float32` stay float32, then those of
+    `int4` take 4 bits, then those of `int8` 8 bits (the first list that names a weight decides). An
+    entry names a kind, or a kind in some layers: "down@0,-1" is the down projection of the first
+    and the last layer.
+    """
+
+    bits: int
+    int8: tuple[str, ...] = ()
+    int4: tuple[str, ...] = ()
+    float32: tuple[str, ...] = ("head",)
+    symmetric: bool = True  # False: a zero point per block as well as a scale
+
+    def bits_of(self, kind: str, layer: int | None, layers: int) -> int | None:
+        """The bits of the weight of `kind` in `layer` (of `layers`), or None to keep it float32."""
+
+        def named(entries: tuple[str, ...]) -> bool:
+            for entry in entries:
+                name, _, at = entry.partition("@")
+                wanted = {int(n) % layers for n in at.split(",")} if at else None
+                if name == kind and (wanted is None or layer in wanted):
+                    return True
+            return False
+
+        if named(self.float32):
+            return None
+        return 4 if named(self.int4) else 8 if named(self.int8) else self.bits
+
+
+# int4: the mixed recipe, in the spirit of llama.cpp's Q4_K_M. Chosen by `python -m bench.accuracy
+# --sweep` on the mid model (200 teacher-forced steps, top-1 agreement with float32): plain int4
+# agrees 79.5% at 124.5 MB per step; each kind at 8 bits adds 0.2-3 points alone, and together they
+# add more than their sum. Kept at 8 bits: the output head (at 4 bits it costs 8 points; at 8 bits it
+# is 27 MB smaller than float32 for no measurable loss), gate_up but in the last layer, o, cross o
+# and qkv: 90.1% at 141.3 MB (+13.5%).
+RECIPES = {  # the quantized variants `python -m export --quantize` writes
+    "int8": Recipe(bits=8),
+    "int4": Recipe(bits=4, int8=("head", "gate_up", "o", "cross_o", "qkv"), int4=("gate_up@-1",), float32=()),
+    "int4-plain": Recipe(bits=4),
+}
+
+
+def matmul_weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int | None]]:
+    """Each MatMul with a constant weight: node name -> (kind, layer index or None)."""
+    weights = {t.name for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        name = node.input[1]
+        kind = next((k for k, pattern in KIND_PATTERNS.items() if re.search(pattern, name)), None)
+        if kind is None:
+            raise ValueError(f"MatMul {node.name} has a weight {name!r} of no known kind")
+        layer = re.search(r"\.(\d+)\.", name)
+        found[node.name] = (kind, int(layer.group(1)) if layer else None)
+    return found
 
 
 def _nbits_quantizer() -> ModuleType:
@@ -57,39 +123,44 @@ def _nbits_quantizer() -> ModuleType:
     return matmul_nbits_quantizer
 
 
-def quantize_graph(src_onnx: Path, dst_folder: Path, name: str, bits: int) -> GraphEntry:
-    """Quantize the float32 graph `src_onnx` to `dst_folder/<name>.onnx` (+ `.onnx.data`).
+def quantize_graph(src_onnx: Path, dst_folder: Path, name: str, recipe: Recipe) -> GraphEntry:
+    """Quantize the float32 graph `src_onnx` by `recipe` to `dst_folder/<name>.onnx` (+ `.onnx.data`).
 
-    `bits`: 8 or 4, the exported variants (ORT's quantizer also writes 2 bits, too coarse for Dia).
+    One pass of ONNX Runtime's quantizer per bit width, each on the MatMuls the recipe gives it.
     """
-    if bits not in QUANTIZED_BITS.values():
-        raise ValueError(f"bits must be one of {sorted(QUANTIZED_BITS.values())}, got {bits}")
+    if recipe.bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {recipe.bits}")
     model = onnx.load(str(src_onnx))
-    head = head_matmul(model.graph)
+    weights = matmul_weights(model.graph)
+    layers = 1 + max((layer for _, layer in weights.values() if layer is not None), default=0)
     nbits = _nbits_quantizer()
-    config = nbits.DefaultWeightOnlyQuantConfig(
-        block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits
-    )
-    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=[head] if head else [], algo_config=config)
-    quantizer.process()
-    quantized = quantizer.model.model
+    for bits in (8, 4):
+        exclude = [n for n, (kind, layer) in weights.items() if recipe.bits_of(kind, layer, layers) != bits]
+        if len(exclude) == len(weights):
+            continue
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=BLOCK_SIZE, is_symmetric=recipe.symmetric, accuracy_level=ACCURACY_LEVEL, bits=bits
+        )
+        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
     onnx_file, data_file = f"{name}.onnx", f"{name}.onnx.data"
     dst_folder.mkdir(parents=True, exist_ok=True)
     for stale in (dst_folder / onnx_file, dst_folder / data_file):
         stale.unlink(missing_ok=True)
     onnx.save_model(
-        quantized,
+        model,
         str(dst_folder / onnx_file),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_file,
         size_threshold=1024,
     )
-    log.info("quantized %s to %d bits (%s kept float32)", src_onnx.name, bits, head or "no head")
+    log.info("quantized %s by %s", src_onnx.name, recipe)
     data_files = (FileEntry.of(dst_folder, data_file),) if (dst_folder / data_file).exists() else ()
     return GraphEntry(
         file=FileEntry.of(dst_folder, onnx_file),
-        inputs=tuple(i.name for i in quantized.graph.input),
-        outputs=tuple(o.name for o in quantized.graph.output),
+        inputs=tuple(i.name for i in model.graph.input),
+        outputs=tuple(o.name for o in model.graph.output),
         data_files=data_files,
     )

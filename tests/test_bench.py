@@ -5,15 +5,20 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from conftest import export_tiny
 
+from bench.accuracy import measure, sweep, with_recipes
+from bench.overhead import step_overhead
 from bench.profile import profile_step
 from bench.roofline import step_floor_bytes, step_weight_bytes
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
+from dia_ort.manifest import Manifest
 from export.architecture import TINY
+from export.quantize import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +84,7 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
 
     accuracy = _table(markdown, "| variant | steps |")
     assert [row[0] for row in accuracy] == ["int8"] and 0 < float(accuracy[0][2]) <= 1
-    assert "Not measured: ['int4']" in markdown
+    assert "Not measured: ['int4', 'int4-plain']" in markdown
 
 
 def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
@@ -98,3 +103,36 @@ def test_step_profile_sums_its_operator_types(float32_int8_folder):
     assert result["nodes"] == sum(op["nodes"] for op in result["ops"]) > 0
     assert abs(sum(op["share"] for op in result["ops"]) - 1) < 1e-6
     assert "MatMulNBits" in {op["op"] for op in result["ops"]}  # the int8 weights
+
+
+def test_step_overhead_is_a_positive_time(float32_int8_folder):
+    manifest = Manifest.load(float32_int8_folder)
+    assert step_overhead(float32_int8_folder, manifest, "int8", threads=1, steps=3) > 0
+
+
+def test_recipes_are_measured_from_the_float32_step_without_touching_the_folder(
+    float32_int8_folder, tmp_path
+):
+    before = sorted(p.name for p in float32_int8_folder.iterdir())
+    recipes = {"int4-plain": RECIPES["int4-plain"], "int4": RECIPES["int4"]}
+    folder = with_recipes(float32_int8_folder, recipes, tmp_path)
+    rows = measure(folder, ["int4-plain", "int4"], steps=20, recipes=recipes)
+    assert sorted(p.name for p in float32_int8_folder.iterdir()) == before
+    plain, mixed = rows
+    assert plain["steps"] == mixed["steps"] == 20
+    assert plain["recipe"] == asdict(RECIPES["int4-plain"])
+    float32_bytes = step_weight_bytes(float32_int8_folder / "decoder_step.float32.onnx")
+    # the tiny model's bytes are mostly its head: float32 in plain int4, 8 bits in the mixed recipe
+    assert mixed["step_bytes"] < plain["step_bytes"] < float32_bytes
+    assert 0 < plain["agreement"] <= 1 and 0 < mixed["agreement"] <= 1
+
+
+def test_the_sweep_puts_each_kind_and_each_layer_at_8_bits_in_turn():
+    recipes = sweep(layers=2)
+    assert recipes["int4-plain"] == RECIPES["int4-plain"]
+    assert recipes["int4 + down int8"].bits_of("down", 1, 2) == 8
+    assert recipes["int4 + down int8"].bits_of("qkv", 1, 2) == 4
+    assert recipes["int4 + head int8"].bits_of("head", None, 2) == 8
+    layer = recipes["int4 + layer 1 int8"]
+    assert [layer.bits_of("gate_up", n, 2) for n in (0, 1)] == [4, 8]
+    assert len(recipes) == 1 + 6 + 1 + 2  # plain, six kinds, the head, two layers

@@ -12,50 +12,79 @@ from dia_ort.manifest import Manifest
 from export.architecture import TINY
 from export.pipeline import QUANTIZED_TOLERANCE
 from export.quant_accuracy import DEFAULT_TEXT, kl_divergence, quantization_accuracy
-from export.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_BITS, head_matmul, quantize_graph
+from export.quantize import (
+    ACCURACY_LEVEL,
+    BLOCK_SIZE,
+    KIND_PATTERNS,
+    RECIPES,
+    Recipe,
+    matmul_weights,
+    quantize_graph,
+)
 
 
 @pytest.fixture(scope="module")
 def quant_folder(tmp_path_factory, tiny_state, tiny_codec):
     """Only the quantized variants asked for: float32 comes along, since they are made from it."""
-    return export_tiny(tmp_path_factory.mktemp("quant"), TINY, tiny_state, tiny_codec, ("int8", "int4"))
+    return export_tiny(tmp_path_factory.mktemp("quant"), TINY, tiny_state, tiny_codec, tuple(RECIPES))
 
 
 def test_manifest_lists_quantized_variants_sharing_the_float32_encoder(quant_folder):
     manifest = Manifest.load(quant_folder)
-    assert set(manifest.variants) == {"float32", "int8", "int4"}
-    for dtype in QUANTIZED_BITS:
+    assert set(manifest.variants) == {"float32", *RECIPES}
+    for dtype in RECIPES:
         graphs = manifest.variants[dtype]
         assert graphs["decoder_step"].file.path == f"decoder_step.{dtype}.onnx"
         assert graphs["encoder"] == manifest.variants["float32"]["encoder"]
         assert graphs["decoder_step"].inputs == manifest.variants["float32"]["decoder_step"].inputs
         error = manifest.tools["verification_error"][f"decoder_step.{dtype}"]
-        assert 0 < error < QUANTIZED_TOLERANCE[dtype]
+        assert 0 < error < QUANTIZED_TOLERANCE[RECIPES[dtype].bits]
 
 
-@pytest.mark.parametrize("dtype", list(QUANTIZED_BITS))
-def test_weights_are_matmulnbits_but_head_and_embeddings_stay_float(quant_folder, dtype):
+@pytest.mark.parametrize("dtype", list(RECIPES))
+def test_each_weight_gets_its_recipes_bits_and_the_tables_stay_float(quant_folder, dtype):
+    """int8: every MatMul but the head at 8 bits; int4: the recipe's kinds at 8 bits, the rest at 4."""
+    float32 = onnx.load(str(quant_folder / "decoder_step.float32.onnx"), load_external_data=False)
+    kinds = matmul_weights(float32.graph)
+    assert sorted({kind for kind, _ in kinds.values()}) == sorted(KIND_PATTERNS)
+    assert len(kinds) == 6 * TINY.decoder.layers + 1  # qkv, o, cross q, cross o, gate_up, down; head
     model = onnx.load(str(quant_folder / f"decoder_step.{dtype}.onnx"), load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 6 * TINY.decoder.layers  # qkv, o, cross q, cross o, gate_up, down
-    for node in nbits:
+    nodes = {n.name: n for n in graph.node}
+    recipe = RECIPES[dtype]
+    for name, (kind, layer) in kinds.items():
+        bits = recipe.bits_of(kind, layer, TINY.decoder.layers)
+        if bits is None:
+            assert nodes[name].op_type == "MatMul"
+            assert weights[nodes[name].input[1]].data_type == onnx.TensorProto.FLOAT
+            continue
+        node = nodes[f"{name}_Q{bits}"]
+        assert node.op_type == "MatMulNBits"
         attributes = {a.name: a.i for a in node.attribute}
-        assert attributes["bits"] == QUANTIZED_BITS[dtype]
-        assert attributes["accuracy_level"] == ACCURACY_LEVEL
-        assert attributes["block_size"] == BLOCK_SIZE
-    head = next(n for n in graph.node if n.name == head_matmul(graph))
-    assert head.op_type == "MatMul"
-    assert weights[head.input[1]].data_type == onnx.TensorProto.FLOAT
+        assert (attributes["bits"], attributes["accuracy_level"], attributes["block_size"]) == (
+            bits,
+            ACCURACY_LEVEL,
+            BLOCK_SIZE,
+        )
     tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
     assert tables
     assert all(weights[t].data_type == onnx.TensorProto.FLOAT for t in tables)
 
 
+def test_recipes_name_kinds_and_layers():
+    recipe = Recipe(bits=4, int8=("qkv", "down@0,-1", "gate_up"), int4=("gate_up@-1",))
+    assert [recipe.bits_of("qkv", layer, 6) for layer in (0, 5)] == [8, 8]
+    assert [recipe.bits_of("down", layer, 6) for layer in (0, 1, 5)] == [8, 4, 8]
+    assert [recipe.bits_of("gate_up", layer, 6) for layer in (0, 4, 5)] == [8, 8, 4]
+    assert recipe.bits_of("o", 0, 6) == 4
+    assert recipe.bits_of("head", None, 6) is None  # float32 unless a recipe says otherwise
+    assert RECIPES["int4"].bits_of("head", None, 6) == 8
+
+
 def test_only_8_and_4_bits(quant_folder, tmp_path):
-    with pytest.raises(ValueError, match="bits must be one of"):
-        quantize_graph(quant_folder / "decoder_step.float32.onnx", tmp_path, "step", 3)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        quantize_graph(quant_folder / "decoder_step.float32.onnx", tmp_path, "step", Recipe(bits=3))
 
 
 def test_quantized_variant_generates(quant_folder):
