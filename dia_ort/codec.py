@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from dia_ort.engine import Device, open_session
+from dia_ort.engine import Device, open_sessions
 from dia_ort.manifest import Manifest
 
 # Receptive fields of the 44.1 kHz DAC in frames on each side (the span of nonzero input gradients).
@@ -87,8 +87,8 @@ class Codec:
         grid: DecodeGrid = DEFAULT_GRID,
     ) -> None:
         self.config = manifest.codec_config
-        self.decoder = open_session(folder / manifest.codec["dac_decoder"].file.path, device)
-        self.encoder = open_session(folder / manifest.codec["dac_encoder"].file.path, device)
+        paths = [folder / manifest.codec[name].file.path for name in ("dac_decoder", "dac_encoder")]
+        self.decoder, self.encoder = open_sessions(paths, device)
         self.encode_chunk_frames = encode_chunk_frames
         self.grid = grid
         # Hand the CPU arena's unused memory back after each chunk, which it would otherwise keep for good.

@@ -16,6 +16,7 @@ import itertools
 import logging
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,13 @@ def open_session(path: Path, device: Device, cuda_graph: bool = False) -> ort.In
     return ort.InferenceSession(str(path), sess_options=options, providers=device.providers(cuda_graph))
 
 
+def open_sessions(paths: list[Path], device: Device) -> list[ort.InferenceSession]:
+    """Sessions for `paths`, built at once: most of a session's start is ONNX Runtime prepacking its
+    weights, which it does without holding the GIL, so the sessions build on all cores together."""
+    with ThreadPoolExecutor(len(paths)) as pool:
+        return list(pool.map(lambda path: open_session(path, device), paths))
+
+
 class Engine:
     """The text encoder and decoder-step sessions of one precision variant."""
 
@@ -112,8 +120,9 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.step_path = folder / graphs["decoder_step"].file.path
-        self.encoder = open_session(folder / graphs["encoder"].file.path, device)
-        self.step = open_session(self.step_path, device)
+        self.encoder, self.step = open_sessions(
+            [folder / graphs["encoder"].file.path, self.step_path], device
+        )
         self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
         self.cuda_graph_error: str | None = None  # why ONNX Runtime refused to, once it did
         # held to run a CUDA graph session (never from two threads at once) and to take fixed buffers

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,10 @@ class Dia:
         self.compute_dtype = _choose_dtype(self.manifest, compute_dtype, self.device)
         self.manifest.check_files(self.folder, self.compute_dtype)
         self.config = self.manifest.model
-        self.engine = Engine(self.folder, self.manifest, self.compute_dtype, self.device)
-        self.codec = Codec(self.folder, self.manifest, self.device)
+        with ThreadPoolExecutor(1) as pool:  # the codec's sessions build beside the model's
+            codec = pool.submit(Codec, self.folder, self.manifest, self.device)
+            self.engine = Engine(self.folder, self.manifest, self.compute_dtype, self.device)
+            self.codec = codec.result()
 
     @classmethod
     def from_pretrained(
