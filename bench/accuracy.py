@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.roofline import step_weight_bytes
-from dia_ort.manifest import GraphEntry, Manifest
+from dia_ort.manifest import FileEntry, GraphEntry, Manifest
 from export.quant_accuracy import quantization_accuracy
 from export.quantize import KIND_PATTERNS, RECIPES, Recipe, quantize_graph
 
@@ -39,7 +39,11 @@ def sweep(layers: int) -> dict[str, Recipe]:
 
 def _absolute(graph: GraphEntry, folder: Path) -> GraphEntry:
     """The entry with its files named by absolute path, to be listed in another folder's manifest."""
-    return replace(graph, file=replace(graph.file, path=str((folder / graph.file.path).resolve())))
+
+    def absolute(entry: FileEntry) -> FileEntry:
+        return replace(entry, path=str((folder / entry.path).resolve()))
+
+    return replace(graph, file=absolute(graph.file), data_files=tuple(map(absolute, graph.data_files)))
 
 
 def with_recipes(folder: Path, recipes: dict[str, Recipe], scratch: Path) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.process import run_child
 from dia_ort.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from export import GRAPH_REVISION
 from export.quantize import RECIPES  # no torch: onnx only
 
 RECORD = "bench_export.json"
@@ -40,8 +41,11 @@ def export_command(size: str, folder: Path, seed: int, variants: tuple[str, ...]
 
 
 def _current_format(folder: Path) -> bool:
-    """Whether the folder's manifest is of the format this runtime reads (else it is exported anew)."""
-    return json.loads((folder / MANIFEST_NAME).read_text()).get("format_version") == FORMAT_VERSION
+    """Whether the folder's manifest is of the format this runtime reads and its graphs of the revision
+    the export writes now (else it is exported anew)."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    revision = manifest.get("tools", {}).get("graph_revision")
+    return manifest.get("format_version") == FORMAT_VERSION and revision == GRAPH_REVISION
 
 
 def ensure_export(

@@ -15,10 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from dia_ort.audio import DAC_SAMPLE_RATE, check_output_path, pcm16, save_audio, streaming_wav_header
+from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from dia_ort.options import GenerationOptions
 from dia_ort.script import LONG_FORM_SECONDS
 
 STDOUT = "-"
+
+
+PRECISIONS = (*FLOAT_DTYPES, *QUANTIZED_DTYPES)  # --dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speak.add_argument("--sample-rate", type=int, default=DAC_SAMPLE_RATE)
     speak.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
-    speak.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, int8 or int4")
+    speak.add_argument("--dtype", default="float32", help=f"one of {', '.join(PRECISIONS)}")
     speak.add_argument("--quiet", action="store_true", help="no progress bar")
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible speech server")
     serve.add_argument("--model", required=True, help="exported folder, Hub id or checkpoint")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, int8 or int4")
+    serve.add_argument("--dtype", default="float32", help=f"one of {', '.join(PRECISIONS)}")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
     serve.add_argument(
         "--voices", type=Path, help="folder of NAME.wav|flac|mp3 voices with NAME.txt transcripts"

@@ -141,6 +141,10 @@ class Engine:
         With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph
         (the plain loop where ONNX Runtime cannot capture this graph).
         """
+        if slots > self.config.audio_length:
+            raise ValueError(
+                f"the model's audio window holds {self.config.audio_length} rows, asked for {slots}"
+            )
         if graph and self.device.kind == "cuda" and not self.cuda_graph:
             graph = self._enable_cuda_graph()
         if not graph:

@@ -1,0 +1,6 @@
+"""The export stage: Dia checkpoints and the DAC codec to verified ONNX graphs (`python -m export`)."""
+
+# The revision of the exported graphs, written into the manifest's tools. The runtime reads every
+# revision of its FORMAT_VERSION; benchmarks re-export a folder of an older revision, so they never
+# measure stale graphs. 2: the lean decoder step and the int4 recipes.
+GRAPH_REVISION = 2

@@ -13,8 +13,8 @@ causal mask, so the runtime can bind the same memory as cache input and output a
 per step.
 
 The graphs are written to be lean, since ONNX Runtime pays a fixed cost per node at every step:
-reshapes carry constant shapes (`reshape`), the step multiplies by one fused Q/K/V kernel, masks become
-one additive bias per step, and in float32 RoPE and attention export as ONNX Runtime's fused
+reshapes carry constant shapes (`reshape`), the step multiplies by one fused Q/K/V kernel, the masks
+become additive biases built once per step, and in float32 RoPE and attention export as ONNX Runtime's fused
 `RotaryEmbedding` and `MultiHeadAttention` ops. The torch forward of each fused op is the reference
 math the export is verified against. Half-precision graphs (for CUDA) keep standard ops, which every
 provider runs in those types.
@@ -66,6 +66,7 @@ class MLP(nn.Module):
 
 class Reshape(torch.autograd.Function):
     """`x` reshaped to `shape`, where 0 keeps the input's dimension and -1 is inferred (ONNX's rule).
+    A shape with a 0 needs a -1 as well: torch's exporter cannot infer the output shape otherwise.
 
     Exported as one Reshape with a constant shape: torch's own reshape and unflatten trace to chains
     of Shape, Gather and Concat nodes that ONNX Runtime would run at every step.
@@ -267,8 +268,9 @@ class DiaModel(nn.Module):
     def fused_ops(self) -> bool:
         """Whether the graphs use ONNX Runtime's fused RotaryEmbedding and MultiHeadAttention.
 
-        Only in float32 (the CPU variants and what they are quantized from): half-precision graphs
-        are for CUDA, whose fused kernels do not all take bfloat16, so they keep standard ops.
+        Only in float32 (the CPU variants, what they are quantized from, and float32 on CUDA, which
+        has both kernels in float32): the half-precision graphs are for CUDA, whose fused kernels do
+        not all take bfloat16, so they keep standard ops.
         """
         return self.logits_dense.weight.dtype == torch.float32
 
@@ -418,5 +420,5 @@ class DecoderStepGraph(nn.Module):
             x = x + ca.o_proj(attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, d.cross_heads, fused))
             x = x + layer.mlp(layer.pre_mlp_norm(x))
         last = dec.norm(x[:, -1])
-        logits = m.logits_dense(last).unflatten(-1, (d.num_channels, d.vocab_size))
+        logits = reshape(m.logits_dense(last), -1, d.num_channels, d.vocab_size)
         return (logits.float(), *presents)

@@ -9,7 +9,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from dia_ort.hub import download, is_hub_id
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
+from export import GRAPH_REVISION
 from export.architecture import PRESETS, DiaArchitecture
 from export.checkpoint import checkpoint_files, load_checkpoint, random_state
 from export.dac import DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
@@ -139,19 +140,18 @@ def _codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
 
 
 def _quantized_variant(
-    dia: DiaModel, float32: dict[str, GraphEntry], folder: Path, dtype: str
+    float32_step: GraphSpec, samples: list, float32: dict[str, GraphEntry], folder: Path, dtype: str
 ) -> tuple[dict[str, GraphEntry], float]:
-    """The float32 variant with its decoder step quantized.
+    """The float32 variant with its decoder step quantized, verified against the float32 step's module
+    (reused: each step module holds a copy of the fused Q/K/V and output kernels).
 
     The encoder runs once per request and quantizing it costs accuracy (export/quantize.py), so the
     variant shares the float32 encoder.
     """
-    spec = step_spec(dia, f"decoder_step.{dtype}")
+    spec = replace(float32_step, name=f"decoder_step.{dtype}")
     source = folder / float32["decoder_step"].file.path
     make = partial(quantize_graph, source, folder, spec.name, RECIPES[dtype])
-    step, error = _export_verified(
-        spec, step_samples(dia), folder, QUANTIZED_TOLERANCE[RECIPES[dtype].bits], make
-    )
+    step, error = _export_verified(spec, samples, folder, QUANTIZED_TOLERANCE[RECIPES[dtype].bits], make)
     return {"encoder": float32["encoder"], "decoder_step": step}, error
 
 
@@ -162,7 +162,7 @@ def export_model(
 ) -> Manifest:
     """Write every graph for `dtypes` and the codec into `out`, verify each, then the manifest.
 
-    The quantized variants ("int8", "int4") are made from the float32 graphs, which are exported
+    The quantized variants (`export.quantize.RECIPES`) are made from the float32 graphs, which are exported
     (and listed) too when not asked for.
     """
     supported = [*SUPPORTED_DTYPES, *RECIPES]
@@ -183,19 +183,15 @@ def export_model(
         if dtype in HALF_DTYPES:
             dia = dia.to(HALF_DTYPES[dtype])  # a copy; the float32 weights stay in `sources`
         graphs = {}
-        for spec, samples in (
-            (encoder_spec(dia, f"encoder.{dtype}"), encoder_samples(dia)),
-            (step_spec(dia, f"decoder_step.{dtype}"), step_samples(dia)),
-        ):
+        step = (step_spec(dia, f"decoder_step.{dtype}"), step_samples(dia))
+        for spec, samples in ((encoder_spec(dia, f"encoder.{dtype}"), encoder_samples(dia)), step):
             graphs[spec.name.split(".")[0]], errors[spec.name] = _export_verified(
                 spec, samples, out, TOLERANCE[dtype]
             )
         variants[dtype] = graphs
         if dtype == "float32":
-            for bits_name in quantized:
-                variants[bits_name], errors[f"decoder_step.{bits_name}"] = _quantized_variant(
-                    dia, graphs, out, bits_name
-                )
+            for name in quantized:
+                variants[name], errors[f"decoder_step.{name}"] = _quantized_variant(*step, graphs, out, name)
     codec = {}
     for spec, samples in _codec_specs(sources.codec):
         codec[spec.name], errors[spec.name] = _export_verified(spec, samples, out, TOLERANCE["float32"])
@@ -216,6 +212,7 @@ def export_model(
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
             "opset": OPSET,
+            "graph_revision": GRAPH_REVISION,
             "python": platform.python_version(),
             "verification_error": errors,
             "quantization": {

@@ -82,11 +82,18 @@ def test_live_requests_never_share_buffers(tiny_dia):
 
 def test_free_buffers_are_bounded(tiny_dia):
     engine = tiny_dia.engine
-    for slots in (300, 600, 900, 1200):  # a new slot bucket each time
-        engine.start(*_text_rows(TEXTS[:1]), slots=slots, graph=True)
+    for batch in (1, 2, 3, 4):  # a new shape each time
+        engine.start(*_text_rows(TEXTS[:1] * batch), slots=40, graph=True)
     assert len(engine.buffers) <= StepBuffers.MAX_FREE_BUFFERS
     ids = {b.graph_id for b in engine.buffers}
     assert len(ids) == len(engine.buffers)  # each set of buffers is its own graph
+
+
+def test_a_cache_past_the_audio_window_is_refused(tiny_dia):
+    """RoPE's tables end at the window: a longer cache would index past them."""
+    for graph in (False, True):
+        with pytest.raises(ValueError, match=f"audio window holds {TINY.decoder.max_length} rows"):
+            tiny_dia.engine.start(*_text_rows(TEXTS[:1]), slots=TINY.decoder.max_length + 1, graph=graph)
 
 
 def test_text_and_slots_are_bucketed(tiny_dia):

@@ -73,11 +73,15 @@ def test_each_weight_gets_its_recipes_bits_and_the_tables_stay_float(quant_folde
 
 
 def test_recipes_name_kinds_and_layers():
-    recipe = Recipe(bits=4, int8=("qkv", "down@0,-1", "gate_up"), int4=("gate_up@-1",))
+    recipe = Recipe(bits=4, int8=("qkv", "down@0,-1"))
     assert [recipe.bits_of("qkv", layer, 6) for layer in (0, 5)] == [8, 8]
     assert [recipe.bits_of("down", layer, 6) for layer in (0, 1, 5)] == [8, 4, 8]
-    assert [recipe.bits_of("gate_up", layer, 6) for layer in (0, 4, 5)] == [8, 8, 4]
     assert recipe.bits_of("o", 0, 6) == 4
+    with pytest.raises(ValueError, match="outside the model's 6"):
+        Recipe(bits=4, int8=("down@6",)).bits_of("down", 0, 6)
+    for bad in (dict(bits=3), dict(bits=4, int8=("attention",)), dict(bits=4, int8=("down@x",))):
+        with pytest.raises(ValueError, match="bits must be 8 or 4|recipe entry"):
+            Recipe(**bad)
     assert recipe.bits_of("head", None, 6) is None  # float32 unless a recipe says otherwise
     assert RECIPES["int4"].bits_of("head", None, 6) == 8
 
