@@ -21,7 +21,7 @@ from bench.exports import ensure_export
 from bench.machine import describe, physical_cores
 from bench.measure import EARLY_POSITION, TEXT, random_codes
 from bench.process import REPO
-from bench.report import number, replace_section, table
+from bench.report import number, publish_section, table
 from dia_ort.engine import DecoderState, Device, Engine
 from dia_ort.generation import cfg_text_rows
 from dia_ort.manifest import Manifest
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             table(["variant", "graph nodes", "step ms"], rows),
         ]
     )
-    print(markdown)
-    replace_section(args.results, SECTION, markdown)
-    print(f"written to {args.results}", file=sys.stderr)
+    publish_section(args.results, SECTION, markdown)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def replace_section(path: Path, name: str, markdown: str) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     path.write_text(text)
+
+
+def publish_section(path: Path, name: str, markdown: str) -> None:
+    """Print a benchmark's own section and put it into the results file (`replace_section`)."""
+    print(markdown)
+    replace_section(path, name, markdown)
+    print(f"written to {path}", file=sys.stderr)
 
 
 def kept_sections(path: Path) -> list[str]:

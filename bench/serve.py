@@ -23,7 +23,7 @@ from bench.exports import ensure_export
 from bench.machine import describe, physical_cores
 from bench.measure import TEXT
 from bench.process import REPO
-from bench.report import number, replace_section, table
+from bench.report import number, publish_section, table
 
 SIZES = {"tiny": ("float32",), "full": ("int8", "int4")}
 FRAMES = {"tiny": 200, "full": 129}  # per request; full: 1.5 s of audio, so 16 clients finish
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
     )
-    print(markdown)
-    replace_section(args.results, SECTION, markdown)
-    print(f"written to {args.results}", file=sys.stderr)
+    publish_section(args.results, SECTION, markdown)
     return 0
 
 
