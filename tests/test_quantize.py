@@ -8,7 +8,7 @@ import pytest
 from conftest import export_tiny
 
 from dia_ort import Dia, GenerationOptions
-from dia_ort.manifest import Manifest
+from dia_ort.manifest import QUANTIZED_DTYPES, Manifest
 from export.architecture import TINY
 from export.pipeline import QUANTIZED_TOLERANCE
 from export.quant_accuracy import DEFAULT_TEXT, kl_divergence, quantization_accuracy
@@ -124,3 +124,8 @@ def test_int8_follows_float32_closer_than_int4(quant_folder):
     assert int8.steps == int4.steps == expected > 100
     assert int8.agreement > 0.9 and 0.5 < int4.agreement < int8.agreement
     assert 0 < int8.kl < int4.kl < 0.05
+
+
+def test_the_runtime_knows_every_recipe():
+    """`--quantize` writes what `compute_dtype` can ask for, and nothing else."""
+    assert tuple(RECIPES) == QUANTIZED_DTYPES
