@@ -102,10 +102,10 @@ def decoder_times(
     """(prefill ms for each of PREFILL_ROWS, median step ms at each position) of a CFG pair."""
     rows = random_codes(2, max(*PREFILL_ROWS, *(p + steps for p in positions)), channels)
     prefill = tuple(median_ms(lambda n=n: stepper.step(rows[:, :n], 0)) for n in PREFILL_ROWS)
-    return prefill, tuple(_step_ms(stepper, rows, p, steps) for p in positions)
+    return prefill, tuple(step_ms(stepper, rows, p, steps) for p in positions)
 
 
-def _step_ms(stepper: Stepper, rows: np.ndarray, position: int, steps: int) -> float:
+def step_ms(stepper: Stepper, rows: np.ndarray, position: int, steps: int) -> float:
     """Median of `steps` single-row steps from `position` on, the cache first filled by one prefill."""
     stepper.step(rows[:, :position], 0)
     times = []

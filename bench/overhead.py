@@ -10,16 +10,14 @@ the overhead section of bench/RESULTS.md (or of --results).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import onnx
 
 from bench.exports import ensure_export
 from bench.machine import describe, physical_cores
-from bench.measure import EARLY_POSITION, TEXT, random_codes
+from bench.measure import EARLY_POSITION, TEXT, random_codes, step_ms
 from bench.process import REPO
 from bench.report import number, publish_section, table
 from dia_ort.engine import DecoderState, Device, Engine
@@ -37,14 +35,7 @@ def step_overhead(folder: Path, manifest: Manifest, variant: str, threads: int, 
     ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)])
     rows = EARLY_POSITION + steps
     state = DecoderState(engine, ids, mask, slots=rows)
-    tokens = random_codes(2, rows, manifest.model.num_channels)
-    state.step(tokens[:, :EARLY_POSITION], 0)
-    times = []
-    for row in range(EARLY_POSITION, rows):
-        began = time.perf_counter()
-        state.step(tokens[:, row : row + 1], row)
-        times.append(time.perf_counter() - began)
-    return 1000 * statistics.median(times)
+    return step_ms(state, random_codes(2, rows, manifest.model.num_channels), EARLY_POSITION, steps)
 
 
 def node_count(path: Path) -> int:

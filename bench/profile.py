@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.measure import TEXT
+from bench.measure import TEXT, random_codes, step_ms
 from dia_ort.engine import DecoderState, Device, Engine
 from dia_ort.generation import cfg_text_rows
 from dia_ort.manifest import Manifest
@@ -35,12 +35,8 @@ def profile_step(folder: Path, variant: str, threads: int, steps: int, position:
         options.profile_file_prefix = str(Path(tmp) / "step")
         engine.step = ort.InferenceSession(str(engine.step_path), options, providers=["CPUExecutionProvider"])
         ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)])
-        state = DecoderState(engine, ids, mask, slots=position + steps + 1)
-        channels = manifest.model.num_channels
-        tokens = np.random.default_rng(0).integers(0, 1024, size=(2, position + steps + 1, channels))
-        state.step(tokens[:, :position], 0)
-        for row in range(position, position + steps):
-            state.step(tokens[:, row : row + 1], row)
+        state = DecoderState(engine, ids, mask, slots=position + steps)
+        step_ms(state, random_codes(2, position + steps, manifest.model.num_channels), position, steps)
         trace = json.loads(Path(engine.step.end_profiling()).read_text())
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     runs = [e for e in trace if e.get("name") == "model_run"]
