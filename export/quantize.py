@@ -44,6 +44,16 @@ KIND_PATTERNS = {
 }
 
 
+def _parse(entry: str) -> tuple[str, tuple[int, ...]]:
+    """A recipe entry "KIND" or "KIND@L1,L2,..." -> (kind, layer indices; none: every layer)."""
+    kind, _, at = entry.partition("@")
+    if kind not in KIND_PATTERNS or (at and not re.fullmatch(r"-?\d+(,-?\d+)*", at)):
+        raise ValueError(
+            f"recipe entry {entry!r} is not KIND or KIND@LAYER,...; kinds: {list(KIND_PATTERNS)}"
+        )
+    return kind, tuple(int(n) for n in at.split(",")) if at else ()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a quantized variant stores each MatMul's weight, by kind (`KIND_PATTERNS`).
@@ -56,29 +66,22 @@ class Recipe:
     bits: int
     int8: tuple[str, ...] = ()
     float32: tuple[str, ...] = ("head",)
-    symmetric: bool = True  # False: a zero point per block as well as a scale
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
         for entry in (*self.int8, *self.float32):
-            kind, _, at = entry.partition("@")
-            if kind not in KIND_PATTERNS or (at and not re.fullmatch(r"-?\d+(,-?\d+)*", at)):
-                raise ValueError(
-                    f"recipe entry {entry!r} is not KIND or KIND@LAYER,...; kinds: {list(KIND_PATTERNS)}"
-                )
+            _parse(entry)
 
     def bits_of(self, kind: str, layer: int | None, layers: int) -> int | None:
         """The bits of the weight of `kind` in `layer` (of `layers`), or None to keep it float32."""
 
         def named(entries: tuple[str, ...]) -> bool:
             for entry in entries:
-                name, _, at = entry.partition("@")
-                indices = [int(n) for n in at.split(",")] if at else []
+                name, indices = _parse(entry)
                 if any(not -layers <= n < layers for n in indices):
                     raise ValueError(f"recipe entry {entry!r} names a layer outside the model's {layers}")
-                wanted = {n % layers for n in indices} if at else None
-                if name == kind and (wanted is None or layer in wanted):
+                if name == kind and (not indices or layer in {n % layers for n in indices}):
                     return True
             return False
 
@@ -149,7 +152,7 @@ def quantize_graph(src_onnx: Path, dst_folder: Path, name: str, recipe: Recipe) 
         if len(exclude) == len(weights):
             continue
         config = nbits.DefaultWeightOnlyQuantConfig(
-            block_size=BLOCK_SIZE, is_symmetric=recipe.symmetric, accuracy_level=ACCURACY_LEVEL, bits=bits
+            block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits
         )
         quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
         quantizer.process()
