@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from dia_ort.engine import TENSOR_TYPES, Engine, _bind_caches, _encode
+from dia_ort.engine import TENSOR_TYPES, Engine, _bind_caches, _encode, check_window
 from dia_ort.manifest import cross_names
 
 PAIR = 2  # rows per request: unconditional, conditional
@@ -124,8 +124,7 @@ class BatchDecoder:
     # -- buffers ------------------------------------------------------------------------------------
 
     def _ensure_slots(self, slots: int) -> None:
-        if slots > self.config.audio_length:
-            raise ValueError(f"the cache holds {self.config.audio_length} rows, asked for {slots}")
+        check_window(self.config, slots)
         if slots > self.capacity:
             self._grow_caches(min(self.config.audio_length, -(-slots // self.GROWTH) * self.GROWTH))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dia_ort.config import ModelConfig
 from dia_ort.manifest import Manifest, cache_names, cross_names
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ def open_sessions(paths: list[Path], device: Device) -> list[ort.InferenceSessio
         return list(pool.map(lambda path: open_session(path, device), paths))
 
 
+def check_window(config: ModelConfig, slots: int) -> None:
+    """Refuse a cache longer than the model's audio window: RoPE's tables in the graph end there."""
+    if slots > config.audio_length:
+        raise ValueError(f"the model's audio window holds {config.audio_length} rows, asked for {slots}")
+
+
 class Engine:
     """The text encoder and decoder-step sessions of one precision variant."""
 
@@ -141,10 +148,7 @@ class Engine:
         With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph
         (the plain loop where ONNX Runtime cannot capture this graph).
         """
-        if slots > self.config.audio_length:
-            raise ValueError(
-                f"the model's audio window holds {self.config.audio_length} rows, asked for {slots}"
-            )
+        check_window(self.config, slots)
         if graph and self.device.kind == "cuda" and not self.cuda_graph:
             graph = self._enable_cuda_graph()
         if not graph:
