@@ -27,7 +27,7 @@ from export.dac_weights import load_dac, random_dac
 from export.dia_graphs import encoder_samples, encoder_spec, step_samples, step_spec
 from export.dia_model import DiaModel
 from export.onnx_export import OPSET, GraphSpec, export_graph, verify_graph
-from export.quantize import ACCURACY_LEVEL, BLOCK_SIZE, RECIPES, quantize_graph
+from export.quantize import ACCURACY_LEVEL, RECIPES, quantize_graph
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +215,7 @@ def export_model(
             "graph_revision": GRAPH_REVISION,
             "python": platform.python_version(),
             "verification_error": errors,
-            "quantization": {
-                d: {**asdict(RECIPES[d]), "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL}
-                for d in quantized
-            },
+            "quantization": {d: {**asdict(RECIPES[d]), "accuracy_level": ACCURACY_LEVEL} for d in quantized},
         },
     )
     manifest.save(out)

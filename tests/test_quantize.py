@@ -14,7 +14,6 @@ from export.pipeline import QUANTIZED_TOLERANCE
 from export.quant_accuracy import DEFAULT_TEXT, kl_divergence, quantization_accuracy
 from export.quantize import (
     ACCURACY_LEVEL,
-    BLOCK_SIZE,
     KIND_PATTERNS,
     RECIPES,
     Recipe,
@@ -65,7 +64,7 @@ def test_each_weight_gets_its_recipes_bits_and_the_tables_stay_float(quant_folde
         assert (attributes["bits"], attributes["accuracy_level"], attributes["block_size"]) == (
             bits,
             ACCURACY_LEVEL,
-            BLOCK_SIZE,
+            recipe.block8 if bits == 8 else recipe.block4,
         )
     tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
     assert tables
@@ -79,8 +78,14 @@ def test_recipes_name_kinds_and_layers():
     assert recipe.bits_of("o", 0, 6) == 4
     with pytest.raises(ValueError, match="outside the model's 6"):
         Recipe(bits=4, int8=("down@6",)).bits_of("down", 0, 6)
-    for bad in (dict(bits=3), dict(bits=4, int8=("attention",)), dict(bits=4, int8=("down@x",))):
-        with pytest.raises(ValueError, match="bits must be 8 or 4|recipe entry"):
+    bad_recipes = (
+        dict(bits=3),
+        dict(bits=4, int8=("attention",)),
+        dict(bits=4, int8=("down@x",)),
+        dict(bits=4, block4=48),
+    )
+    for bad in bad_recipes:
+        with pytest.raises(ValueError, match="bits must be 8 or 4|recipe entry|block size must be"):
             Recipe(**bad)
     assert recipe.bits_of("head", None, 6) is None  # float32 unless a recipe says otherwise
     assert RECIPES["int4"].bits_of("head", None, 6) == 8
