@@ -20,12 +20,32 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(model_id: str) -> bool:
-    return bool(_HUB_ID.match(model_id)) and not Path(model_id).exists()
+    """Whether `model_id` names a Hub repo: `owner/name`, and neither it nor `owner/` is a local path.
+
+    `models/dia` where `models/` is a local folder is a mistyped local path, not a repo to look up.
+    """
+    path = Path(model_id).expanduser()
+    return bool(_HUB_ID.match(model_id)) and not path.exists() and not path.parent.is_dir()
+
+
+def missing_path_message(model_id: str) -> str:
+    """Why `model_id`, which is no local path, was not looked up on the Hub, and what the folder near it holds."""
+    path = Path(model_id).expanduser()
+    message = f"{model_id} does not exist"
+    if path.parent.is_dir():
+        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:10]
+        message += f" (the folder {path.parent} holds: {', '.join(near) or 'no folders'})"
+        if _HUB_ID.match(model_id):
+            message += f"; it was not looked up on the Hugging Face Hub, since {path.parent} is a local folder"
+    else:
+        message += " and is not a Hugging Face Hub id (owner/name)"
+    return message
 
 
 def no_network_message(model_id: str, exc: Exception) -> str:
     return (
-        f"could not download {model_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+        f"{model_id!r} is no local folder, and it could not be downloaded from the Hugging Face Hub "
+        f"({type(exc).__name__}: {exc}). "
         f"Without network, copy the checkpoint folder onto this machine and export it from there: "
         f"`python -m export --model /path/to/{model_id.split('/')[-1]} --out models/dia`, then "
         f"`Dia.from_pretrained('models/dia')`"
@@ -75,7 +95,7 @@ def resolve_model_folder(
             f"{path} holds neither {MANIFEST_NAME} (an exported dia-ort model) nor config.json (a Dia checkpoint)"
         )
     if not is_hub_id(model_id):
-        raise FileNotFoundError(f"model folder {path} does not exist (and {model_id!r} is not a Hub id)")
+        raise FileNotFoundError(f"model folder {missing_path_message(model_id)}")
     exported = exported_cache_folder(model_id, cache_dir)
     if variant in _exported_variants(exported):
         return exported

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from dia_ort.hub import download, is_hub_id
+from dia_ort.hub import download, is_hub_id, missing_path_message
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
 from export import GRAPH_REVISION
 from export.architecture import PRESETS, DiaArchitecture
@@ -73,7 +73,7 @@ def _local(ident: str, revision: str | None) -> Path:
     if path.exists():
         return path
     if not is_hub_id(ident):
-        raise FileNotFoundError(f"{ident} does not exist and is not a Hugging Face Hub id")
+        raise FileNotFoundError(missing_path_message(ident))
     return download(ident, revision)
 
 

@@ -9,8 +9,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import soundfile as sf
 
+from dia_ort import Dia
 from dia_ort.audio import pcm16
 from dia_ort.cli import main
 
@@ -186,12 +188,25 @@ def test_hub_ids_offline_say_how_to_export_locally(tmp_path):
         env=env,
     )
     assert result.returncode == 2
-    assert "could not download" in result.stderr and "python -m export --model /path/to/" in result.stderr
+    assert "could not be downloaded" in result.stderr and "python -m export --model /path/to/" in result.stderr
     code = "from dia_ort import Dia\ntry:\n    Dia.from_pretrained('nari-labs/Dia-1.6B')\nexcept ConnectionError as e:\n    print(e)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
-    assert "could not download 'nari-labs/Dia-1.6B'" in result.stdout
+    assert "'nari-labs/Dia-1.6B' is no local folder, and it could not be downloaded" in result.stdout
+
+
+def test_a_mistyped_local_folder_is_reported_missing_not_looked_up(tmp_path, monkeypatch, capsys):
+    """`--model models/nope` beside a `models/` folder is a missing folder, never a Hub lookup."""
+    (tmp_path / "models" / "dia").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dia_ort.hub.download", lambda *a, **k: pytest.fail("looked up on the Hub"))
+    assert main(["speak", "[S1] Hi.", "--model", "models/nope", "-o", "a.wav"]) == 2
+    err = capsys.readouterr().err
+    assert "models/nope does not exist (the folder models holds: dia)" in err
+    assert "not looked up on the Hugging Face Hub" in err
+    with pytest.raises(FileNotFoundError, match="nope/a/b does not exist and is not a Hugging Face Hub id"):
+        Dia.from_pretrained("nope/a/b", device="cpu")
 
 
 SCRIPT = (
