@@ -188,7 +188,9 @@ def test_hub_ids_offline_say_how_to_export_locally(tmp_path):
         env=env,
     )
     assert result.returncode == 2
-    assert "could not be downloaded" in result.stderr and "python -m export --model /path/to/" in result.stderr
+    assert (
+        "could not be downloaded" in result.stderr and "python -m export --model /path/to/" in result.stderr
+    )
     code = "from dia_ort import Dia\ntry:\n    Dia.from_pretrained('nari-labs/Dia-1.6B')\nexcept ConnectionError as e:\n    print(e)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env

@@ -6,11 +6,7 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +19,11 @@ import pytest
 import soundfile as sf
 from conftest import export_tiny
 from prometheus_client.parser import text_string_to_metric_families
+from serving import Server
 
 from dia_ort import Dia
 from dia_ort.audio import pcm16
+from dia_ort.serving.limits import MAX_BODY_BYTES
 from dia_ort.serving.voices import load_voices
 from export.architecture import TINY
 from export.checkpoint import random_state
@@ -34,54 +32,6 @@ TEXT = "[S1] Hello there. [S2] Hi, how are you?"
 GREEDY = {"temperature": 0, "max_new_tokens": 40}
 KEY = "sk-test-dia-ort"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots (not committed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`dia-ort serve` in a subprocess on a loopback port; stopped at the end."""
-
-    def __init__(self, folder: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = [
-            sys.executable,
-            "-m",
-            "dia_ort",
-            "serve",
-            "--model",
-            str(folder),
-            "--port",
-            str(self.port),
-            *flags,
-        ]
-        env = {k: v for k, v in os.environ.items() if k != "DIA_ORT_API_KEY"}
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not come up in 120 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +194,9 @@ def test_bad_requests_get_400_in_openai_shape(server):
     for changes, words in (
         ({"voice": "nobody"}, "unknown voice 'nobody'"),
         ({"voice": "../../etc/passwd"}, "unknown voice"),
+        ({"voice": "/etc/passwd"}, "unknown voice"),
+        ({"voice": "narrator\x00.wav"}, "unknown voice"),
+        ({"voice": "broken"}, "unknown voice"),  # its file was skipped at startup
         ({"response_format": "aac"}, "'wav', 'pcm', 'flac', 'mp3', 'opus'"),
         ({"speed": 1.5}, "speed 1.5 is not supported"),
         ({"input": "[S1] " + "word " * 40}, "long_form"),
@@ -261,6 +214,24 @@ def test_bad_requests_get_400_in_openai_shape(server):
         f"{server.url}/v1/audio/speech", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert garbled.status_code == 400 and "error" in garbled.json()
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(server):
+    """By Content-Length, and for a chunked body with none, as it arrives; the server goes on serving."""
+    url = f"{server.url}/v1/audio/speech"
+    oversized = json.dumps({"model": "dia", "voice": "alloy", "input": "[S1] " + "a" * MAX_BODY_BYTES})
+    declared = httpx.post(url, content=oversized, headers={"Content-Type": "application/json"}, timeout=30)
+
+    def chunks():
+        for start in range(0, len(oversized), 65536):
+            yield oversized[start : start + 65536].encode()
+
+    chunked = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", **GREEDY}
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
 
 
 def test_long_form_over_the_api(client, served_dia):

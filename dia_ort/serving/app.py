@@ -1,8 +1,8 @@
 """The FastAPI app: OpenAI's speech routes, voices, models, health, metrics and the web page.
 
 `create_app(...)` builds it from a loaded `Dia`, so tests and `dia-ort serve` share one factory. Bad
-requests answer 400 and a wrong API key 401, in OpenAI's error shape; a full queue answers 429 with
-Retry-After. Nothing a client sends makes a 500.
+requests answer 400, a wrong API key 401 and a body over `MAX_BODY_BYTES` 413, in OpenAI's error
+shape; a full queue answers 429 with Retry-After. Nothing a client sends makes a 500.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from prometheus_client import (
 
 from dia_ort.scheduler import QueueFull, Scheduler
 from dia_ort.serving.formats import FORMATS, AudioEncoder, available_formats
+from dia_ort.serving.limits import BodyLimit
 from dia_ort.serving.schemas import ErrorBody, ErrorDetail, SpeechRequest
 from dia_ort.serving.service import SpeechService, SpeechStream
 from dia_ort.serving.voices import Voice
@@ -90,6 +91,7 @@ def create_app(
     service = SpeechService(dia, scheduler, voices)
     metrics = Metrics(scheduler)
     app = FastAPI(title="dia-ort", description="Dia text-to-dialogue, OpenAI-compatible speech API")
+    app.add_middleware(BodyLimit)
 
     def authorized(request: Request) -> None:
         if api_key is None:
