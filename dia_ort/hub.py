@@ -36,7 +36,9 @@ def missing_path_message(model_id: str) -> str:
         near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:10]
         message += f" (the folder {path.parent} holds: {', '.join(near) or 'no folders'})"
         if _HUB_ID.match(model_id):
-            message += f"; it was not looked up on the Hugging Face Hub, since {path.parent} is a local folder"
+            message += (
+                f"; it was not looked up on the Hugging Face Hub, since {path.parent} is a local folder"
+            )
     else:
         message += " and is not a Hugging Face Hub id (owner/name)"
     return message
