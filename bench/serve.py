@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,36 +22,12 @@ from bench.machine import describe, physical_cores
 from bench.measure import TEXT
 from bench.process import REPO
 from bench.report import number, publish_section, table
+from bench.server import Server
 
 SIZES = {"tiny": ("float32",), "full": ("int8", "int4")}
 FRAMES = {"tiny": 200, "full": 129}  # per request; full: 1.5 s of audio, so 16 clients finish
 CLIENTS = (1, 4, 8, 16)
 SECTION = "serve"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, variant: str, max_batch: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    argv = [sys.executable, "-m", "dia_ort", "serve", "--model", str(folder), "--dtype", variant]
-    argv += ["--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server for {folder} ({variant}) exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the server did not come up in 600 s")
 
 
 def one_request(url: str, frames: int, seed: int) -> tuple[float, float, int]:
@@ -100,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = (REPO / "models" / f"bench-{size}").resolve()
         ensure_export(size, folder, 0, SIZES[size], re_export=False)
         for variant in SIZES[size]:
-            process, url = start_server(folder, variant, max_batch=max(args.clients))
+            batch = str(max(args.clients))
+            flags = ("--dtype", variant, "--max-batch", batch, "--max-queue", str(4 * int(batch)))
+            server = Server(folder, *flags, timeout=600)
+            url = server.url
             try:
                 round_of(url, 1, 20)  # warm-up
                 for clients in args.clients:
@@ -111,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         + [number(result["first_p50"]), number(result["first_p95"]), number(result["wall"])]
                     )
             finally:
-                process.terminate()
-                process.wait(timeout=60)
+                server.stop()
     markdown = "\n\n".join(
         [
             "## Serving (`python -m bench.serve`)",

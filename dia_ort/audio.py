@@ -105,22 +105,37 @@ def to_mono_float32(audio: Any, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(samples)
 
 
+def _full_scale(audio: np.ndarray) -> np.ndarray:
+    """Clip to [-1, 1]: resampling rings past full scale near peaks (by 4% seen), and audio handed
+    out must stay in range, where a file writer would clip it anyway."""
+    return np.clip(audio, -1.0, 1.0, out=audio).astype(np.float32, copy=False)
+
+
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Resample a mono float32 waveform with soxr (very high quality); identity when the rates match."""
+    """Resample a mono float32 waveform with soxr (very high quality), clipped to [-1, 1]; identity
+    when the rates match."""
     from_rate = _check_rate(from_rate, "from_rate")
     to_rate = _check_rate(to_rate, "to_rate")
     if from_rate == to_rate:
         return audio
-    return soxr.resample(audio, from_rate, to_rate, quality="VHQ").astype(np.float32, copy=False)
+    return _full_scale(soxr.resample(audio, from_rate, to_rate, quality="VHQ"))
 
 
-def stream_resampler(to_rate: int) -> soxr.ResampleStream | None:
-    """`resample` from the codec's rate for audio that comes in pieces (the same samples as resampling
-    the whole); None when `to_rate` is the codec's rate."""
+class StreamResampler:
+    """`resample` from the codec's rate for audio that comes in pieces: the same samples as
+    resampling the whole, clipped alike."""
+
+    def __init__(self, to_rate: int) -> None:
+        self.stream = soxr.ResampleStream(DAC_SAMPLE_RATE, to_rate, 1, dtype="float32", quality="VHQ")
+
+    def resample_chunk(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
+        return _full_scale(self.stream.resample_chunk(audio, last=last))
+
+
+def stream_resampler(to_rate: int) -> StreamResampler | None:
+    """A `StreamResampler` to `to_rate`; None when it is the codec's rate."""
     to_rate = _check_rate(to_rate, "to_rate")
-    if to_rate == DAC_SAMPLE_RATE:
-        return None
-    return soxr.ResampleStream(DAC_SAMPLE_RATE, to_rate, 1, dtype="float32", quality="VHQ")
+    return None if to_rate == DAC_SAMPLE_RATE else StreamResampler(to_rate)
 
 
 def _read_file(source: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -163,6 +178,8 @@ def check_output_path(path: str | os.PathLike) -> None:
     _write_format(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save audio to {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot save audio to {path}: it is not writable")
 
 
 def pcm16(audio: np.ndarray) -> bytes:

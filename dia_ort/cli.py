@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +18,9 @@ from dia_ort.audio import DAC_SAMPLE_RATE, check_output_path, pcm16, save_audio,
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from dia_ort.options import GenerationOptions
 from dia_ort.script import LONG_FORM_SECONDS
+
+if TYPE_CHECKING:
+    from dia_ort.serving.app import ServerSettings
 
 STDOUT = "-"
 
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this bearer key (default: $DIA_ORT_API_KEY, else none)")
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch")
+    serve.add_argument(
+        "--ray", action="store_true", help="run as a Ray Serve application on a local Ray (the ray extra)"
+    )
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server")
     return parser
 
 
@@ -180,23 +187,45 @@ def serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from dia_ort.serving.app import create_app
+        from dia_ort.serving.app import ServerSettings, build_app
     except ImportError as exc:
         raise ValueError(f"the server needs the serve extra: pip install 'dia-ort[serve]' ({exc})") from exc
-    from dia_ort.model import Dia
-    from dia_ort.scheduler import Scheduler
-    from dia_ort.serving.voices import load_voices
 
     logging.getLogger("dia_ort").setLevel(logging.INFO)
-    model = Dia.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
-    voices = load_voices(model, args.voices, strict=args.strict_voices)
-    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
-    api_key = args.api_key or os.environ.get("DIA_ORT_API_KEY") or None
-    app = create_app(model, scheduler, voices, api_key=api_key)
+    settings = ServerSettings(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        voices=None if args.voices is None else str(args.voices),
+        strict_voices=args.strict_voices,
+        api_key=args.api_key or os.environ.get("DIA_ORT_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
+    if args.ray:
+        serve_on_ray(settings, args.host, args.port, args.replicas)
+    else:
+        uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+def serve_on_ray(settings: ServerSettings, host: str, port: int, replicas: int) -> None:
+    """Start a local Ray, run the server as a Ray Serve application with `replicas`, until interrupted."""
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        import ray
+        from ray import serve
+
+        from dia_ort.serving.ray import Scaling, application
+    except ImportError as exc:
+        raise ValueError(f"--ray needs the ray extra: pip install 'dia-ort[ray]' ({exc})") from exc
+    if replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {replicas}")
+    ray.init()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(settings, Scaling(replicas=replicas)), blocking=True)
     finally:
-        scheduler.close()
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         (serve if args.command == "serve" else speak)(args)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
-        print(f"dia-ort: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader of `-o -` went away (`| head`): stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
+    except (ValueError, TypeError, OSError) as exc:  # OSError: missing, unreadable or unwritable files
+        print(f"dia-ort: error: {exc}", file=sys.stderr)
+        return 2
     return 0

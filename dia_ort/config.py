@@ -33,6 +33,10 @@ class ModelConfig:
     default_cfg_filter_top_k: int = 45
 
     def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"model config {field.name} must be a whole number >= 0, got {value!r}")
         if self.flavour not in FLAVOURS:
             raise ValueError(f"unknown Dia flavour {self.flavour!r}; expected one of {FLAVOURS}")
         if len(self.delay_pattern) != self.num_channels:

@@ -8,6 +8,7 @@ Graph inputs and outputs are named by the conventions below and paired by name.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], folder: str | Path = "DIR") -> Manifest:
+        if not isinstance(data, dict):
+            raise ValueError(f"{MANIFEST_NAME} in {folder} is not a JSON object; {REEXPORT_HINT}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             newer = isinstance(version, int) and version > FORMAT_VERSION
@@ -155,9 +158,9 @@ class Manifest:
                 source=data.get("source", {}),
                 tools=data.get("tools", {}),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(
-                f"{MANIFEST_NAME} is incomplete or malformed ({exc!r}); {REEXPORT_HINT}"
+                f"{MANIFEST_NAME} in {folder} is incomplete or malformed ({exc!r}); {REEXPORT_HINT}"
             ) from exc
         for dtype, graphs in variants.items():
             missing = set(DIA_GRAPHS) - set(graphs)
@@ -173,16 +176,25 @@ class Manifest:
     def load(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} is not an exported dia-ort model folder")
+            raise FileNotFoundError(
+                f"{path} not found: {folder} is not an exported dia-ort model folder (or its export did "
+                f"not finish); {REEXPORT_HINT}"
+            )
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); {REEXPORT_HINT}") from exc
         return cls.from_dict(data, folder)
 
     def save(self, folder: str | Path) -> Path:
+        """Write the manifest whole or not at all: an export killed while writing it leaves none."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        partial = path.with_name(f".{MANIFEST_NAME}.partial")
+        with partial.open("w") as file:
+            file.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
         return path
 
     def check_files(self, folder: str | Path, dtype: str) -> None:

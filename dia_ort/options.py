@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Integral, Real
+
+# The sampler divides float32 logits by the temperature and scales their guidance difference: past
+# these bounds float32 underflows or overflows, and the logits turn to NaN (silent garbage, not audio).
+MIN_TEMPERATURE = 1e-6
+MAX_SCALE = 1e6
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,14 @@ class GenerationOptions:
         _number("temperature", self.temperature)
         _number("top_p", self.top_p)
         _number("cfg_scale", self.cfg_scale)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_SCALE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE} to {MAX_SCALE:g}, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0 <= self.cfg_scale <= MAX_SCALE:
+            raise ValueError(f"cfg_scale must be from 0 to {MAX_SCALE:g}, got {self.cfg_scale}")
         for name in ("top_k", "cfg_filter_top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -60,6 +68,8 @@ def _number(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value != value:  # NaN
         raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _integer(name: str, value: object) -> None:

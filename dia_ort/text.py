@@ -22,7 +22,13 @@ def encode_text(text: str, text_length: int) -> np.ndarray:
     unknown = sorted({tag for tag in _TAG_LIKE.findall(text) if tag not in SPEAKER_TAGS})
     if unknown:
         raise ValueError(f"unknown speaker tags {unknown}: Dia knows only [S1] and [S2]")
-    data = text.encode("utf-8")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, as from a bad decode of UTF-16
+        raise ValueError(
+            f"text is not valid unicode: {text[exc.start : exc.end]!r} at character {exc.start} "
+            "is half of a surrogate pair"
+        ) from exc
     for tag, byte in SPEAKER_TAGS.items():
         data = data.replace(tag.encode(), byte)
     if len(data) > text_length:

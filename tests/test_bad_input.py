@@ -51,6 +51,11 @@ def test_long_text_error_gives_byte_count(tiny_dia):
         ({"cfg_filter_top_k": 0}, ValueError, "cfg_filter_top_k"),
         ({"seed": -3}, ValueError, "seed"),
         ({"temperature": float("nan")}, ValueError, "NaN"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be finite"),
+        ({"temperature": 1e-300}, ValueError, "temperature must be 0 .greedy. or from 1e-06"),
+        ({"temperature": 1e308}, ValueError, "temperature must be 0"),
+        ({"cfg_scale": float("inf")}, ValueError, "cfg_scale must be finite"),
+        ({"cfg_scale": 1e300}, ValueError, "cfg_scale must be from 0 to 1e"),
     ],
 )
 def test_bad_sampling_values(tiny_dia, kwargs, error, words):

@@ -312,3 +312,7 @@ def test_speak_checks_the_output_path_before_loading_anything(tmp_path, capsys):
         == 2
     )
     assert "--format pcm is for -o -" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:  # a folder this user cannot write (root can write all)
+        patch.setattr("dia_ort.audio.os.access", lambda path, mode: False)
+        assert main(["speak", "[S1] Hi.", "--model", missing_model, "-o", str(tmp_path / "a.wav")]) == 2
+    assert "a.wav: it is not writable" in capsys.readouterr().err

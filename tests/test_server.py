@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 from conftest import export_tiny
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server
 
+from bench.server import Server
 from dia_ort import Dia
 from dia_ort.audio import pcm16
 from dia_ort.serving.limits import MAX_BODY_BYTES
@@ -314,6 +314,7 @@ def test_the_api_key_guards_every_route_but_health_and_the_page(guarded_server):
         model="dia", voice="alloy", input=TEXT, response_format="pcm", extra_body=GREEDY
     )
     assert len(data.content) > 0
+    assert KEY not in guarded_server.output() and "Bearer" not in guarded_server.output()  # never logged
 
 
 def test_a_full_queue_answers_429_with_retry_after(guarded_server):

@@ -12,6 +12,8 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,13 +86,46 @@ class Metrics:
         )
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `dia-ort serve` takes: the model to load and the server's limits (one per process or replica)."""
+
+    model: str
+    dtype: str = "float32"
+    device: str | None = None
+    voices: str | None = None
+    strict_voices: bool = False
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 32
+
+
+def build_app(settings: ServerSettings) -> FastAPI:
+    """Load the model and voices, start the scheduler, and return the app; the scheduler stops with it."""
+    from dia_ort.model import Dia
+    from dia_ort.serving.voices import load_voices
+
+    dia = Dia.from_pretrained(settings.model, compute_dtype=settings.dtype, device=settings.device)
+    voices = load_voices(dia, settings.voices, strict=settings.strict_voices)
+    scheduler = Scheduler(dia, max_batch=settings.max_batch, max_queue=settings.max_queue).start()
+    return create_app(dia, scheduler, voices, api_key=settings.api_key)
+
+
 def create_app(
     dia: Dia, scheduler: Scheduler, voices: dict[str, Voice], api_key: str | None = None
 ) -> FastAPI:
-    """The speech server's app over a started `scheduler` of `dia`."""
+    """The speech server's app over a started `scheduler` of `dia`; it closes the scheduler at shutdown."""
     service = SpeechService(dia, scheduler, voices)
     metrics = Metrics(scheduler)
-    app = FastAPI(title="dia-ort", description="Dia text-to-dialogue, OpenAI-compatible speech API")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(
+        title="dia-ort", description="Dia text-to-dialogue, OpenAI-compatible speech API", lifespan=lifespan
+    )
     app.add_middleware(BodyLimit)
 
     def authorized(request: Request) -> None:

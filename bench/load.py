@@ -1,0 +1,198 @@
+"""`python -m bench.load`: the speech server under load from a bounded asyncio client, on loopback.
+
+C clients send requests for a fixed time, each a mix of what a busy server meets: most stream
+speech, and some leave mid-stream, send a wrong API key, malformed JSON or a body over the limit.
+Meanwhile /health is polled. Every loop is bounded in count and in time. Reported: completed
+requests per minute, latency percentiles, the answers by status and the slowest /health.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.process import REPO
+from bench.server import Server
+
+KINDS = ("speech", "speech", "speech", "speech", "leave", "wrong_key", "malformed", "oversized")
+TEXT = "[S1] Under load. [S2] Still answering."
+OVERSIZED_BYTES = 3 * 2**20  # over the server's 2 MiB body limit
+HEALTH_EVERY = 0.1  # seconds between /health polls
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request: its kind, the status it got, its wall time and the audio bytes that came."""
+
+    kind: str
+    status: int
+    seconds: float
+    seed: int
+    audio_bytes: int = 0
+    sha256: str = ""  # of the whole body: a streamed answer can be checked against the library's
+    error: str = ""  # a transport error's description (then status is 0)
+
+
+@dataclass
+class LoadReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    health_seconds: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    wall: float = 0.0
+
+    def statuses(self) -> dict[str, int]:
+        return dict(Counter(f"{o.kind} {o.status}" for o in self.outcomes))
+
+    def completed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.kind == "speech" and o.status == 200]
+
+    def summary(self) -> dict:
+        latencies = sorted(o.seconds for o in self.completed())
+
+        def percentile(p: float) -> float:
+            return latencies[min(len(latencies) - 1, round(p * (len(latencies) - 1)))] if latencies else 0.0
+
+        return {
+            "requests": len(self.outcomes),
+            "completed_per_minute": 60 * len(latencies) / self.wall if self.wall else 0.0,
+            "latency_p50": percentile(0.5),
+            "latency_p95": percentile(0.95),
+            "latency_max": latencies[-1] if latencies else 0.0,
+            "health_max": max(self.health_seconds, default=0.0),
+            "health_median": statistics.median(self.health_seconds) if self.health_seconds else 0.0,
+            "statuses": self.statuses(),
+        }
+
+
+async def _request(
+    http: httpx.AsyncClient, url: str, key: str | None, kind: str, seed: int, frames: int
+) -> Outcome:
+    """Send one request of `kind` and read its answer (all of it, or the first bytes for "leave")."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm"}
+    body |= {"seed": seed, "max_new_tokens": frames}
+    content = None
+    if kind == "wrong_key":
+        headers = {"Authorization": "Bearer not-the-key"}
+    elif kind == "malformed":
+        content, headers = b'{"model": "dia", "input": ', {**headers, "Content-Type": "application/json"}
+    elif kind == "oversized":
+        body["input"] = "[S1] " + "a" * OVERSIZED_BYTES
+    began = time.perf_counter()
+    size, digest = 0, hashlib.sha256()
+    request = http.build_request(
+        "POST", f"{url}/v1/audio/speech", headers=headers, content=content, json=None if content else body
+    )
+    response = await http.send(request, stream=True)
+    try:
+        async for data in response.aiter_bytes():
+            size += len(data)
+            digest.update(data)
+            if kind == "leave" and size:
+                break  # leave mid-stream: closing the response drops the connection
+    finally:
+        await response.aclose()
+    return Outcome(kind, response.status_code, time.perf_counter() - began, seed, size, digest.hexdigest())
+
+
+async def _client(
+    http: httpx.AsyncClient,
+    url: str,
+    key: str | None,
+    index: int,
+    deadline: float,
+    frames: int,
+    max_requests: int,
+    report: LoadReport,
+) -> None:
+    for number in range(max_requests):
+        if time.monotonic() >= deadline:
+            return
+        kind, seed = KINDS[(index + number) % len(KINDS)], index * 1000 + number
+        try:
+            outcome = await _request(http, url, key, kind, seed, frames)
+        except httpx.HTTPError as exc:
+            outcome = Outcome(kind, 0, 0.0, seed, error=f"{type(exc).__name__}: {exc}")
+        report.outcomes.append(outcome)
+        if outcome.status == 429:
+            await asyncio.sleep(0.2)  # as Retry-After asks, in short
+
+
+async def _poll_health(http: httpx.AsyncClient, url: str, stop: asyncio.Event, report: LoadReport) -> None:
+    while not stop.is_set():
+        began = time.perf_counter()
+        try:
+            (await http.get(f"{url}/health", timeout=5)).raise_for_status()
+            report.health_seconds.append(time.perf_counter() - began)
+        except httpx.HTTPError:
+            report.health_failures += 1
+        await asyncio.sleep(HEALTH_EVERY)
+
+
+async def run_load(
+    url: str,
+    key: str | None,
+    clients: int = 50,
+    seconds: float = 20,
+    frames: int = 40,
+    max_requests: int = 50,
+) -> LoadReport:
+    """`clients` concurrent clients for `seconds` (each at most `max_requests` requests), /health polled.
+
+    Requests still running at the deadline finish (each bounded by the client's 120 s timeout).
+    """
+    report = LoadReport()
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        stop = asyncio.Event()
+        health = asyncio.create_task(_poll_health(http, url, stop, report))
+        began = time.perf_counter()
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(
+            *(_client(http, url, key, i, deadline, frames, max_requests, report) for i in range(clients))
+        )
+        report.wall = time.perf_counter() - began
+        stop.set()
+        await health
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "bench-tiny")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--frames", type=int, default=86, help="max_new_tokens of each speech request")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-queue", type=int, default=16)
+    args = parser.parse_args(argv)
+    key = "bench-load-key"
+    flags = ["--dtype", args.dtype, "--api-key", key, "--max-batch", str(args.max_batch)]
+    server = Server(args.model, *flags, "--max-queue", str(args.max_queue), timeout=600)
+    try:
+        idle = server.resident_bytes()
+        report = asyncio.run(run_load(server.url, key, args.clients, args.seconds, args.frames))
+        time.sleep(2)
+        summary = report.summary() | {
+            "rss_before_mib": idle / 2**20,
+            "rss_after_mib": server.resident_bytes() / 2**20,
+            "health_failures": report.health_failures,
+        }
+    finally:
+        server.stop()
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
