@@ -40,6 +40,7 @@ class Outcome:
     status: int
     seconds: float
     seed: int
+    first_audio: float | None = None  # seconds from sending to the first body bytes of a 200
     audio_bytes: int = 0
     sha256: str = ""  # of the whole body: a streamed answer can be checked against the library's
     error: str = ""  # a transport error's description (then status is 0)
@@ -59,21 +60,26 @@ class LoadReport:
         return [o for o in self.outcomes if o.kind == "speech" and o.status == 200]
 
     def summary(self) -> dict:
-        latencies = sorted(o.seconds for o in self.completed())
-
-        def percentile(p: float) -> float:
-            return latencies[min(len(latencies) - 1, round(p * (len(latencies) - 1)))] if latencies else 0.0
-
+        completed = self.completed()
+        latencies = sorted(o.seconds for o in completed)
+        firsts = sorted(o.first_audio for o in completed if o.first_audio is not None)
         return {
             "requests": len(self.outcomes),
             "completed_per_minute": 60 * len(latencies) / self.wall if self.wall else 0.0,
-            "latency_p50": percentile(0.5),
-            "latency_p95": percentile(0.95),
+            "latency_p50": percentile(latencies, 0.5),
+            "latency_p95": percentile(latencies, 0.95),
             "latency_max": latencies[-1] if latencies else 0.0,
+            "first_audio_p50": percentile(firsts, 0.5),
+            "first_audio_p95": percentile(firsts, 0.95),
             "health_max": max(self.health_seconds, default=0.0),
             "health_median": statistics.median(self.health_seconds) if self.health_seconds else 0.0,
             "statuses": self.statuses(),
         }
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    """The `p` quantile (nearest rank) of ascending values; 0 when there are none."""
+    return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))] if ordered else 0.0
 
 
 async def _request(
@@ -96,15 +102,18 @@ async def _request(
         "POST", f"{url}/v1/audio/speech", headers=headers, content=content, json=None if content else body
     )
     response = await http.send(request, stream=True)
+    first = None
     try:
         async for data in response.aiter_bytes():
+            first = first or time.perf_counter() - began
             size += len(data)
             digest.update(data)
             if kind == "leave" and size:
                 break  # leave mid-stream: closing the response drops the connection
     finally:
         await response.aclose()
-    return Outcome(kind, response.status_code, time.perf_counter() - began, seed, size, digest.hexdigest())
+    wall = time.perf_counter() - began
+    return Outcome(kind, response.status_code, wall, seed, first, size, digest.hexdigest())
 
 
 async def _client(
@@ -116,11 +125,12 @@ async def _client(
     frames: int,
     max_requests: int,
     report: LoadReport,
+    kinds: tuple[str, ...],
 ) -> None:
     for number in range(max_requests):
         if time.monotonic() >= deadline:
             return
-        kind, seed = KINDS[(index + number) % len(KINDS)], index * 1000 + number
+        kind, seed = kinds[(index + number) % len(kinds)], index * 1000 + number
         try:
             outcome = await _request(http, url, key, kind, seed, frames)
         except httpx.HTTPError as exc:
@@ -150,6 +160,7 @@ async def run_load(
     seconds: float = 20,
     frames: int = 40,
     max_requests: int = 200,
+    kinds: tuple[str, ...] = KINDS,
 ) -> LoadReport:
     """`clients` concurrent clients for `seconds` (each at most `max_requests` requests), /health polled.
 
@@ -165,7 +176,10 @@ async def run_load(
             began = time.perf_counter()
             deadline = time.monotonic() + seconds
             await asyncio.gather(
-                *(_client(http, url, key, i, deadline, frames, max_requests, report) for i in range(clients))
+                *(
+                    _client(http, url, key, i, deadline, frames, max_requests, report, kinds)
+                    for i in range(clients)
+                )
             )
             report.wall = time.perf_counter() - began
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.exports import ensure_export
+from bench.load import percentile
 from bench.machine import describe, physical_cores
 from bench.measure import TEXT
 from bench.process import REPO
@@ -56,7 +57,7 @@ def round_of(url: str, clients: int, frames: int) -> dict:
         "clients": clients,
         "audio_per_wall": audio / wall,
         "first_p50": statistics.median(firsts),
-        "first_p95": firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))],
+        "first_p95": percentile(firsts, 0.95),
         "wall": wall,
     }
 

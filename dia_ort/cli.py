@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--dtype", default="float32", help=f"one of {', '.join(PRECISIONS)}")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: cores; with --ray, shared out)")
     serve.add_argument(
         "--voices", type=Path, help="folder of NAME.wav|flac|mp3 voices with NAME.txt transcripts"
     )
@@ -196,6 +199,7 @@ def serve(args: argparse.Namespace) -> None:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        threads=args.threads,
         voices=None if args.voices is None else str(args.voices),
         strict_voices=args.strict_voices,
         api_key=args.api_key or os.environ.get("DIA_ORT_API_KEY") or None,
@@ -219,10 +223,15 @@ def serve_on_ray(settings: ServerSettings, host: str, port: int, replicas: int) 
         raise ValueError(f"--ray needs the ray extra: pip install 'dia-ort[ray]' ({exc})") from exc
     if replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {replicas}")
-    ray.init()
+    cpus = os.cpu_count() or 1
+    scaling = Scaling(replicas=replicas, num_cpus=min(1.0, cpus / replicas))  # all fit on this machine
+    if settings.threads is None:  # the replicas share the cores, rather than each taking them all
+        settings = replace(settings, threads=max(1, cpus // replicas))
+    ray.init(num_cpus=cpus, include_dashboard=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop Ray's processes too, in `finally`
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(settings, Scaling(replicas=replicas)), blocking=True)
+        serve.run(application(settings, scaling), blocking=True)
     finally:
         serve.shutdown()
         ray.shutdown()

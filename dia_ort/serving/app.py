@@ -93,6 +93,7 @@ class ServerSettings:
     model: str
     dtype: str = "float32"
     device: str | None = None
+    threads: int | None = None  # ONNX Runtime's CPU threads (default: one per physical core)
     voices: str | None = None
     strict_voices: bool = False
     api_key: str | None = None
@@ -105,7 +106,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
     from dia_ort.model import Dia
     from dia_ort.serving.voices import load_voices
 
-    dia = Dia.from_pretrained(settings.model, compute_dtype=settings.dtype, device=settings.device)
+    dia = Dia.from_pretrained(
+        settings.model, compute_dtype=settings.dtype, device=settings.device, threads=settings.threads
+    )
     voices = load_voices(dia, settings.voices, strict=settings.strict_voices)
     scheduler = Scheduler(dia, max_batch=settings.max_batch, max_queue=settings.max_queue).start()
     return create_app(dia, scheduler, voices, api_key=settings.api_key)
@@ -126,6 +129,7 @@ def create_app(
     app = FastAPI(
         title="dia-ort", description="Dia text-to-dialogue, OpenAI-compatible speech API", lifespan=lifespan
     )
+    app.state.scheduler = scheduler  # for health checks from outside the routes (Ray's)
     app.add_middleware(BodyLimit)
 
     def authorized(request: Request) -> None:

@@ -78,6 +78,17 @@ class ReplicaHeader:
         await self.app(scope, receive, named_send if scope["type"] == "http" else send)
 
 
+class Replica:
+    """One replica of the server; Ray wraps it around the app (`serve.ingress`) and calls
+    `check_health` every few seconds, replacing a replica whose check fails."""
+
+    app: FastAPI  # set by Ray's ingress wrapper
+
+    def check_health(self) -> None:
+        if not self.app.state.scheduler.alive:
+            raise RuntimeError("the scheduler thread of this replica has stopped")
+
+
 def application(settings: ServerSettings, scaling: Scaling = Scaling()) -> serve.Application:
     """The Ray Serve application of the speech server: pass it to `serve.run`."""
 
@@ -86,7 +97,7 @@ def application(settings: ServerSettings, scaling: Scaling = Scaling()) -> serve
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 
-    ingress = serve.ingress(replica_app)()
+    ingress = serve.ingress(replica_app)(Replica)
     return serve.deployment(ingress, name=DEPLOYMENT_NAME, **scaling.options(settings)).bind()
 
 
