@@ -14,7 +14,7 @@ FLAVOURS = ("v0.1", "0626")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Generation semantics and graph sizes of one Dia model (SPEC.md sections 1 and 5)."""
+    """Generation semantics and graph sizes of one Dia model (docs/generation.md sections 1 and 5)."""
 
     flavour: str  # "v0.1" (cross-attention RoPE, plain CFG) or "0626"
     text_length: int  # encoder window in bytes

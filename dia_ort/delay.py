@@ -1,4 +1,4 @@
-"""The delay pattern: laying audio frames into decoder rows and reading them back (SPEC.md 5).
+"""The delay pattern: laying audio frames into decoder rows and reading them back (docs/generation.md section 5).
 
 Row t of channel c holds frame t-1-d[c]; rows 0..d[c] of channel c hold BOS.
 """

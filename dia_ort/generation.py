@@ -1,4 +1,4 @@
-"""The decoding loop: one streaming iterator of steps that every entry point consumes (SPEC.md 5).
+"""The decoding loop: one streaming iterator of steps that every entry point consumes (docs/generation.md section 8).
 
 A batch of items shares decoder positions. Each item's known cells (BOS and its audio prompt, laid
 out by the delay pattern) are fixed in advance; the rows every item knows are prefilled in one

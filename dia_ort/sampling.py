@@ -1,4 +1,4 @@
-"""Turning one step's logits into tokens: CFG, the channel filters and the sampler (SPEC.md 5).
+"""Turning one step's logits into tokens: CFG, the channel filters and the sampler (docs/generation.md sections 6 and 7).
 
 Small pure numpy functions, each tested alone; `next_tokens` chains them in the reference order.
 """

@@ -1,4 +1,4 @@
-"""Dia's text input: UTF-8 bytes with the speaker tags [S1] -> byte 1 and [S2] -> byte 2 (SPEC.md 4)."""
+"""Dia's text input: UTF-8 bytes with the speaker tags [S1] -> byte 1 and [S2] -> byte 2 (docs/generation.md section 4)."""
 
 from __future__ import annotations
 

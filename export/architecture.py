@@ -1,4 +1,4 @@
-"""Dia architecture from a checkpoint's config.json, in either schema (SPEC.md section 1).
+"""Dia architecture from a checkpoint's config.json, in either schema (docs/generation.md section 2).
 
 Schema A is the v0.1 config (`model`/`data` sections); schema B is transformers' `DiaConfig`, used by
 0626. Both are read into one `DiaArchitecture`; `to_hf_dict` writes schema B back out, which is what
@@ -246,7 +246,7 @@ def _rope_theta(section: dict[str, Any]) -> float:
 
 
 def _token_id(data: dict[str, Any], dec: dict[str, Any], key: str, default: int) -> int:
-    """Token ids may sit at the top level, inside `decoder_config`, or both (SPEC.md section 1)."""
+    """Token ids may sit at the top level, inside `decoder_config`, or both (docs/generation.md section 2)."""
     value = data.get(key)
     if value is None:
         value = dec.get(key)

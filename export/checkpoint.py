@@ -1,6 +1,6 @@
 """Load a Dia checkpoint folder of any generation and layout into one canonical state dict.
 
-The canonical layout is transformers' `DiaForConditionalGeneration.state_dict()` (SPEC.md section 2),
+The canonical layout is transformers' `DiaForConditionalGeneration.state_dict()` (docs/generation.md section 2),
 in float32. The nari layout (DenseGeneral kernels `[in..., out...]`, nine decoder embeddings) is
 converted through one explicit table, `conversion_table`, which also gives every key's shape in both
 layouts; a checkpoint is checked against it, key by key and shape by shape, before anything is

@@ -1,4 +1,4 @@
-"""The 44.1 kHz DAC codec as plain torch modules, and the two graph-contract wrappers (SPEC.md section 6).
+"""The 44.1 kHz DAC codec as plain torch modules, and the two graph-contract wrappers (docs/generation.md section 10).
 
 Weight norm is folded away (`weight = g * v / ||v||`), so every convolution is a plain `nn.Conv1d` or
 `nn.ConvTranspose1d`. Parameter names are transformers' `DacModel` names without weight norm:

@@ -1,4 +1,4 @@
-"""DAC weights into `DacCodec`: descript's release `.pth` or a transformers `DacModel` folder (SPEC.md section 6).
+"""DAC weights into `DacCodec`: descript's release `.pth` or a transformers `DacModel` folder (docs/generation.md section 10).
 
 Both layouts store convolutions with weight norm in one of three forms (`weight_g`/`weight_v`,
 `parametrizations.weight.original0/original1`, or already folded as `weight`); all are folded to
@@ -217,8 +217,13 @@ def _fold(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _unfold(codec: DacCodec, form: str) -> dict[str, Tensor]:
-    """`codec`'s state with each convolution weight w stored as g = ||w|| (per dim-0 slice), v = w."""
+    """`codec`'s state with each convolution weight w stored as g = ||w|| and v = s * w, per dim-0 slice.
+
+    The scale s (0.5 to 2, random per slice) makes v differ from w as in a trained checkpoint, where
+    g != ||v||: a loader that took v for the weight, or forgot to divide by ||v||, loads other weights.
+    """
     g_suffix, v_suffix = WEIGHT_NORM_FORMS[form]
+    generator = torch.Generator().manual_seed(0)
     convolutions = {
         f"{name}.weight"
         for name, module in codec.named_modules()
@@ -228,8 +233,9 @@ def _unfold(codec: DacCodec, form: str) -> dict[str, Tensor]:
     for key, value in codec.state_dict().items():
         if key in convolutions:
             base = key.removesuffix(".weight")
+            scale = 0.5 + 1.5 * torch.rand((len(value),) + (1,) * (value.dim() - 1), generator=generator)
             state[base + g_suffix] = _norm_except_first(value)
-            state[base + v_suffix] = value
+            state[base + v_suffix] = value * scale
         else:
             state[key] = value
     return state

@@ -1,9 +1,9 @@
 """Dia in torch, written for export: the encoder and a decoder step with an explicit KV cache.
 
-Parameter names are transformers' HF layout (SPEC.md section 2), so any checkpoint converted by
+Parameter names are transformers' HF layout (docs/generation.md section 2), so any checkpoint converted by
 `export.checkpoint` loads by name with a strict key check; projection kernels are held as `[in, out]`
 views of the HF `[out, in]` tensors, so the graphs get plain MatMuls on the stored weights and no
-transposed copy of 6 GB is ever made. The forward pass follows SPEC.md
+transposed copy of 6 GB is ever made. The forward pass follows docs/generation.md
 section 3: RMSNorm in float32, attention scale 1.0, rotate-half RoPE, GQA, and for the v0.1 flavour
 RoPE on cross-attention too.
 
@@ -322,7 +322,7 @@ class EncoderGraph(nn.Module):
         enc, fused = m.model.encoder, m.fused_ops
         heads = m.arch.encoder.heads
         positions = torch.arange(text_ids.shape[1]).expand_as(text_ids)
-        # a real byte attends real bytes only, a pad byte pad bytes only (SPEC.md section 3)
+        # a real byte attends real bytes only, a pad byte pad bytes only (docs/generation.md section 3)
         bias = additive(text_mask[:, :, None] == text_mask[:, None, :])[:, None]  # [B, 1, L, L]
         x = enc.embedding(text_ids)
         for layer in enc.layers:

@@ -1,7 +1,7 @@
 """Independent references the tests compare the runtime with.
 
-- transformers' `DiaForConditionalGeneration` (0626 semantics), driven as SPEC.md section 7 says;
-- a small torch implementation of SPEC.md written here from the nari-layout tensors, for v0.1
+- transformers' `DiaForConditionalGeneration` (0626 semantics), driven as docs/generation.md section 14 says;
+- a small torch implementation of docs/generation.md written here from the nari-layout tensors, for v0.1
   (cross-attention RoPE, plain CFG, EOS damping) which transformers does not implement.
 """
 
@@ -62,7 +62,7 @@ def hf_greedy_rows(
 
 
 class SpecReference:
-    """SPEC.md sections 3 and 5 in plain torch, from nari-layout kernels, recomputing every step."""
+    """docs/generation.md sections 3 and 5 to 7 in plain torch, from nari-layout kernels, recomputing every step."""
 
     def __init__(self, arch: DiaArchitecture, hf_state: dict[str, torch.Tensor]) -> None:
         self.arch = arch
@@ -100,7 +100,7 @@ class SpecReference:
         return (torch.nn.functional.silu(fused[:, 0]) * fused[:, 1]) @ self.w[f"{prefix}.mlp.wo.weight"]
 
     def encode(self, text: torch.Tensor) -> torch.Tensor:
-        """Real text bytes `[L]` -> encoder output `[L, E]` (no padding: SPEC.md section 3)."""
+        """Real text bytes `[L]` -> encoder output `[L, E]` (no padding: docs/generation.md section 3)."""
         pos = torch.arange(len(text))
         x = self.w["encoder.embedding.weight"][text]
         allowed = torch.ones(len(text), len(text), dtype=torch.bool)

@@ -68,6 +68,13 @@ def test_stereo_is_averaged(layout):
     np.testing.assert_allclose(out, 0.4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ext", ["wav", "flac"])
+def test_a_stereo_file_is_averaged(tmp_path, ext):
+    path = tmp_path / f"stereo.{ext}"
+    soundfile.write(path, np.stack([np.full(4410, 0.25), np.full(4410, -0.75)], axis=1), DAC_SAMPLE_RATE)
+    np.testing.assert_allclose(load_audio(path), -0.25, atol=1e-4)
+
+
 def test_float64_list_and_float16_become_float32():
     assert to_mono_float32([0.0, 0.5, -0.5], 16000).dtype == np.float32
     assert to_mono_float32(np.ones(10, np.float16), 16000).dtype == np.float32
@@ -250,10 +257,17 @@ def test_save_into_missing_directory(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("bad", [np.array([0.1, np.nan]), np.zeros(0), np.zeros((2, 2, 2))])
-def test_save_invalid_audio_leaves_nothing(tmp_path, bad):
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (np.array([0.1, np.nan]), "1 non-finite values"),
+        (np.zeros(0), "empty"),
+        (np.zeros((2, 2, 2)), "1-D .samples. or 2-D"),
+    ],
+)
+def test_save_invalid_audio_leaves_nothing(tmp_path, bad, words):
     path = tmp_path / "out.wav"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=words):
         save_audio(path, bad)
     assert os.listdir(tmp_path) == []
 

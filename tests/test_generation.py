@@ -37,7 +37,7 @@ def run_rows(dia: Dia, texts, prompts=None, options=GREEDY):
 
 
 def assert_rows_match_before_budget(ours: np.ndarray, eos_row: int, theirs: np.ndarray) -> int:
-    """Rows before the budget's forced EOS are identical (SPEC.md 7); returns frames compared."""
+    """Rows before the budget's forced EOS are identical (docs/generation.md section 14); returns frames compared."""
     assert len(theirs) > eos_row, "transformers stopped before our budget"
     np.testing.assert_array_equal(ours[:eos_row], theirs[:eos_row])
     np.testing.assert_array_equal(ours[eos_row, 1:], theirs[eos_row, 1:])
@@ -64,17 +64,21 @@ def test_batch_of_different_lengths_matches_single_runs(tiny_dia, hf):
         assert_rows_match_before_budget(generation.items[i].rows, generation.items[i].eos_row, theirs)
 
 
-def test_audio_prompt_matches_transformers(tiny_dia, hf):
+def test_audio_prompts_differing_per_item_match_transformers(tiny_dia, hf):
+    """A batch with two different prompts and none: every item is its own transformers run."""
     rng = np.random.default_rng(3)
-    prompt = rng.integers(0, 1024, size=(12, TINY.decoder.num_channels))
-    generation = run_rows(tiny_dia, TEXTS[:2], [prompt, None])
-    theirs = hf_greedy_rows(
-        hf, TINY, encode_text(TEXTS[0], TINY.encoder.max_length), NEW + D + 5, prompt=prompt
-    )
-    assert generation.items[0].eos_row == len(prompt) + 1 + NEW
-    assert_rows_match_before_budget(generation.items[0].rows, generation.items[0].eos_row, theirs)
-    codes = generation.codes()[0]
-    assert codes.shape == (NEW, TINY.decoder.num_channels)  # the prompt is not part of the output
+    prompts = [rng.integers(0, 1024, size=(frames, TINY.decoder.num_channels)) for frames in (12, 5)]
+    batch = [prompts[0], None, prompts[1]]
+    generation = run_rows(tiny_dia, TEXTS, batch)
+    for i, (text, prompt) in enumerate(zip(TEXTS, batch, strict=True)):
+        theirs = hf_greedy_rows(
+            hf, TINY, encode_text(text, TINY.encoder.max_length), NEW + D + 5 + 12, prompt=prompt
+        )
+        item = generation.items[i]
+        assert item.eos_row == (0 if prompt is None else len(prompt)) + 1 + NEW
+        assert_rows_match_before_budget(item.rows, item.eos_row, theirs)
+    for codes in generation.codes():
+        assert codes.shape == (NEW, TINY.decoder.num_channels)  # the prompt is not part of the output
 
 
 def test_natural_eos_matches_transformers(tmp_path, tiny_state, tiny_codec):
@@ -114,7 +118,7 @@ def test_nari_and_hf_layouts_give_identical_output(tmp_path, tiny_state, tiny_co
 
 
 def test_v01_matches_spec_reference(v01_dia, v01_arch, tiny_state):
-    """Cross-attention RoPE, plain CFG and the EOS damping of v0.1 against SPEC.md in torch."""
+    """Cross-attention RoPE, plain CFG and the EOS damping of v0.1 against docs/generation.md section 14 in torch."""
     steps = 30
     generation = run_rows(v01_dia, TEXTS[:1], options=GenerationOptions(temperature=0, max_new_tokens=steps))
     reference = SpecReference(v01_arch, tiny_state)
@@ -147,8 +151,8 @@ def test_callback_counts_steps(tiny_dia):
     tiny_dia.generate_codes(
         TEXTS[:1], temperature=0, max_new_tokens=10, callback=lambda s, t: calls.append((s, t))
     )
-    assert [s for s, _ in calls] == list(range(1, len(calls) + 1))
-    assert all(t == calls[0][1] for _, t in calls) and len(calls) <= calls[0][1]
+    # one call per decoder step: the budget's 10 frames, the EOS row, then max_delay steps to flush
+    assert calls == [(step, 10 + D + 1) for step in range(1, 10 + D + 2)]
 
 
 def test_cache_growth_keeps_rows(tiny_dia, monkeypatch):

@@ -1,4 +1,4 @@
-"""The sampler's rules (SPEC.md section 5) on fixed logits."""
+"""The sampler's rules (docs/generation.md sections 6 and 7) on fixed logits."""
 
 from __future__ import annotations
 
