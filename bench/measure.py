@@ -47,12 +47,18 @@ def median_ms(run: Callable[[], object], repeats: int = REPEATS) -> float:
     return 1000 * statistics.median(times)
 
 
+def memory_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory figure of /proc/PID/status in bytes: VmRSS (resident now), VmHWM (peak), ..."""
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{status} has no {field} line")
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (VmHWM; since the last `reset_peak_rss`)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    return memory_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:

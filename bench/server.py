@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.measure import memory_bytes
 from bench.process import REPO
 
 
@@ -68,7 +69,4 @@ class Server:
 
     def resident_bytes(self) -> int:
         """The server process's resident memory."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"/proc/{self.process.pid}/status has no VmRSS line")
+        return memory_bytes("VmRSS", self.process.pid)

@@ -7,20 +7,14 @@ to itself, and ONNX Runtime's sessions may be run from several threads at once.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
+
+from bench.measure import memory_bytes
 
 GENERATIONS = 200
 RSS_GROWTH_LIMIT = 40 * 2**20  # bytes of resident memory 200 generations may add after the warm-up
 TEXTS = ("[S1] Hi.", "[S1] A longer line, to vary the text width. [S2] And a reply.", "[S2] Yes?")
-
-
-def resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
 
 
 def one_generation(dia, index: int) -> np.ndarray:
@@ -42,13 +36,13 @@ def test_200_generations_keep_memory_flat_and_results_equal(tiny_dia):
     first = one_generation(tiny_dia, 0)
     for index in range(1, 20):  # warm-up: buffers, arenas and caches reach their working size
         one_generation(tiny_dia, index)
-    start = resident_bytes()
+    start = memory_bytes("VmRSS")
     peak = start
     for index in range(20, GENERATIONS):
         audio = one_generation(tiny_dia, index)
         assert np.isfinite(audio).all()
-        peak = max(peak, resident_bytes())
-    growth = resident_bytes() - start
+        peak = max(peak, memory_bytes("VmRSS"))
+    growth = memory_bytes("VmRSS") - start
     print(f"resident memory: {start / 2**20:.1f} MiB after the warm-up, growth {growth / 2**20:+.1f} MiB, "
           f"peak {peak / 2**20:.1f} MiB over {GENERATIONS} generations")  # fmt: skip
     assert growth < RSS_GROWTH_LIMIT
