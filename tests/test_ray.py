@@ -22,8 +22,6 @@ from dia_ort.audio import pcm16
 from dia_ort.serving.app import ServerSettings
 from dia_ort.serving.ray import REPLICA_HEADER, Scaling, app_builder
 
-pytest.importorskip("ray.serve", reason="the ray extra is not installed")
-
 TEXT = "[S1] Hello from a replica. [S2] Which one?"
 FRAMES = 40
 
