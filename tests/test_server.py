@@ -291,6 +291,25 @@ def test_a_client_that_leaves_frees_its_row(server):
     assert decoder_steps(server) - before < 150  # the whole request would take 239 + 15 steps
 
 
+def test_a_long_form_client_that_leaves_stops_its_script(server):
+    """The script stops at its next step, so the one long-form slot is free for the next request well
+    before the script's parts would have ended (the slot stays taken until the script stops)."""
+    script = " ".join(f"[S{1 + i % 2}] Line number {i} of a script that goes on and on." for i in range(48))
+    body = {"model": "dia", "voice": "alloy", "response_format": "pcm", "long_form": True}
+    url = f"{server.url}/v1/audio/speech"
+    with httpx.stream(
+        "POST", url, json={**body, "input": script, "max_new_tokens": 239}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())  # the first audio: the script is running
+    left = time.monotonic()
+    short = {**body, "input": TEXT, "max_new_tokens": 20}
+    while (answer := httpx.post(url, json=short, timeout=60)).status_code == 429:
+        assert time.monotonic() - left < 5, "the script went on after its client left"
+        time.sleep(0.05)
+    assert answer.status_code == 200 and len(answer.content) > 0
+
+
 @pytest.fixture(scope="module")
 def guarded_server(served_folder):
     running = Server(served_folder, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1")

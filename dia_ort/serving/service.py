@@ -126,9 +126,19 @@ class SpeechService:
         if not self.long_form_slot.acquire(blocking=False):
             raise QueueFull("a long-form request is running; this server runs one at a time")
         stop = threading.Event()
+
+        def stop_when_left(_step: int, _total: int) -> None:  # runs at every decoder step
+            if stop.is_set():
+                raise _Stopped
+
         try:
             parts = LongFormStream(
-                self.dia, speech.text, speech.prompt, speech.options, *self.scheduler.chunking
+                self.dia,
+                speech.text,
+                speech.prompt,
+                speech.options,
+                *self.scheduler.chunking,
+                callback=stop_when_left,
             )
         except BaseException:
             self.long_form_slot.release()
