@@ -2,20 +2,25 @@
 
 import os
 import stat
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import soundfile
+import soxr
 
 from dia_ort import audio
 from dia_ort.audio import (
     DAC_SAMPLE_RATE,
+    StreamResampler,
+    check_output_path,
     load_audio,
     pcm16,
     resample,
     save_audio,
+    stream_resampler,
     streaming_wav_header,
     to_mono_float32,
 )
@@ -57,6 +62,7 @@ def test_mono_float32_passes_through():
     out = to_mono_float32(wave, DAC_SAMPLE_RATE)
     assert out.dtype == np.float32 and out.shape == wave.shape
     np.testing.assert_array_equal(out, wave)
+    assert np.shares_memory(out, wave)  # not copied
 
 
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
@@ -109,7 +115,7 @@ def test_tensor_like_is_detached_moved_and_converted():
         (np.array([True, False]), TypeError, "dtype"),
         (np.zeros(4, np.int64), TypeError, "dtype"),
         (np.zeros(4, np.complex64), TypeError, "dtype"),
-        ([[0.1, 0.2], [0.3]], TypeError, "array of numbers"),
+        ([[0.1, 0.2], [0.3]], TypeError, "array of numbers, got list"),
     ],
 )
 def test_bad_audio_is_refused(bad, error, words):
@@ -142,6 +148,35 @@ def test_resample_same_rate_is_identity():
 def test_resample_refuses_bad_rates():
     with pytest.raises(ValueError, match="to_rate"):
         resample(np.zeros(10, np.float32), 16000, 0)
+
+
+def square(rate: int, seconds: float = 0.5) -> np.ndarray:
+    """A full-scale square wave: resampling it rings past full scale at every edge."""
+    return np.sign(sine(441, rate, seconds)).astype(np.float32)
+
+
+def test_resampled_audio_is_clipped_to_full_scale():
+    wave = square(22050)
+    raw = soxr.resample(wave, 22050, DAC_SAMPLE_RATE, quality="VHQ")
+    assert raw.max() > 1.01 and raw.min() < -1.01  # the ringing this guards against
+    np.testing.assert_array_equal(resample(wave, 22050, DAC_SAMPLE_RATE), np.clip(raw, -1, 1))
+
+
+def test_stream_resampler_gives_the_samples_of_the_whole():
+    wave = square(DAC_SAMPLE_RATE)
+    stream = stream_resampler(24000)
+    pieces = [stream.resample_chunk(chunk) for chunk in np.array_split(wave, 7)]
+    pieces.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    streamed = np.concatenate(pieces)
+    assert streamed.dtype == np.float32
+    np.testing.assert_array_equal(streamed, resample(wave, DAC_SAMPLE_RATE, 24000))
+
+
+def test_stream_resampler_is_none_at_the_codec_rate():
+    assert stream_resampler(DAC_SAMPLE_RATE) is None
+    assert isinstance(stream_resampler(24000), StreamResampler)
+    with pytest.raises(ValueError, match="to_rate must be positive"):
+        stream_resampler(0)
 
 
 # --- load_audio ----------------------------------------------------------------------------------
@@ -184,8 +219,25 @@ def test_load_missing_file(tmp_path):
 def test_load_corrupt_file(tmp_path):
     path = tmp_path / "corrupt.wav"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(ValueError, match="corrupt.wav.*not recognised"):
+    with pytest.raises(ValueError, match="corrupt.wav.*not recognised") as error:
         load_audio(str(path))
+    assert (
+        str(error.value).count("corrupt.wav") == 1
+    )  # libsndfile's reason, not its message naming the file again
+
+
+@pytest.mark.parametrize("action", ["load", "save"])
+def test_a_soundfile_error_without_a_reason_gives_its_own_text(tmp_path, monkeypatch, action):
+    """Only libsndfile's errors carry `error_string`; any other RuntimeError is reported as it is."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("device went away")
+
+    path = tmp_path / "a.wav"
+    soundfile.write(path, np.zeros(10, np.float32), DAC_SAMPLE_RATE)
+    monkeypatch.setattr(audio.sf, "read" if action == "load" else "write", fail)
+    with pytest.raises(ValueError, match=r"a\.wav.*: device went away$"):
+        load_audio(path) if action == "load" else save_audio(path, np.zeros(10, np.float32))
 
 
 def test_load_empty_file(tmp_path):
@@ -221,6 +273,28 @@ def test_save_other_rate_and_stereo_as_mono(tmp_path):
     assert (info.samplerate, info.channels, info.frames) == (22050, 1, len(wave))
 
 
+def test_save_clips_lossy_formats_and_says_how_many_samples(tmp_path, caplog):
+    """libsndfile clips PCM itself, but Vorbis would encode samples past full scale as they are."""
+    loud = 1.5 * sine(440, DAC_SAMPLE_RATE, seconds=0.2, amplitude=1.0)
+    loud[:2] = [1.0, -1.0]  # full scale exactly is not clipping
+    save_audio(tmp_path / "clipped.ogg", np.clip(loud, -1, 1))
+    with caplog.at_level("WARNING", logger="dia_ort.audio"):
+        save_audio(tmp_path / "loud.ogg", loud)
+    count = np.count_nonzero(np.abs(loud) > 1)
+    assert caplog.messages == [
+        f"clipping {count} samples outside [-1, 1] while saving {tmp_path / 'loud.ogg'}"
+    ]
+    loud_back, _ = soundfile.read(tmp_path / "loud.ogg", dtype="float32")
+    clipped_back, _ = soundfile.read(tmp_path / "clipped.ogg", dtype="float32")
+    np.testing.assert_array_equal(loud_back, clipped_back)
+
+
+def test_save_logs_what_it_wrote(tmp_path, caplog):
+    with caplog.at_level("DEBUG", logger="dia_ort.audio"):
+        save_audio(tmp_path / "out.wav", np.zeros(300, np.float32), sample_rate=16000)
+    assert caplog.messages == [f"saved 300 samples at 16000 Hz to {tmp_path / 'out.wav'}"]
+
+
 def test_save_clips_pcm_instead_of_wrapping(tmp_path):
     path = tmp_path / "loud.wav"
     save_audio(path, np.array([1.5, -2.0, 0.5], np.float32))
@@ -246,7 +320,7 @@ def test_saved_file_mode_follows_umask(tmp_path):
 
 
 def test_save_unknown_extension_lists_supported(tmp_path):
-    with pytest.raises(ValueError, match=r"\.xyz.*\.wav.*\.mp3"):
+    with pytest.raises(ValueError, match=r"\.xyz.*; use one of \.wav, \.flac, .*\.mp3"):
         save_audio(tmp_path / "out.xyz", np.zeros(10, np.float32))
     assert os.listdir(tmp_path) == []
 
@@ -273,9 +347,30 @@ def test_save_invalid_audio_leaves_nothing(tmp_path, bad, words):
 
 
 def test_save_rate_the_format_cannot_hold_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError, match="out.mp3.*96000"):
+    with pytest.raises(ValueError, match="out.mp3.*96000.*only supports sample rates") as error:
         save_audio(tmp_path / "out.mp3", np.zeros(1000, np.float32), sample_rate=96000)
+    assert ".tmp" not in str(error.value)  # libsndfile's reason, not its message naming the temporary file
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("unwritable", ["directory", "file"])
+def test_an_unwritable_path_is_refused(tmp_path, monkeypatch, unwritable):
+    """Checked with os.access, which tests run as root cannot make refuse, so it is replaced here."""
+    path = tmp_path / "out.wav"
+    path.touch()
+    refused = tmp_path if unwritable == "directory" else path
+    monkeypatch.setattr(audio.os, "access", lambda p, mode: os.fspath(p) != os.fspath(refused))
+    with pytest.raises(PermissionError, match="out.wav: it is not writable"):
+        check_output_path(path)
+
+
+def test_a_temporary_file_that_cannot_be_created_raises_its_own_error(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(audio.os, "open", refuse)
+    with pytest.raises(PermissionError, match="read-only file system"):
+        save_audio(tmp_path / "out.wav", np.zeros(10, np.float32))
 
 
 def test_write_failure_midway_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
@@ -315,6 +410,18 @@ def test_pcm16_holds_the_samples_a_wav_file_holds(tmp_path):
     save_audio(tmp_path / "a.wav", audio, 44100)
     written, _ = soundfile.read(tmp_path / "a.wav", dtype="int16")
     np.testing.assert_array_equal(np.frombuffer(pcm16(audio), dtype="<i2"), written)
+
+
+@pytest.mark.parametrize("rate", [24000, 2**31 - 1])
+def test_streaming_wav_header_fields(rate):
+    """RIFF's fields are unsigned little-endian: sizes unknown, 16-bit mono PCM, byte rate, block align."""
+    header = streaming_wav_header(rate)
+    assert (header[:4], header[8:16], header[36:40]) == (b"RIFF", b"WAVEfmt ", b"data")
+    riff_size, fmt_size, pcm, channels, got_rate, byte_rate, align, bits, data_size = struct.unpack(
+        "<4xI8xIHHIIHH4xI", header
+    )
+    assert (fmt_size, pcm, channels, got_rate, byte_rate, align, bits) == (16, 1, 1, rate, 2 * rate, 2, 16)
+    assert riff_size == data_size == 0xFFFFFFFF and len(header) == 44
 
 
 def test_streaming_wav_header_is_read_by_libsndfile(tmp_path):

@@ -3,6 +3,8 @@ refused by name, and the exported ONNX graphs compute what the torch modules com
 
 from __future__ import annotations
 
+import datetime
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,166 @@ def test_onnx_encoder_matches_torch(tiny_codec, tmp_path):
         (have,) = session.run(None, {"waveform": audio.numpy()})
         assert have.dtype == np.int64
         np.testing.assert_array_equal(have, want)
+
+
+# An architecture where no size is a default: a loader that drops or swaps one builds another codec.
+ODD_DAC = DacArchitecture(
+    encoder_dim=2,
+    encoder_rates=(2, 3),
+    latent_dim=12,
+    decoder_dim=8,
+    decoder_rates=(3, 2),
+    n_codebooks=3,
+    codebook_size=16,
+    codebook_dim=4,
+    sample_rate=16000,
+)
+# descript's DAC constructor arguments, as its release files store them under metadata.kwargs
+DESCRIPT_KWARGS = {
+    "encoder_dim",
+    "encoder_rates",
+    "latent_dim",
+    "decoder_dim",
+    "decoder_rates",
+    "n_codebooks",
+    "codebook_size",
+    "codebook_dim",
+    "quantizer_dropout",
+    "sample_rate",
+}
+
+
+def descript_keys(arch: DacArchitecture) -> dict[str, int]:
+    """descript's parameter names, written out from its module tree (dac/model/dac.py), with the kernel
+    size of each weight-normed convolution on its `weight_v` (None for other parameters)."""
+    keys: dict[str, int | None] = {}
+
+    def conv(prefix: str, kernel: int) -> None:
+        keys.update({f"{prefix}.weight_g": None, f"{prefix}.weight_v": kernel, f"{prefix}.bias": None})
+
+    def residual(prefix: str) -> None:  # Snake1d, WNConv1d(k=7, dilated), Snake1d, WNConv1d(k=1)
+        keys[f"{prefix}.block.0.alpha"] = None
+        conv(f"{prefix}.block.1", 7)
+        keys[f"{prefix}.block.2.alpha"] = None
+        conv(f"{prefix}.block.3", 1)
+
+    conv("encoder.block.0", 7)
+    for i, stride in enumerate(
+        arch.encoder_rates, start=1
+    ):  # EncoderBlock: 3 residual units, Snake1d, WNConv1d
+        block = f"encoder.block.{i}.block"
+        for j in range(3):
+            residual(f"{block}.{j}")
+        keys[f"{block}.3.alpha"] = None
+        conv(f"{block}.4", 2 * stride)
+    last = len(arch.encoder_rates)
+    keys[f"encoder.block.{last + 1}.alpha"] = None
+    conv(f"encoder.block.{last + 2}", 3)
+    conv("decoder.model.0", 7)
+    for i, stride in enumerate(
+        arch.decoder_rates, start=1
+    ):  # DecoderBlock: Snake1d, WNConvTranspose1d, 3 units
+        block = f"decoder.model.{i}.block"
+        keys[f"{block}.0.alpha"] = None
+        conv(f"{block}.1", 2 * stride)
+        for j in range(3):
+            residual(f"{block}.{j + 2}")
+    last = len(arch.decoder_rates)
+    keys[f"decoder.model.{last + 1}.alpha"] = None
+    conv(f"decoder.model.{last + 2}", 7)
+    for q in range(arch.n_codebooks):
+        conv(f"quantizer.quantizers.{q}.in_proj", 1)
+        conv(f"quantizer.quantizers.{q}.out_proj", 1)
+        keys[f"quantizer.quantizers.{q}.codebook.weight"] = None
+    return keys
+
+
+@pytest.mark.parametrize("arch", [TINY_DAC, ODD_DAC], ids=["tiny", "odd"])
+def test_descript_file_has_descripts_names_and_sizes(tmp_path, arch):
+    save_descript_pth(random_dac(arch), tmp_path / "weights.pth")
+    stored = torch.load(tmp_path / "weights.pth", weights_only=True)
+    expected = descript_keys(arch)
+    assert set(stored["state_dict"]) == set(expected)
+    for key, kernel in expected.items():
+        if kernel is not None:
+            assert stored["state_dict"][key].shape[-1] == kernel, key
+    kwargs = stored["metadata"]["kwargs"]
+    assert set(kwargs) == DESCRIPT_KWARGS and kwargs["quantizer_dropout"] == 0.0
+    assert (
+        DacArchitecture(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in kwargs.items()
+                if k != "quantizer_dropout"
+            }
+        )
+        == arch
+    )
+
+
+def test_every_size_of_a_descript_file_is_read(tmp_path):
+    codec = random_dac(ODD_DAC, seed=3)
+    save_descript_pth(codec, tmp_path / "odd.pth")
+    assert_same_weights(load_dac(tmp_path / "odd.pth"), codec)
+
+
+def test_a_descript_file_without_latent_dim_gets_the_default(tmp_path):
+    """Older descript files leave latent_dim out: it is then encoder_dim * 2**len(encoder_rates)."""
+    codec = random_dac(TINY_DAC)
+    save_descript_pth(codec, tmp_path / "weights.pth")
+    checkpoint = torch.load(tmp_path / "weights.pth", weights_only=True)
+    del checkpoint["metadata"]["kwargs"]["latent_dim"]
+    torch.save(checkpoint, tmp_path / "weights.pth")
+    assert_same_weights(load_dac(tmp_path / "weights.pth"), codec)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{"metadata": {"kwargs": {}}}, {"state_dict": {}}, [1, 2]],
+    ids=["no state_dict", "no metadata", "not a dict"],
+)
+def test_a_pth_that_is_not_descripts_is_refused(tmp_path, content):
+    torch.save(content, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth: not a descript DAC file \(expected the keys"):
+        load_dac(tmp_path / "other.pth")
+
+
+def test_a_pth_is_never_unpickled_beyond_tensors(tmp_path):
+    """A .pth is a pickle: loading one with arbitrary objects in it would run their code."""
+    torch.save(
+        {"state_dict": {}, "metadata": {"kwargs": {}}, "when": datetime.date(2020, 1, 1)}, tmp_path / "x.pth"
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        load_dac(tmp_path / "x.pth")
+
+
+def test_random_dac_is_seeded():
+    def weights(codec):
+        return torch.cat([value.flatten() for value in codec.state_dict().values()])
+
+    assert torch.equal(weights(random_dac(TINY_DAC)), weights(random_dac(TINY_DAC, seed=0)))
+    assert torch.equal(weights(random_dac(TINY_DAC, seed=5)), weights(random_dac(TINY_DAC, seed=5)))
+    assert not torch.equal(weights(random_dac(TINY_DAC, seed=5)), weights(random_dac(TINY_DAC, seed=6)))
+
+
+def test_random_dac_draws_from_the_documented_distributions():
+    """Codebooks N(0, 1), Snake alphas in [0.5, 1.5], convolutions N(0, gain^2 / fan_in) with gain
+    1/sqrt(n_codebooks) on the codebooks' out_proj, 0.3 on the residual units' and last convolutions,
+    1 elsewhere; fan_in = inputs x taps, over the stride for a transposed convolution; small biases."""
+    arch = DacArchitecture(encoder_dim=8, latent_dim=128, decoder_dim=128)
+    codec = random_dac(arch)
+    for name, module in codec.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            assert abs(module.weight.std().item() - 1) < 0.05, name
+        elif hasattr(module, "alpha"):
+            alpha = module.alpha
+            assert alpha.min() >= 0.5 and alpha.max() <= 1.5, name
+        elif isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d) and module.weight.numel() >= 2000:
+            fan_in = module.in_channels * module.kernel_size[0]
+            if isinstance(module, torch.nn.ConvTranspose1d):
+                fan_in /= module.stride[0]
+            gain = 1 / 3 if name.endswith("out_proj") else 0.3 if name.endswith("conv2") else 1.0
+            assert module.weight.std().item() == pytest.approx(gain / fan_in**0.5, rel=0.1), name
+            assert module.bias.abs().max() < 0.1, name
+    alphas = torch.cat([m.alpha.flatten() for m in codec.modules() if hasattr(m, "alpha")])
+    assert alphas.min() < 0.6 and alphas.max() > 1.4  # spread over the whole range
