@@ -146,8 +146,10 @@ def test_resample_same_rate_is_identity():
 
 
 def test_resample_refuses_bad_rates():
-    with pytest.raises(ValueError, match="to_rate"):
+    with pytest.raises(ValueError, match="^to_rate must be positive"):
         resample(np.zeros(10, np.float32), 16000, 0)
+    with pytest.raises(TypeError, match="^from_rate must be an integer"):
+        resample(np.zeros(10, np.float32), 16000.0, 8000)
 
 
 def square(rate: int, seconds: float = 0.5) -> np.ndarray:

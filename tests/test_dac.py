@@ -367,3 +367,23 @@ def test_random_dac_draws_from_the_documented_distributions():
             assert module.bias.abs().max() < 0.1, name
     alphas = torch.cat([m.alpha.flatten() for m in codec.modules() if hasattr(m, "alpha")])
     assert alphas.min() < 0.6 and alphas.max() > 1.4  # spread over the whole range
+
+
+@pytest.mark.parametrize("dropped", [10, 12])
+def test_a_long_list_of_missing_keys_shows_ten(tiny_codec, tmp_path, dropped):
+    save_hf_folder(tiny_codec, tmp_path, "folded")
+    state = load_file(tmp_path / "model.safetensors")
+    gone = sorted(state)[:dropped]
+    save_file({key: value for key, value in state.items() if key not in gone}, tmp_path / "model.safetensors")
+    more = " and 2 more" if dropped == 12 else ""
+    with pytest.raises(ValueError, match=f"missing: {', '.join(gone[:10])}{more}$"):
+        load_dac(tmp_path)
+
+
+def test_a_descript_file_that_does_not_fit_is_named(tmp_path):
+    save_descript_pth(random_dac(TINY_DAC), tmp_path / "weights.pth")
+    checkpoint = torch.load(tmp_path / "weights.pth", weights_only=True)
+    checkpoint["metadata"]["kwargs"]["codebook_dim"] = 4
+    torch.save(checkpoint, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match=r"^\S*weights\.pth: DAC weights do not match .*wrong shape"):
+        load_dac(tmp_path / "weights.pth")

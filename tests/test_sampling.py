@@ -100,3 +100,16 @@ def test_mask_special_channels_and_v01_damping():
     assert np.isfinite(out[:, :, :EOS]).all()
     assert mask_special(logits, EOS, "v0.1")[0, 0, EOS] == pytest.approx(1.6)
     assert logits[0, 0, EOS] == 2.0  # the input is not modified
+
+
+def test_rows_far_apart_in_scale_each_follow_their_softmax():
+    """The softmax shifts each row by its own maximum: neither huge nor very negative logits overflow
+    or vanish, and one row's scale does not change another's draws."""
+    base = np.log(np.array([0.5, 0.25, 0.125, 0.125, 1e-9, 1e-9, 1e-9, 1e-9]))
+    for offset in (-800.0, 0.0, 800.0):
+        rows = np.repeat(np.stack([base + offset, base - offset]).astype(np.float32), 10000, axis=0)
+        ids = _sample_next_token(rows, 1.0, 1.0, None, EOS, rng=np.random.default_rng(0))
+        for half in (ids[0::2], ids[1::2]):
+            np.testing.assert_allclose(
+                np.bincount(half, minlength=V)[:4] / 10000, [0.5, 0.25, 0.125, 0.125], atol=0.02
+            )
