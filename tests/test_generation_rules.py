@@ -160,8 +160,9 @@ def test_final_frames_are_those_whose_last_channel_is_written(prompt_frames):
 @dataclass
 class ScriptedDecoder:
     """Stands in for `Engine` and its decoder state: cond logits make channel 0 say EOS at the row
-    `eos_rows[i]` for item i and code (row * 7 + c) % 1000 otherwise; uncond logits are the cond ones
-    (so CFG keeps them). Every call is recorded."""
+    `eos_rows[i]` for item i and code (row * 7 + c) % 1000 otherwise; uncond logits peak 500 codes
+    away, so that guidance keeps the cond peak and swapped rows would pick the other. Every call is
+    recorded."""
 
     eos_rows: list[int]
     config: object = CONFIG
@@ -177,10 +178,11 @@ class ScriptedDecoder:
         row = start + tokens.shape[1]  # the row these logits predict
         logits = np.zeros((tokens.shape[0], CONFIG.num_channels, CONFIG.vocab_size), dtype=np.float32)
         for c in range(CONFIG.num_channels):
-            logits[:, c, (row * 7 + c) % 1000] = 5.0
+            logits[1::2, c, (row * 7 + c) % 1000] = 5.0
+            logits[0::2, c, (row * 7 + c + 500) % 1000] = 5.0
         for i, eos_row in enumerate(self.eos_rows):
             if row == eos_row:
-                logits[2 * i : 2 * i + 2, 0, EOS] = 10.0
+                logits[2 * i + 1, 0, EOS] = 10.0
         return logits
 
 

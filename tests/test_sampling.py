@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia_ort import _sample_next_token
-from dia_ort.sampling import guide, mask_special, top_k_keep
+from dia_ort import GenerationOptions, _sample_next_token
+from dia_ort.config import ModelConfig
+from dia_ort.sampling import guide, mask_special, next_tokens, top_k_keep
 
 EOS = 6
 V = 8
@@ -113,3 +114,64 @@ def test_rows_far_apart_in_scale_each_follow_their_softmax():
             np.testing.assert_allclose(
                 np.bincount(half, minlength=V)[:4] / 10000, [0.5, 0.25, 0.125, 0.125], atol=0.02
             )
+
+
+def tiny_config(flavour: str, default_cfg_filter_top_k: int = 2) -> ModelConfig:
+    return ModelConfig(
+        flavour=flavour,
+        text_length=8,
+        audio_length=16,
+        num_channels=2,
+        vocab_size=V,
+        delay_pattern=(0, 1),
+        eos_id=EOS,
+        pad_id=EOS + 1,
+        bos_id=EOS + 1,
+        decoder_layers=1,
+        kv_heads=1,
+        head_dim=4,
+        cross_heads=1,
+        cross_head_dim=4,
+        default_cfg_filter_top_k=default_cfg_filter_top_k,
+    )
+
+
+def step_draws(flavour: str, cond_row, n: int = 2000, **options) -> np.ndarray:
+    """`next_tokens` ids `[n, C]` for n items whose channels all have the logits `cond_row` (uncond 0)."""
+    cond = np.broadcast_to(np.asarray(cond_row, dtype=np.float32), (n, 2, V)).copy()
+    opts = GenerationOptions(**({"top_p": 1.0, "cfg_scale": 0.0} | options))
+    return next_tokens(cond, np.zeros_like(cond), opts, tiny_config(flavour), np.random.default_rng(0))
+
+
+DESCENDING = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, -9.0, 0.0]  # EOS (6) far below: never the argmax
+
+
+@pytest.mark.parametrize("flavour", ["0626", "v0.1"])
+def test_next_tokens_takes_the_models_cfg_filter_top_k_unless_given(flavour):
+    """0626 keeps cfg_filter_top_k candidates; v0.1 samples with it as top-k (docs section 7)."""
+    assert set(step_draws(flavour, DESCENDING).flat) == {0, 1}
+    assert set(step_draws(flavour, DESCENDING, cfg_filter_top_k=3).flat) == {0, 1, 2}
+
+
+def test_v01_top_k_is_the_smaller_of_top_k_and_cfg_filter_top_k():
+    assert set(step_draws("v0.1", DESCENDING, top_k=1).flat) == {0}
+    assert set(step_draws("v0.1", DESCENDING, top_k=5).flat) == {0, 1}
+    assert set(step_draws("0626", DESCENDING, top_k=5, cfg_filter_top_k=4).flat) == {0, 1, 2, 3}
+
+
+def test_next_tokens_forces_eos_in_0626_only_and_on_channel_0_only():
+    logits = [1.9, 0, 0, 0, 0, 0, 3.0, 0]  # EOS the argmax, still after v0.1's damping (2.4)
+    new = step_draws("0626", logits)
+    assert (new[:, 0] == EOS).all() and EOS not in new[:, 1]
+    old = step_draws("v0.1", logits)
+    assert (old[:, 0] == EOS).any() and (old[:, 0] != EOS).any() and EOS not in old[:, 1]
+
+
+def test_next_tokens_keeps_items_and_channels_apart():
+    cond = np.full((3, 2, V), -1.0, dtype=np.float32)
+    best = np.array([[0, 1], [2, 3], [4, 5]])
+    np.put_along_axis(cond, best[..., None], 1.0, axis=-1)
+    ids = next_tokens(
+        cond, cond, GenerationOptions(temperature=0), tiny_config("0626"), np.random.default_rng(0)
+    )
+    np.testing.assert_array_equal(ids, best)
