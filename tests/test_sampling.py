@@ -175,3 +175,7 @@ def test_next_tokens_keeps_items_and_channels_apart():
         cond, cond, GenerationOptions(temperature=0), tiny_config("0626"), np.random.default_rng(0)
     )
     np.testing.assert_array_equal(ids, best)
+
+
+def test_next_tokens_draws_from_the_generator_it_is_given():
+    np.testing.assert_array_equal(step_draws("0626", DESCENDING), step_draws("0626", DESCENDING))
