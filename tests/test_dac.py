@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +388,20 @@ def test_a_descript_file_that_does_not_fit_is_named(tmp_path):
     torch.save(checkpoint, tmp_path / "weights.pth")
     with pytest.raises(ValueError, match=r"^\S*weights\.pth: DAC weights do not match .*wrong shape"):
         load_dac(tmp_path / "weights.pth")
+
+
+def test_a_descript_file_saved_from_gpu_tensors_loads_on_the_cpu(tiny_codec, tmp_path):
+    """The release file may have been written from CUDA tensors; torch.save records their device, and
+    this is such a file (the device tag rewritten), loaded where CUDA may be absent."""
+    save_descript_pth(tiny_codec, tmp_path / "cpu.pth")
+    with (
+        zipfile.ZipFile(tmp_path / "cpu.pth") as source,
+        zipfile.ZipFile(tmp_path / "gpu.pth", "w") as target,
+    ):
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            target.writestr(info, data)
+    assert_same_weights(load_dac(tmp_path / "gpu.pth"), tiny_codec)
