@@ -2,7 +2,9 @@
 
 C clients send requests for a fixed time, each a mix of what a busy server meets: most stream
 speech, and some leave mid-stream, send a wrong API key, malformed JSON or a body over the limit.
-Meanwhile /health is polled. Every loop is bounded in count and in time. Reported: completed
+Each client has an API key of its own, so that a server with a request rate limits each alone; a
+client told 429 waits as Retry-After says, but at most a fifth of a second, so a busy client goes
+over its rate. Meanwhile /health is polled. Every loop is bounded in count and in time. Reported: completed
 requests per minute, latency percentiles, the answers by status and the slowest /health.
 """
 
@@ -30,6 +32,7 @@ TEXT = "[S1] Under load. [S2] Still answering."
 OVERSIZED_BODY = json.dumps({"model": "dia", "voice": "alloy", "input": "[S1] " + "a" * 3 * 2**20}).encode()
 JSON = {"Content-Type": "application/json"}
 HEALTH_EVERY = 0.1  # seconds between /health polls
+RETRY_AT_MOST = 0.2  # seconds a client told 429 waits, whatever Retry-After asks
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,13 @@ class Outcome:
     status: int
     seconds: float
     seed: int
+    client: int = 0
+    code: str = ""  # the error code of an answer in OpenAI's error shape
     first_audio: float | None = None  # seconds from sending to the first body bytes of a 200
     audio_bytes: int = 0
     sha256: str = ""  # of the whole body: a streamed answer can be checked against the library's
     error: str = ""  # a transport error's description (then status is 0)
+    retry_after: float = 0.0  # the Retry-After of a 429, in seconds
 
 
 @dataclass
@@ -54,7 +60,7 @@ class LoadReport:
     wall: float = 0.0
 
     def statuses(self) -> dict[str, int]:
-        return dict(Counter(f"{o.kind} {o.status}" for o in self.outcomes))
+        return dict(Counter(f"{o.kind} {o.status} {o.code}".strip() for o in self.outcomes))
 
     def completed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind == "speech" and o.status == 200]
@@ -83,7 +89,7 @@ def percentile(ordered: list[float], p: float) -> float:
 
 
 async def _request(
-    http: httpx.AsyncClient, url: str, key: str | None, kind: str, seed: int, frames: int
+    http: httpx.AsyncClient, url: str, key: str | None, kind: str, seed: int, frames: int, client: int
 ) -> Outcome:
     """Send one request of `kind` and read its answer (all of it, or the first bytes for "leave")."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -102,18 +108,32 @@ async def _request(
         "POST", f"{url}/v1/audio/speech", headers=headers, content=content, json=None if content else body
     )
     response = await http.send(request, stream=True)
-    first = None
+    first, refusal = None, b""
     try:
         async for data in response.aiter_bytes():
             first = first or time.perf_counter() - began
             size += len(data)
             digest.update(data)
+            if response.status_code != 200:
+                refusal += data
             if kind == "leave" and size:
                 break  # leave mid-stream: closing the response drops the connection
     finally:
         await response.aclose()
     wall = time.perf_counter() - began
-    return Outcome(kind, response.status_code, wall, seed, first, size, digest.hexdigest())
+    code = _error_code(refusal) if response.status_code != 200 else ""
+    retry_after = float(response.headers.get("retry-after", 0))
+    return Outcome(
+        kind, response.status_code, wall, seed, client, code, first, size, digest.hexdigest(), "", retry_after
+    )
+
+
+def _error_code(body: bytes) -> str:
+    """The `code` of an answer in OpenAI's error shape; "" for any other body."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 async def _client(
@@ -132,12 +152,12 @@ async def _client(
             return
         kind, seed = kinds[(index + number) % len(kinds)], index * 1000 + number
         try:
-            outcome = await _request(http, url, key, kind, seed, frames)
+            outcome = await _request(http, url, key, kind, seed, frames, index)
         except httpx.HTTPError as exc:
-            outcome = Outcome(kind, 0, 0.0, seed, error=f"{type(exc).__name__}: {exc}")
+            outcome = Outcome(kind, 0, 0.0, seed, index, error=f"{type(exc).__name__}: {exc}")
         report.outcomes.append(outcome)
         if outcome.status == 429:
-            await asyncio.sleep(0.2)  # as Retry-After asks, in short
+            await asyncio.sleep(min(outcome.retry_after, RETRY_AT_MOST))
 
 
 def _poll_health(url: str, stop: threading.Event, report: LoadReport) -> None:
@@ -155,7 +175,7 @@ def _poll_health(url: str, stop: threading.Event, report: LoadReport) -> None:
 
 async def run_load(
     url: str,
-    key: str | None,
+    keys: str | list[str] | None,
     clients: int = 50,
     seconds: float = 20,
     frames: int = 40,
@@ -163,6 +183,8 @@ async def run_load(
     kinds: tuple[str, ...] = KINDS,
 ) -> LoadReport:
     """`clients` concurrent clients for `seconds` (each at most `max_requests` requests), /health polled.
+
+    `keys` is one API key for every client, or a list of which client i uses key i (mod its length).
 
     Requests still running at the deadline finish (each bounded by the client's 120 s timeout).
     """
@@ -177,7 +199,7 @@ async def run_load(
             deadline = time.monotonic() + seconds
             await asyncio.gather(
                 *(
-                    _client(http, url, key, i, deadline, frames, max_requests, report, kinds)
+                    _client(http, url, _key(keys, i), i, deadline, frames, max_requests, report, kinds)
                     for i in range(clients)
                 )
             )
@@ -186,6 +208,15 @@ async def run_load(
         stop.set()
         health.join()
     return report
+
+
+def _key(keys: str | list[str] | None, client: int) -> str | None:
+    return keys[client % len(keys)] if isinstance(keys, list) else keys
+
+
+def client_keys(clients: int) -> list[str]:
+    """An API key for each client (for `--api-key`, joined by commas)."""
+    return [f"sk-load-client-{i}" for i in range(clients)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=86, help="max_new_tokens of each speech request")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=16)
+    parser.add_argument("--requests-per-minute", type=int, default=30, help="the server's rate per key")
     args = parser.parse_args(argv)
-    key = "bench-load-key"
-    flags = ["--dtype", args.dtype, "--api-key", key, "--max-batch", str(args.max_batch)]
-    server = Server(args.model, *flags, "--max-queue", str(args.max_queue), timeout=600)
+    keys = client_keys(args.clients)
+    flags = ["--dtype", args.dtype, "--api-key", ",".join(keys), "--max-batch", str(args.max_batch)]
+    flags += ["--max-queue", str(args.max_queue), "--requests-per-minute", str(args.requests_per_minute)]
+    server = Server(args.model, *flags, timeout=600)
     try:
         idle = server.resident_bytes()
-        report = asyncio.run(run_load(server.url, key, args.clients, args.seconds, args.frames))
+        report = asyncio.run(run_load(server.url, keys, args.clients, args.seconds, args.frames))
         time.sleep(2)
         summary = report.summary() | {
             "rss_before_mib": idle / 2**20,

@@ -93,7 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--strict-voices", action="store_true", help="refuse to start if a voice cannot be read"
     )
-    serve.add_argument("--api-key", help="require this bearer key (default: $DIA_ORT_API_KEY, else none)")
+    serve.add_argument(
+        "--api-key",
+        help="require this bearer key, or one of several separated by commas (default: $DIA_ORT_API_KEY)",
+    )
+    serve.add_argument(
+        "--requests-per-minute",
+        type=int,
+        help="speech requests each key (or client address, without keys) may start a minute (default: no limit)",
+    )
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch")
     serve.add_argument(
@@ -203,6 +211,7 @@ def serve(args: argparse.Namespace) -> None:
         voices=None if args.voices is None else str(args.voices),
         strict_voices=args.strict_voices,
         api_key=args.api_key or os.environ.get("DIA_ORT_API_KEY") or None,
+        requests_per_minute=args.requests_per_minute,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
     )

@@ -138,8 +138,14 @@ class Scheduler:
         with self.work:
             if self.closed:
                 raise RuntimeError("the scheduler is closed")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the most this server queues)")
+            # requests that free rows will take at the next step are not queued beyond the batch: a burst
+            # that arrives during one step fills the batch first (Ray's proxy counts on it)
+            free_rows = self.max_batch - len(self.running)
+            if len(self.waiting) >= self.max_queue + free_rows:
+                raise QueueFull(
+                    f"the batch is full and {len(self.waiting) - free_rows} requests are waiting "
+                    "(the most this server queues)"
+                )
             self.waiting.append(request)
             self.work.notify()
         return request

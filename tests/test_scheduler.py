@@ -80,13 +80,21 @@ def test_streamed_audio_equals_generate_with_the_same_seed(tiny_dia):
 
 
 def test_the_batch_is_bounded_and_the_queue_too(tiny_dia):
+    """A burst between two steps fills the free rows first, then the queue; beyond both, QueueFull."""
     scheduler = Scheduler(tiny_dia, max_batch=2, max_queue=3)
-    requests = [scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW) for _ in range(3)]
-    with pytest.raises(QueueFull):
+    requests = [scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW) for _ in range(5)]
+    with pytest.raises(QueueFull, match="the batch is full and 3 requests are waiting"):
         scheduler.submit(TEXTS[0])
     scheduler.step()
-    assert scheduler.occupancy == 2 and scheduler.queue_depth == 1  # two run, the third waits
-    scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW)  # room in the queue again
+    assert scheduler.occupancy == 2 and scheduler.queue_depth == 3  # two run, three wait
+    with pytest.raises(QueueFull, match="3 requests are waiting"):
+        scheduler.submit(TEXTS[0])
+    for _ in range(10 * NEW):  # until the first two end and two of the waiting take their rows
+        if scheduler.queue_depth < 3:
+            break
+        scheduler.step()
+    assert scheduler.occupancy == 2 and scheduler.queue_depth == 1
+    requests.append(scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW))  # room again
     run(scheduler)
     assert all(r.done for r in requests) and scheduler.batch.rows == 0
 

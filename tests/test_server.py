@@ -7,6 +7,8 @@ import concurrent.futures
 import io
 import json
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -352,6 +354,47 @@ def test_a_full_queue_answers_429_with_retry_after(guarded_server):
         r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in turned_away
     )
     assert len({r.content for r in served}) == 1 and len(served[0].content) > 0  # greedy: one result
+
+
+@pytest.fixture(scope="module")
+def rated_server(tiny_folder):
+    running = Server(tiny_folder, "--api-key", f"{KEY},{KEY}-2", "--requests-per-minute", "3")
+    yield running
+    running.stop()
+
+
+def test_each_key_gets_its_request_rate_and_no_more(rated_server):
+    """3 a minute: the first three go through, counted down in OpenAI's headers, the fourth gets 429
+    with Retry-After (the openai client raises RateLimitError), and the other key is not affected."""
+    url = f"{rated_server.url}/v1/audio/speech"
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", **GREEDY}
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    answers = [post(KEY) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(a.headers["x-ratelimit-limit-requests"] == "3" for a in answers)
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and KEY not in refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= 20  # one request comes back every 20 s
+    keyed = openai.OpenAI(base_url=f"{rated_server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError):
+        keyed.audio.speech.create(model="dia", voice="alloy", input=TEXT, response_format="pcm")
+    assert post(f"{KEY}-2").content == answers[0].content  # its own bucket; greedy: the same audio
+    assert post("sk-unknown").status_code == 401
+
+
+def test_a_bad_request_rate_is_refused_before_the_model_loads(tmp_path):
+    missing = tmp_path / "no-model"
+    run = subprocess.run(
+        [sys.executable, "-m", "dia_ort", "serve", "--model", str(missing), "--requests-per-minute", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "at least 1 a minute" in run.stderr, run.stderr
 
 
 def test_the_page_plays_audio_while_it_is_generated(server):

@@ -1,9 +1,11 @@
 """The real server under load on loopback (bench.load's bounded asyncio client), and fuzzed bodies.
 
-50 clients for a bounded time: most stream speech, some leave mid-stream, send a wrong key,
-malformed JSON or a body over the limit. Every answer is the right status in OpenAI's error shape,
-every completed stream equals the library's result for its seed, /health answers within 1 s
-throughout, disconnected requests free their rows, and memory comes back near where it started.
+50 clients for a bounded time, each with an API key of its own: most stream speech, some leave
+mid-stream, send a wrong key, malformed JSON or a body over the limit, and a client that the full
+queue turns away retries soon enough to go over its key's request rate. Every answer is the right
+status in OpenAI's error shape, no key gets more requests through than its rate allows, every
+completed stream equals the library's result for its seed, /health answers within 1 s throughout,
+disconnected requests free their rows, and memory comes back near where it started.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.load import TEXT, run_load
+from bench.load import TEXT, client_keys, run_load
 from bench.server import Server
 from dia_ort.audio import pcm16
 
@@ -25,12 +27,15 @@ KEY = "sk-load-test"
 CLIENTS = 50
 SECONDS = 20
 FRAMES = 40
+PER_MINUTE = 30  # each key's request rate
 RSS_GROWTH_LIMIT = 150 * 2**20  # bytes the server may keep after the load, against its warm state
 
 
 @pytest.fixture(scope="module")
 def server(tiny_folder):
-    running = Server(tiny_folder, "--api-key", KEY, "--max-batch", "4", "--max-queue", "8")
+    keys = ",".join([KEY, *client_keys(CLIENTS)])
+    limits = ["--max-batch", "4", "--max-queue", "8", "--requests-per-minute", str(PER_MINUTE)]
+    running = Server(tiny_folder, "--api-key", keys, *limits)
     yield running
     running.stop()
 
@@ -58,18 +63,33 @@ def test_fifty_clients_for_twenty_seconds(server, tiny_dia):
     wait_until_idle(server)
     warm = server.resident_bytes()
 
-    report = asyncio.run(run_load(server.url, KEY, clients=CLIENTS, seconds=SECONDS, frames=FRAMES))
+    keys = client_keys(CLIENTS)
+    report = asyncio.run(run_load(server.url, keys, clients=CLIENTS, seconds=SECONDS, frames=FRAMES))
     summary = report.summary()
     print(f"load: {summary}")
 
-    expected = {"speech": {200, 429}, "leave": {200, 429}, "wrong_key": {401}, "malformed": {400}}
+    expected = {
+        "speech": {(200, ""), (429, "queue_full"), (429, "rate_limit_exceeded")},
+        "wrong_key": {(401, "invalid_api_key")},
+        "malformed": {(400, "invalid_body")},
+    }
+    expected["leave"] = expected["speech"]
     for outcome in report.outcomes:
         if outcome.kind == "oversized":  # refused before its body is read; the client may see the close
             assert outcome.status == 413 or "Error" in outcome.error, outcome
         else:
-            assert outcome.status in expected[outcome.kind], outcome
+            assert (outcome.status, outcome.code) in expected[outcome.kind], outcome
     completed = report.completed()
-    assert len(completed) >= 10 and any(o.status == 429 for o in report.outcomes), summary["statuses"]
+    codes = {o.code for o in report.outcomes}
+    assert len(completed) >= 10 and {"queue_full", "rate_limit_exceeded"} <= codes, summary["statuses"]
+    allowed = PER_MINUTE * (1 + report.wall / 60)  # a full bucket, and what refills during the run
+    for client in range(CLIENTS):
+        counted = [
+            o
+            for o in report.outcomes
+            if o.client == client and o.kind in ("speech", "leave") and o.code != "rate_limit_exceeded"
+        ]
+        assert len(counted) <= allowed, (client, len(counted), allowed)
     for outcome in completed[:12]:  # each equals the library's own result for its seed
         want = pcm16(tiny_dia.generate(TEXT, seed=outcome.seed, max_new_tokens=FRAMES, sample_rate=24000))
         assert outcome.sha256 == hashlib.sha256(want).hexdigest(), outcome

@@ -2,7 +2,8 @@
 
 `create_app(...)` builds it from a loaded `Dia`, so tests and `dia-ort serve` share one factory. Bad
 requests answer 400, a wrong API key 401 and a body over `MAX_BODY_BYTES` 413, in OpenAI's error
-shape; a full queue answers 429 with Retry-After. Nothing a client sends makes a 500.
+shape; a full queue, or a caller over its request rate, answers 429 with Retry-After. Nothing a
+client sends makes a 500.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from prometheus_client import (
 
 from dia_ort.scheduler import QueueFull, Scheduler
 from dia_ort.serving.formats import FORMATS, AudioEncoder, available_formats
-from dia_ort.serving.limits import BodyLimit
+from dia_ort.serving.limits import BodyLimit, RequestRate
 from dia_ort.serving.schemas import ErrorBody, ErrorDetail, SpeechRequest
 from dia_ort.serving.service import SpeechService, SpeechStream
 from dia_ort.serving.voices import Voice
@@ -96,9 +98,14 @@ class ServerSettings:
     threads: int | None = None  # ONNX Runtime's CPU threads (default: one per physical core)
     voices: str | None = None
     strict_voices: bool = False
-    api_key: str | None = None
+    api_key: str | None = None  # one key, or several separated by commas
+    requests_per_minute: int | None = None  # speech requests a key (or address) may start a minute
     max_batch: int = 8
     max_queue: int = 32
+
+    def __post_init__(self) -> None:
+        if self.requests_per_minute is not None:
+            RequestRate(self.requests_per_minute)  # a bad rate is refused before the model loads
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -111,15 +118,27 @@ def build_app(settings: ServerSettings) -> FastAPI:
     )
     voices = load_voices(dia, settings.voices, strict=settings.strict_voices)
     scheduler = Scheduler(dia, max_batch=settings.max_batch, max_queue=settings.max_queue).start()
-    return create_app(dia, scheduler, voices, api_key=settings.api_key)
+    return create_app(
+        dia, scheduler, voices, api_key=settings.api_key, requests_per_minute=settings.requests_per_minute
+    )
 
 
 def create_app(
-    dia: Dia, scheduler: Scheduler, voices: dict[str, Voice], api_key: str | None = None
+    dia: Dia,
+    scheduler: Scheduler,
+    voices: dict[str, Voice],
+    api_key: str | None = None,
+    requests_per_minute: int | None = None,
 ) -> FastAPI:
-    """The speech server's app over a started `scheduler` of `dia`; it closes the scheduler at shutdown."""
+    """The speech server's app over a started `scheduler` of `dia`; it closes the scheduler at shutdown.
+
+    `api_key` holds one key or several separated by commas; `requests_per_minute` bounds the speech
+    requests each key (or client address, without keys) may start a minute.
+    """
     service = SpeechService(dia, scheduler, voices)
     metrics = Metrics(scheduler)
+    keys = [key.strip().encode() for key in (api_key or "").split(",") if key.strip()]
+    rate = None if requests_per_minute is None else RequestRate(requests_per_minute)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -132,16 +151,43 @@ def create_app(
     app.state.scheduler = scheduler  # for health checks from outside the routes (Ray's)
     app.add_middleware(BodyLimit)
 
-    def authorized(request: Request) -> None:
-        if api_key is None:
-            return
+    def authorized(request: Request) -> str:
+        """The caller, for its request rate: its key, or its address on a server without keys."""
+        if not keys:
+            return "address " + (request.client.host if request.client else "unknown")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            given = ""
-        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        given_bytes = given.strip().encode() if scheme.lower() == "bearer" else b""
+        # every key is compared, each in constant time, so the time taken does not tell which matched
+        matched = [key for key in keys if hmac.compare_digest(given_bytes, key)]
+        if not matched:
             raise ApiError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
+        return "key " + matched[0].decode()
 
     guarded = [Depends(authorized)]
+
+    def counted(caller: str) -> tuple[dict[str, str], JSONResponse | None]:
+        """Count a speech request against its caller's rate: OpenAI's rate headers for the response,
+        and the 429 to answer instead when the caller is over its rate."""
+        if rate is None:
+            return {}, None
+        left, wait = rate.take(caller)
+        headers = {
+            "x-ratelimit-limit-requests": str(rate.per_minute),
+            "x-ratelimit-remaining-requests": str(left),
+        }
+        if not wait:
+            return headers, None
+        metrics.requests.labels("429").inc()
+        message = f"rate limit reached: {rate.per_minute} speech requests a minute; try again in {wait:.1f} s"
+        refusal = error_response(
+            429,
+            message,
+            "requests",
+            "rate_limit_exceeded",
+            **{"Retry-After": str(math.ceil(wait))},
+            **headers,
+        )
+        return headers, refusal
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -155,8 +201,11 @@ def create_app(
         metrics.requests.labels("400").inc()
         return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_body")
 
-    @app.post("/v1/audio/speech", dependencies=guarded)
-    async def speech(body: SpeechRequest) -> Response:
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, caller: str = Depends(authorized)) -> Response:
+        rate_headers, refusal = counted(caller)
+        if refusal is not None:
+            return refusal
         try:
             prepared = service.prepare(body)
             encoder = AudioEncoder(prepared.format)
@@ -179,8 +228,10 @@ def create_app(
         metrics.requests.labels("200").inc()
         encoded = _encoded(stream, encoder, metrics)
         if body.stream_format == "sse":
-            return StreamingResponse(_events(encoded), media_type="text/event-stream")
-        return StreamingResponse(encoded, media_type=FORMATS[prepared.format].media_type)
+            return StreamingResponse(_events(encoded), media_type="text/event-stream", headers=rate_headers)
+        return StreamingResponse(
+            encoded, media_type=FORMATS[prepared.format].media_type, headers=rate_headers
+        )
 
     @app.get("/v1/audio/voices", dependencies=guarded)
     async def list_voices() -> dict:

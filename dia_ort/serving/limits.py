@@ -1,11 +1,18 @@
-"""A bound on request bodies, enforced while they arrive, before any route parses them.
+"""The server's limits on what one client can ask of it: body size and request rate.
 
-FastAPI reads a whole body before it validates a field's length, so without this a client could
-make the server hold any amount of memory with one request. A body declared or found larger than
-the bound gets 413 in OpenAI's error shape, and the connection's remaining body is not read.
+FastAPI reads a whole body before it validates a field's length, so without `BodyLimit` a client
+could make the server hold any amount of memory with one request. A body declared or found larger
+than the bound gets 413 in OpenAI's error shape, and the connection's remaining body is not read.
+
+`RequestRate` keeps one client from taking every batch row and queue place: each API key (or client
+address, on a server without keys) may start so many speech requests a minute.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -60,3 +67,40 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class RequestRate:
+    """Requests a minute for each caller: a token bucket of `per_minute` tokens per caller, refilled
+    evenly over a minute, so a caller may start its minute's share at once and then goes at the rate.
+
+    A caller whose bucket has refilled is as if never seen; such callers are dropped once more than
+    `MAX_CALLERS` are known, so the table holds about the callers of the last minute.
+    """
+
+    MAX_CALLERS = 10_000
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute < 1:
+            raise ValueError(f"the request rate must be at least 1 a minute, got {per_minute}")
+        self.per_minute, self.clock = per_minute, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when they were counted)
+        self.lock = threading.Lock()
+
+    def take(self, caller: str) -> tuple[int, float]:
+        """Count a request of `caller`: (requests left, 0.0), or (0, seconds until the next one may
+        start) when it is over its rate; a refused request is not counted."""
+        now = self.clock()
+        with self.lock:
+            tokens = self._tokens(caller, now)
+            if tokens < 1:
+                return 0, (1 - tokens) * 60 / self.per_minute
+            self.buckets[caller] = (tokens - 1, now)
+            if len(self.buckets) > self.MAX_CALLERS:
+                self.buckets = {
+                    c: b for c, b in self.buckets.items() if self._tokens(c, now) < self.per_minute
+                }
+            return int(tokens - 1), 0.0
+
+    def _tokens(self, caller: str, now: float) -> float:
+        tokens, when = self.buckets.get(caller, (self.per_minute, now))
+        return min(float(self.per_minute), tokens + (now - when) * self.per_minute / 60)
