@@ -150,6 +150,8 @@ def test_ray_serves_command_line_builder_checks_its_arguments(tiny_folder):
         app_builder({"replicas": "2"})
     with pytest.raises(ValueError, match="true or false"):
         app_builder({"model": "m", "strict_voices": "maybe"})
+    # a `serve deploy` file's args, as YAML reads them
+    assert app_builder({"model": "m", "replicas": 2, "strict_voices": True, "num_cpus": 0.5, "voices": None})
     options = Scaling(min_replicas=1, max_replicas=4).options(ServerSettings(model="m", max_batch=3))
     assert options["autoscaling_config"] == {
         "min_replicas": 1,

@@ -101,8 +101,12 @@ def application(settings: ServerSettings, scaling: Scaling = Scaling()) -> serve
     return serve.deployment(ingress, name=DEPLOYMENT_NAME, **scaling.options(settings)).bind()
 
 
-def app_builder(args: dict[str, str]) -> serve.Application:
-    """`serve run dia_ort.serving.ray:app_builder model=DIR [key=value ...]` (Ray's application builder)."""
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`serve run dia_ort.serving.ray:app_builder model=DIR [key=value ...]` (Ray's application builder).
+
+    `serve run` passes strings; a `serve deploy` config file's `args:` may hold YAML's numbers,
+    booleans and nulls, which are taken as they are written.
+    """
     kinds = {f.name: f for f in (*fields(ServerSettings), *fields(Scaling))}
     unknown = sorted(set(args) - set(kinds))
     if unknown:
@@ -119,8 +123,11 @@ def _names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _parse(kind: str, value: str) -> object:
-    """A `key=value` string as its field's type (the annotations are strings: `from __future__`)."""
+def _parse(kind: str, value: object) -> object:
+    """A `key=value` argument as its field's type (the annotations are strings: `from __future__`)."""
+    if value is None:
+        return None
+    value = str(value)
     if kind.startswith("bool"):
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {value!r}")
