@@ -134,7 +134,8 @@ class Generation:
     def __iter__(self) -> Iterator[Step]:
         config = self.config
         batch = len(self.items)
-        rng = np.random.default_rng(self.options.seed)
+        # a generator per item, each from the seed: an item samples the tokens it would sample alone
+        rngs = [np.random.default_rng(self.options.seed) for _ in self.items]
         state = self.engine.start(self.text_ids, self.text_mask, self.slots, graph=self.cuda_graph)
         prefill = min(item.prefill for item in self.items)
         total = max(item.last_row + config.max_delay for item in self.items) - prefill + 1
@@ -143,7 +144,7 @@ class Generation:
         logits = state.step(np.repeat(known, 2, axis=0), 0)
         for index, row in enumerate(range(prefill, self.slots), start=1):
             cond, uncond = logits[1::2], logits[0::2]
-            tokens = next_tokens(cond, uncond, self.options, config, rng)
+            tokens = sample_items(cond, uncond, self.options, config, rngs)
             for i, item in enumerate(self.items):
                 tokens[i] = config.pad_id if finished[i] else item.place(row, tokens[i])
                 finished[i] |= item.finished(row)
@@ -155,6 +156,19 @@ class Generation:
     def codes(self) -> list[np.ndarray]:
         """Each item's `[T, C]` audio codes after its prompt, delay undone (after iterating)."""
         return [item.codes() for item in self.items]
+
+
+def sample_items(
+    cond: np.ndarray,
+    uncond: np.ndarray,
+    options: GenerationOptions,
+    config: ModelConfig,
+    rngs: list[np.random.Generator],
+) -> np.ndarray:
+    """`next_tokens` for each item from its own generator: `[B, C, V]` logits -> `[B, C]` ids."""
+    return np.concatenate(
+        [next_tokens(cond[i : i + 1], uncond[i : i + 1], options, config, rng) for i, rng in enumerate(rngs)]
+    )
 
 
 def cfg_text_rows(texts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

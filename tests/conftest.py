@@ -77,14 +77,14 @@ def ends_at_once(monkeypatch):
     """Make channel 0 sample EOS at once for the items listed in the returned set (all when empty)."""
     import dia_ort.generation
 
-    original = dia_ort.generation.next_tokens
+    original = dia_ort.generation.sample_items
     items: set[int] = set()
 
-    def sample(cond, uncond, options, config, rng):
-        tokens = original(cond, uncond, options, config, rng)
+    def sample(cond, uncond, options, config, rngs):
+        tokens = original(cond, uncond, options, config, rngs)
         for i in items or range(len(tokens)):
             tokens[i, 0] = config.eos_id
         return tokens
 
-    monkeypatch.setattr(dia_ort.generation, "next_tokens", sample)
+    monkeypatch.setattr(dia_ort.generation, "sample_items", sample)
     return items

@@ -170,3 +170,13 @@ def test_verbose_reports_speed(tiny_dia, caplog):
     caplog.set_level("INFO", logger="dia_ort")
     tiny_dia.generate("[S1] Hi.", max_new_tokens=4, seed=0, verbose=True)
     assert "steps/s" in caplog.text and "realtime" in caplog.text
+
+
+def test_a_seeded_batch_samples_each_item_as_alone(tiny_dia):
+    """Batching never changes a result: sampled with a seed, item i equals `generate(texts[i], seed)`."""
+    kwargs = dict(temperature=1.0, top_p=0.9, max_new_tokens=25, seed=11)
+    batch = tiny_dia.generate_codes(TEXTS[:3], **kwargs)
+    for text, codes in zip(TEXTS[:3], batch, strict=True):
+        np.testing.assert_array_equal(codes, tiny_dia.generate_codes([text], **kwargs)[0])
+    twice = tiny_dia.generate_codes([TEXTS[0], TEXTS[0]], **kwargs)
+    np.testing.assert_array_equal(twice[0], twice[1])
