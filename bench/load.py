@@ -181,12 +181,13 @@ async def run_load(
     frames: int = 40,
     max_requests: int = 200,
     kinds: tuple[str, ...] = KINDS,
+    timeout: float = 120,
 ) -> LoadReport:
     """`clients` concurrent clients for `seconds` (each at most `max_requests` requests), /health polled.
 
     `keys` is one API key for every client, or a list of which client i uses key i (mod its length).
 
-    Requests still running at the deadline finish (each bounded by the client's 120 s timeout).
+    Requests still running at the deadline finish (each bounded by `timeout` seconds).
     """
     report = LoadReport()
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
@@ -194,7 +195,7 @@ async def run_load(
     health = threading.Thread(target=_poll_health, args=(url, stop, report))
     health.start()
     try:
-        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             began = time.perf_counter()
             deadline = time.monotonic() + seconds
             await asyncio.gather(

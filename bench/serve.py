@@ -1,7 +1,7 @@
 """`python -m bench.serve`: the speech server under 1, 4, 8 and 16 concurrent clients.
 
-For each model size and variant, `dia-ort serve` runs in a subprocess on a loopback port; C client
-threads each stream one request at once. Reported: audio seconds produced per wall second over the
+For each model size and variant, `dia-ort serve` runs in a subprocess on a loopback port; C clients
+(bench.load's) each stream one request at once. Reported: audio seconds produced per wall second over the
 round (the server's throughput) and the time from sending a request to its first audio bytes, p50
 and p95. The table replaces the serving section of bench/RESULTS.md (or of --results).
 """
@@ -9,18 +9,13 @@ and p95. The table replaces the serving section of bench/RESULTS.md (or of --res
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import statistics
+import asyncio
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from bench.exports import ensure_export
-from bench.load import percentile
+from bench.load import run_load
 from bench.machine import describe, physical_cores
-from bench.measure import TEXT
 from bench.process import REPO
 from bench.report import number, publish_section, table
 from bench.server import Server
@@ -31,34 +26,21 @@ CLIENTS = (1, 4, 8, 16)
 SECTION = "serve"
 
 
-def one_request(url: str, frames: int, seed: int) -> tuple[float, float, int]:
-    """Stream one request: (seconds to the first audio bytes, seconds to the end, bytes of pcm)."""
-    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm"}
-    body |= {"seed": seed, "max_new_tokens": frames}
-    began = time.perf_counter()
-    first, size = None, 0
-    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=3600) as response:
-        response.raise_for_status()
-        for data in response.iter_bytes():
-            first = first or time.perf_counter() - began
-            size += len(data)
-    return first or float("nan"), time.perf_counter() - began, size
-
-
 def round_of(url: str, clients: int, frames: int) -> dict:
     """C clients at once, one request each."""
-    began = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(lambda i: one_request(url, frames, seed=i), range(clients)))
-    wall = time.perf_counter() - began
-    firsts = sorted(first for first, _, _ in runs)
-    audio = sum(size / 2 / 24000 for _, _, size in runs)
+    report = asyncio.run(
+        run_load(url, None, clients, 3600, frames, max_requests=1, kinds=("speech",), timeout=3600)
+    )
+    completed = report.completed()
+    if len(completed) != clients:
+        raise RuntimeError(f"{clients - len(completed)} of {clients} requests failed: {report.statuses()}")
+    summary = report.summary()
     return {
         "clients": clients,
-        "audio_per_wall": audio / wall,
-        "first_p50": statistics.median(firsts),
-        "first_p95": percentile(firsts, 0.95),
-        "wall": wall,
+        "audio_per_wall": sum(o.audio_bytes / 2 / 24000 for o in completed) / report.wall,
+        "first_p50": summary["first_audio_p50"],
+        "first_p95": summary["first_audio_p95"],
+        "wall": report.wall,
     }
 
 
