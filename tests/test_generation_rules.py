@@ -91,6 +91,7 @@ def test_a_fresh_item_holds_its_known_cells_and_pad_elsewhere():
     item = ItemState(CONFIG, prompt, max_new_tokens=10)
     assert (item.prompt_frames, item.prefill, item.last_row) == (4, 5, 4 + 1 + 10)
     assert item.eos_row is None and item.slots == item.last_row + D + 1 == len(item.rows)
+    assert item.rows.dtype == np.int64  # token ids, as the decoder takes them
     known = expected_rows(prompt, np.full((64, 9), UNKNOWN), eos_row=40)[: 4 + D + 1]
     np.testing.assert_array_equal(item.rows[: len(known)], np.where(known == UNKNOWN, PAD, known))
     assert (item.rows[len(known) :] == PAD).all()
@@ -137,7 +138,7 @@ def test_an_item_is_finished_d_rows_after_eos():
 def test_codes_before_the_end_is_an_error():
     item = ItemState(CONFIG, None, max_new_tokens=40)
     item.place(1, frames(1)[0])
-    with pytest.raises(RuntimeError, match="not run to the end"):
+    with pytest.raises(RuntimeError, match="^the generation was not run to the end$"):
         item.codes()
 
 
@@ -234,7 +235,9 @@ def test_a_seeded_generation_draws_the_same_tokens():
     def tokens(seed):
         decoder = ScriptedDecoder(eos_rows=[40])
         options = GenerationOptions(temperature=1.0, max_new_tokens=8, seed=seed)
-        return np.stack([s.tokens for s in Generation(decoder, [np.array([1])], [None], options)])
+        steps = list(Generation(decoder, [np.array([1])], [None], options))
+        assert decoder.started[0][3] is False  # no CUDA graph unless asked
+        return np.stack([s.tokens for s in steps])
 
     np.testing.assert_array_equal(tokens(3), tokens(3))
     assert not np.array_equal(tokens(3), tokens(4))
