@@ -405,3 +405,23 @@ def test_a_descript_file_saved_from_gpu_tensors_loads_on_the_cpu(tiny_codec, tmp
                 data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
             target.writestr(info, data)
     assert_same_weights(load_dac(tmp_path / "gpu.pth"), tiny_codec)
+
+
+def test_stored_weight_norm_differs_from_the_weight_by_a_seeded_factor(tiny_codec, tmp_path):
+    """`v` is the weight times 0.5 to 2 per output slice (so g != ||v||), the same in every file written."""
+    for folder in ("a", "b"):
+        save_hf_folder(tiny_codec, tmp_path / folder, "weight_g")
+    first, second = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    weights = tiny_codec.state_dict()
+    factors = torch.cat(
+        [
+            (first[key] / weights[key.removesuffix("_v")]).flatten(1).median(dim=1).values
+            for key in first
+            if key.endswith(".weight_v")
+        ]
+    )
+    assert 0.5 <= factors.min() < 0.6 and 1.9 < factors.max() <= 2.0

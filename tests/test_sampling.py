@@ -179,3 +179,57 @@ def test_next_tokens_keeps_items_and_channels_apart():
 
 def test_next_tokens_draws_from_the_generator_it_is_given():
     np.testing.assert_array_equal(step_draws("0626", DESCENDING), step_draws("0626", DESCENDING))
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 49, 50, 53])
+def test_top_k_keep_is_the_k_largest_of_each_row(k):
+    logits = np.random.default_rng(k).normal(size=(40, 50)).astype(np.float32)
+    keep = top_k_keep(logits, k)
+    assert keep.dtype == bool and keep.shape == logits.shape
+    threshold = np.sort(logits, axis=-1)[:, -min(k, 50)][:, None]  # distinct values: no ties
+    np.testing.assert_array_equal(keep, logits >= threshold)
+
+
+@pytest.mark.parametrize("flavour", ["0626", "v0.1"])
+def test_guide_gives_float32_logits(flavour):
+    """The sampler works on float32 logits, as the graphs give them and the reference samples them."""
+    cond, uncond = np.zeros((1, 2, V)), np.ones((1, 2, V))
+    assert guide(cond, uncond, 3.0, 4, flavour).dtype == np.float32
+
+
+def test_float64_logits_are_rounded_to_float32_first():
+    logits = np.array([[1.0, 1.0 + 1e-12, 0, 0, 0, 0, 0, 0]])  # equal in float32: the first wins
+    assert _sample_next_token(logits, 0.0, 1.0, None, EOS)[0] == 0
+
+
+@pytest.mark.parametrize("eos", [None, -1])
+def test_no_eos_rule_without_an_eos_id(eos):
+    logits = np.zeros(V)
+    logits[[0, EOS]] = [2.0, 1.9]
+    assert EOS in draws(logits, audio_eos_value=eos)
+
+
+def test_eos_id_0_is_an_eos_id():
+    logits = np.zeros(V)
+    logits[[0, 1]] = [1.9, 2.0]
+    assert 0 not in draws(logits, audio_eos_value=0)
+
+
+def test_top_p_keeps_an_id_while_the_mass_before_it_is_at_most_top_p():
+    """The reference's rule (cumulative mass > top_p, shifted by one): with four ids of exactly 1/4,
+    top_p = 0.5 keeps the third, whose mass before it is exactly 0.5."""
+    logits = np.array([0, 0, 0, 0, -np.inf, -np.inf, -np.inf, -np.inf])
+    assert set(draws(logits, top_p=0.5)) == {0, 1, 2}
+
+
+def test_top_p_cuts_a_tie_at_the_lower_ids():
+    """A stable sort: among equally likely ids at the cut, the lower ones stay, on every platform."""
+    weights = np.where(np.arange(64) % 4 == 0, 2.0, 1.0)  # 16 ids of 2/80, 48 of 1/80
+    got = set(draws(np.log(weights), n=6000, top_p=0.505, audio_eos_value=-1))
+    assert got == set(range(0, 64, 4)) | {1, 2, 3, 5, 6, 7, 9, 10, 11}
+
+
+def test_top_p_applies_to_each_row_alone():
+    rows = np.log(np.array([[0.5, 0.3, 0.15, 0.05] + [1e-12] * 4, [0.05, 0.15, 0.3, 0.5] + [1e-12] * 4]))
+    ids = _sample_next_token(np.tile(rows, (2000, 1)), 1.0, 0.7, None, EOS, rng=np.random.default_rng(0))
+    assert set(ids[0::2]) == {0, 1} and set(ids[1::2]) == {3, 2}
