@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DacConfig, DacModel
+from transformers import AutoModel, DacConfig, DacModel
 
 from export.dac import DAC_44KHZ, TINY_DAC, DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
 from export.dac_weights import HF_WEIGHT_NORMS, load_dac, random_dac, save_descript_pth, save_hf_folder
@@ -425,3 +425,24 @@ def test_stored_weight_norm_differs_from_the_weight_by_a_seeded_factor(tiny_code
         ]
     )
     assert 0.5 <= factors.min() < 0.6 and 1.9 < factors.max() <= 2.0
+
+
+def test_transformers_reads_the_folder_it_is_given(tiny_codec, tmp_path):
+    """transformers' own loader (AutoModel, by config.json's model_type) gets the same weights."""
+    save_hf_folder(tiny_codec, tmp_path, "folded")
+    model = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(model, DacModel) and model.config.architectures == ["DacModel"]
+    want = tiny_codec.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
+
+
+def test_save_hf_folder_refuses_what_transformers_cannot_hold(tiny_codec, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^weight_norm must be one of \('parametrizations', 'weight_g', 'folded'\)"
+    ):
+        save_hf_folder(tiny_codec, tmp_path, "spectral")
+    with pytest.raises(
+        ValueError, match=r"^transformers' DacModel requires latent_dim = encoder_dim \* 2\*\*2"
+    ):
+        save_hf_folder(random_dac(ODD_DAC), tmp_path, "folded")
