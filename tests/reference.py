@@ -3,9 +3,16 @@
 - transformers' `DiaForConditionalGeneration` (0626 semantics), driven as docs/generation.md section 14 says;
 - a small torch implementation of docs/generation.md written here from the nari-layout tensors, for v0.1
   (cross-attention RoPE, plain CFG, EOS damping) which transformers does not implement.
+
+Sampled streams are compared by drawing both sides' ids by inverse CDF from the same numpy generator
+(docs/generation.md section 7): transformers' `torch.multinomial` is replaced for the call by that draw.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import torch
@@ -13,6 +20,17 @@ from transformers import DiaConfig, DiaForConditionalGeneration
 
 from export.architecture import DiaArchitecture
 from export.checkpoint import to_nari_layout
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: on tensors this small its thread pool only adds overhead (20x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def hf_model(arch: DiaArchitecture, state: dict[str, torch.Tensor]) -> DiaForConditionalGeneration:
@@ -47,7 +65,7 @@ def hf_greedy_rows(
     """transformers' greedy generation for one text: the delayed decoder rows `[R, C]`."""
     inputs = torch.as_tensor(text_ids)[None]
     rows = delayed_prompt_rows(arch, prompt)
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         out = model.generate(
             input_ids=inputs,
             attention_mask=torch.ones_like(inputs),
@@ -56,6 +74,51 @@ def hf_greedy_rows(
             do_sample=False,
             guidance_scale=cfg_scale,
             top_k=cfg_filter_top_k,
+            max_new_tokens=max_new_tokens,
+        )
+    return out[0].numpy()
+
+
+def inverse_cdf(probs: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One id per row of `[N, V]` probabilities from one uniform draw each, as the runtime draws."""
+    cumulative = probs.double().cumsum(-1)
+    draws = torch.as_tensor(rng.random((len(probs), 1))) * cumulative[:, -1:]
+    return (cumulative <= draws).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def hf_sampled_rows(
+    model: DiaForConditionalGeneration,
+    arch: DiaArchitecture,
+    text_ids: np.ndarray,
+    max_new_tokens: int,
+    seed: int,
+    cfg_scale: float = 3.0,
+    top_k: int = 45,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """transformers' sampled generation for one text, its ids drawn by `inverse_cdf` from `default_rng(seed)`.
+
+    transformers uses `top_k` both as the guidance filter and as the sampling top-k.
+    """
+    inputs = torch.as_tensor(text_ids)[None]
+    rows = delayed_prompt_rows(arch, None)
+    rng = np.random.default_rng(seed)
+
+    def multinomial(probs: torch.Tensor, num_samples: int) -> torch.Tensor:
+        return inverse_cdf(probs, rng)[:, None]
+
+    with torch.no_grad(), one_thread(), mock.patch.object(torch, "multinomial", multinomial):
+        out = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            decoder_input_ids=rows,
+            decoder_attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
+            do_sample=True,
+            guidance_scale=cfg_scale,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
             max_new_tokens=max_new_tokens,
         )
     return out[0].numpy()
@@ -134,23 +197,70 @@ class SpecReference:
         h = self._norm(x[-1:], "decoder.norm.weight")
         return torch.einsum("td,dcv->tcv", h, self.w["decoder.logits_dense.weight"])[0]
 
-    def greedy_rows(self, text: np.ndarray, steps: int, cfg_scale: float = 3.0) -> np.ndarray:
-        """v0.1 greedy decoding: argmax of cfg with PAD/BOS masked, EOS on channel 0 only, x0.8."""
+    @torch.no_grad()
+    @one_thread()
+    def rows(
+        self,
+        text: np.ndarray,
+        steps: int,
+        cfg_scale: float = 3.0,
+        cfg_filter_top_k: int = 45,
+        top_k: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """v0.1 decoding of up to `steps` rows after row 0, ending D rows after channel 0's EOS.
+
+        Plain CFG; PAD/BOS masked, EOS on channel 0 only and damped by 0.8; temperature 0 is the argmax.
+        Sampling (the original v0.1 sampler): divide by the temperature, mask EOS unless it is the
+        argmax (never forced), keep the top `min(top_k, cfg_filter_top_k)`, then the smallest sorted
+        prefix reaching `top_p`, and draw with `inverse_cdf`.
+        """
         arch = self.arch
-        eos = arch.eos_id
+        eos, delays = arch.eos_id, torch.as_tensor(arch.delay_pattern)
+        rng = np.random.default_rng(seed)
+        k = cfg_filter_top_k if top_k is None else min(top_k, cfg_filter_top_k)
         text = torch.as_tensor(text)
         cond_mem = self.encode(text)
         uncond_mem = self.encode(torch.zeros_like(text))
-        rows = delayed_prompt_rows(arch, None)[0]
-        out = rows[:1].clone()
+        known = delayed_prompt_rows(arch, None)[0]
+        out = known[:1].clone()
+        eos_row = None
         for t in range(1, steps + 1):
             cond, uncond = self.logits(out, cond_mem), self.logits(out, uncond_mem)
             cfg = cond + cfg_scale * (cond - uncond)
             cfg[:, eos + 1 :] = float("-inf")
             cfg[1:, eos:] = float("-inf")
             cfg[0, eos] *= 0.8
-            nxt = cfg.argmax(-1)
-            if t < len(rows):  # BOS cells are known
-                nxt = torch.where(rows[t] == arch.pad_id, nxt, rows[t])
+            nxt = cfg.argmax(-1) if temperature == 0 else self._sample(cfg, temperature, k, top_p, rng)
+            if t < len(known):  # BOS cells are known
+                nxt = torch.where(known[t] == arch.pad_id, nxt, known[t])
+            if eos_row is None and nxt[0] == eos:
+                eos_row = t
+            if eos_row is not None:
+                nxt = torch.where(
+                    t == eos_row + delays, eos, torch.where(t > eos_row + delays, arch.pad_id, nxt)
+                )
             out = torch.cat([out, nxt[None]])
+            if eos_row is not None and t == eos_row + max(arch.delay_pattern):
+                break
         return out.numpy()
+
+    def _sample(
+        self, logits: torch.Tensor, temperature: float, k: int, top_p: float, rng: np.random.Generator
+    ) -> torch.Tensor:
+        eos = self.arch.eos_id
+        logits = logits / temperature
+        logits[logits.argmax(-1) != eos, eos] = float("-inf")
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            remove = sorted_probs.cumsum(-1) > top_p
+            remove[:, 1:] = remove[:, :-1].clone()
+            remove[:, 0] = False
+            drop = torch.zeros_like(remove).scatter(-1, order, remove)
+            probs = logits.masked_fill(drop, float("-inf")).softmax(-1)
+        return inverse_cdf(probs, rng)

@@ -1,4 +1,5 @@
-"""Greedy generation token for token against transformers (0626) and the SPEC reference (v0.1)."""
+"""Generation token for token against transformers (0626) and the SPEC reference (v0.1): greedy, and
+sampled with both sides drawing from the same numpy generator (tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import export_tiny
-from reference import SpecReference, hf_greedy_rows, hf_model
+from reference import SpecReference, hf_greedy_rows, hf_model, hf_sampled_rows
 
 from dia_ort import Dia, GenerationOptions
 from dia_ort.text import encode_text
@@ -21,11 +22,43 @@ TEXTS = [
 NEW = 40  # frames asked of the runtime
 D = max(TINY.delay_pattern)
 GREEDY = GenerationOptions(temperature=0, max_new_tokens=NEW)
+ORIGINAL_FILTER = 45  # the original's cfg_filter_top_k, the manifest's default
+EOS_HEAD_SCALE = 5.0  # channel 0's EOS row of the head: both generations end by themselves in 16 to 40 rows
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_state):
     return hf_model(TINY, tiny_state)
+
+
+@pytest.fixture(scope="module")
+def eos_state(tiny_state) -> dict[str, torch.Tensor]:
+    """The tiny weights with a large channel-0 EOS logit, so that EOS comes before any budget."""
+    head = tiny_state["logits_dense.weight"].clone()
+    head[TINY.eos_id] *= EOS_HEAD_SCALE
+    return {**tiny_state, "logits_dense.weight": head}
+
+
+@pytest.fixture(scope="module")
+def eos_dia(tmp_path_factory, eos_state, tiny_codec) -> Dia:
+    folder = export_tiny(tmp_path_factory.mktemp("eos"), TINY, eos_state, tiny_codec)
+    return Dia.from_pretrained(folder, compute_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eos_hf(eos_state):
+    return hf_model(TINY, eos_state)
+
+
+@pytest.fixture(scope="module")
+def eos_v01_dia(tmp_path_factory, v01_arch, eos_state, tiny_codec) -> Dia:
+    folder = export_tiny(tmp_path_factory.mktemp("eos_v01"), v01_arch, eos_state, tiny_codec)
+    return Dia.from_pretrained(folder, compute_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eos_v01_reference(v01_arch, eos_state) -> SpecReference:
+    return SpecReference(v01_arch, eos_state)
 
 
 def run_rows(dia: Dia, texts, prompts=None, options=GREEDY):
@@ -34,6 +67,13 @@ def run_rows(dia: Dia, texts, prompts=None, options=GREEDY):
     for _ in generation:
         pass
     return generation
+
+
+def natural_end(generation, budget: int) -> tuple[np.ndarray, int]:
+    """The only item's rows through its EOS tail, and its EOS row, which must come before the budget."""
+    item = generation.items[0]
+    assert 3 < item.eos_row < budget + 1, f"EOS at row {item.eos_row}: retune EOS_HEAD_SCALE"
+    return item.rows[: item.eos_row + D + 1], item.eos_row
 
 
 def assert_rows_match_before_budget(ours: np.ndarray, eos_row: int, theirs: np.ndarray) -> int:
@@ -81,25 +121,47 @@ def test_audio_prompts_differing_per_item_match_transformers(tiny_dia, hf):
         assert codes.shape == (NEW, TINY.decoder.num_channels)  # the prompt is not part of the output
 
 
-def test_natural_eos_matches_transformers(tmp_path, tiny_state, tiny_codec):
-    """Weights whose EOS logit on channel 0 is large: EOS comes before the budget, then the D-row tail."""
-    state = dict(tiny_state)
-    head = state["logits_dense.weight"].clone()
-    head[TINY.eos_id] *= 2.5
-    state["logits_dense.weight"] = head
-    dia = Dia.from_pretrained(
-        export_tiny(tmp_path, TINY, state, tiny_codec), compute_dtype="float32", device="cpu"
+@pytest.mark.parametrize(("cfg_scale", "cfg_filter_top_k"), [(3.0, None), (1.5, 1), (6.0, 200)])
+def test_natural_eos_matches_transformers(eos_dia, eos_hf, cfg_scale, cfg_filter_top_k):
+    """Greedy through a natural EOS and its D-row tail, at several guidance scales and filters."""
+    options = GenerationOptions(
+        temperature=0, max_new_tokens=100, cfg_scale=cfg_scale, cfg_filter_top_k=cfg_filter_top_k
     )
-    generation = run_rows(dia, TEXTS[:1], options=GenerationOptions(temperature=0, max_new_tokens=100))
-    eos = generation.items[0].eos_row
-    assert 3 < eos < 100, f"EOS at row {eos}: retune the head scale"
-    theirs = hf_greedy_rows(hf_model(TINY, state), TINY, encode_text(TEXTS[0], TINY.encoder.max_length), 120)
-    tail = eos + D + 1
-    np.testing.assert_array_equal(generation.items[0].rows[:tail], theirs[:tail])
+    generation = run_rows(eos_dia, TEXTS[:1], options=options)
+    ours, eos = natural_end(generation, 100)
+    text = encode_text(TEXTS[0], TINY.encoder.max_length)
+    k = cfg_filter_top_k or ORIGINAL_FILTER
+    theirs = hf_greedy_rows(eos_hf, TINY, text, 120, cfg_scale=cfg_scale, cfg_filter_top_k=k)
+    np.testing.assert_array_equal(ours, theirs[: len(ours)])
     for c, d in enumerate(TINY.delay_pattern):
-        assert generation.items[0].rows[eos + d, c] == TINY.eos_id
-        assert (generation.items[0].rows[eos + d + 1 : tail, c] == TINY.pad_id).all()
+        assert ours[eos + d, c] == TINY.eos_id
+        assert (ours[eos + d + 1 :, c] == TINY.pad_id).all()
     assert generation.codes()[0].shape == (eos - 1, TINY.decoder.num_channels)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "cfg_filter_top_k", "top_p", "seed"), [(1.0, 20, 0.9, 0), (1.5, None, 0.95, 1)]
+)
+def test_sampled_stream_matches_transformers(eos_dia, eos_hf, temperature, cfg_filter_top_k, top_p, seed):
+    """Seeded sampling through a natural EOS: guidance filter, temperature, EOS forcing and top-p as
+    transformers applies them, its draws taken from the same generator."""
+    options = GenerationOptions(
+        temperature=temperature, top_p=top_p, cfg_filter_top_k=cfg_filter_top_k, seed=seed, max_new_tokens=100
+    )
+    ours, _ = natural_end(run_rows(eos_dia, TEXTS[:1], options=options), 100)
+    text = encode_text(TEXTS[0], TINY.encoder.max_length)
+    k = cfg_filter_top_k or ORIGINAL_FILTER
+    theirs = hf_sampled_rows(eos_hf, TINY, text, 120, seed, top_k=k, top_p=top_p, temperature=temperature)
+    np.testing.assert_array_equal(ours, theirs[: len(ours)])
+
+
+def test_top_k_one_samples_the_greedy_stream(eos_dia, eos_hf):
+    """top_k=1 below the guidance filter leaves one candidate: sampling gives transformers' greedy rows."""
+    options = GenerationOptions(temperature=1.0, top_k=1, cfg_filter_top_k=10, seed=0, max_new_tokens=100)
+    ours, _ = natural_end(run_rows(eos_dia, TEXTS[:1], options=options), 100)
+    text = encode_text(TEXTS[0], TINY.encoder.max_length)
+    theirs = hf_greedy_rows(eos_hf, TINY, text, 120, cfg_filter_top_k=10)
+    np.testing.assert_array_equal(ours, theirs[: len(ours)])
 
 
 def test_nari_and_hf_layouts_give_identical_output(tmp_path, tiny_state, tiny_codec, tiny_dia):
@@ -117,17 +179,39 @@ def test_nari_and_hf_layouts_give_identical_output(tmp_path, tiny_state, tiny_co
             np.testing.assert_array_equal(ours, want)
 
 
-def test_v01_matches_spec_reference(v01_dia, v01_arch, tiny_state):
-    """Cross-attention RoPE, plain CFG and the EOS damping of v0.1 against docs/generation.md section 14 in torch."""
-    steps = 30
-    generation = run_rows(v01_dia, TEXTS[:1], options=GenerationOptions(temperature=0, max_new_tokens=steps))
-    reference = SpecReference(v01_arch, tiny_state)
-    with torch.no_grad():
-        want = reference.greedy_rows(encode_text(TEXTS[0], TINY.encoder.max_length), steps)
-    eos = generation.items[0].eos_row
-    np.testing.assert_array_equal(
-        generation.items[0].rows[: min(eos, len(want))], want[: min(eos, len(want))]
+@pytest.mark.parametrize("cfg_scale", [1.5, 3.0])
+def test_v01_matches_spec_reference(eos_v01_dia, eos_v01_reference, cfg_scale):
+    """Greedy v0.1 (cross-attention RoPE, plain CFG, the EOS damping) through a natural EOS and its tail."""
+    options = GenerationOptions(temperature=0, max_new_tokens=100, cfg_scale=cfg_scale)
+    ours, _ = natural_end(run_rows(eos_v01_dia, TEXTS[:1], options=options), 100)
+    text = encode_text(TEXTS[0], TINY.encoder.max_length)
+    want = eos_v01_reference.rows(text, 100, cfg_scale=cfg_scale)
+    np.testing.assert_array_equal(ours, want)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "cfg_filter_top_k", "top_k", "seed"), [(1.0, 10, None, 9), (1.5, 30, 4, 6)]
+)
+def test_v01_sampled_matches_spec_reference(
+    eos_v01_dia, eos_v01_reference, temperature, cfg_filter_top_k, top_k, seed
+):
+    """Seeded v0.1 sampling through a natural EOS: top-k is cfg_filter_top_k (or top_k when smaller) and EOS is
+    never forced. These seeds reach a row where EOS is channel 0's argmax and another id is drawn."""
+    options = GenerationOptions(
+        temperature=temperature, cfg_filter_top_k=cfg_filter_top_k, top_k=top_k, seed=seed, max_new_tokens=100
     )
+    ours, _ = natural_end(run_rows(eos_v01_dia, TEXTS[:1], options=options), 100)
+    text = encode_text(TEXTS[0], TINY.encoder.max_length)
+    want = eos_v01_reference.rows(
+        text,
+        100,
+        cfg_filter_top_k=cfg_filter_top_k,
+        top_k=top_k,
+        temperature=temperature,
+        top_p=0.95,
+        seed=seed,
+    )
+    np.testing.assert_array_equal(ours, want)
 
 
 def test_v01_differs_from_0626(v01_dia, tiny_dia):
