@@ -241,3 +241,19 @@ def test_a_seeded_generation_draws_the_same_tokens():
 
     np.testing.assert_array_equal(tokens(3), tokens(3))
     assert not np.array_equal(tokens(3), tokens(4))
+
+
+def test_each_item_of_a_seeded_batch_samples_the_tokens_it_would_alone():
+    """One generator per item, each from the seed (docs section 8): item i of a batch gets the tokens
+    a generation of item i alone gets; with one shared generator the three items would differ."""
+
+    def tokens(eos_rows, prompts):
+        decoder = ScriptedDecoder(eos_rows=eos_rows)
+        options = GenerationOptions(temperature=1.0, max_new_tokens=8, seed=11)
+        texts = [np.array([1])] * len(prompts)
+        return np.stack([s.tokens for s in Generation(decoder, texts, prompts, options)])
+
+    alone = tokens([40], [None])
+    batch = tokens([40, 40, 40], [None, None, None])
+    for i in range(3):
+        np.testing.assert_array_equal(batch[:, i], alone[:, 0])
