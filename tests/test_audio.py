@@ -125,8 +125,14 @@ def test_bad_audio_is_refused(bad, error, words):
 
 @pytest.mark.parametrize(("rate", "error"), [(0, ValueError), (-44100, ValueError), (44100.0, TypeError)])
 def test_bad_sample_rate_is_refused(rate, error):
-    with pytest.raises(error, match="sample_rate"):
+    with pytest.raises(error, match="^sample_rate must be"):
         to_mono_float32(np.zeros(10, np.float32), rate)
+
+
+def test_any_positive_rate_and_up_to_eight_channels_are_taken():
+    np.testing.assert_array_equal(to_mono_float32(np.zeros(10, np.float32), 1), np.zeros(10))
+    eight = np.stack([np.full(100, c / 10, np.float32) for c in range(8)])
+    np.testing.assert_allclose(to_mono_float32(eight, DAC_SAMPLE_RATE), np.full(100, 0.35), rtol=1e-6)
 
 
 # --- resample ------------------------------------------------------------------------------------
