@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import export_tiny
@@ -15,11 +18,15 @@ from dia_ort.generation import cfg_text_rows
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 from export.architecture import TINY
+from export.checkpoint import random_state
 from export.dia_graphs import encoder_samples, encoder_spec, step_inputs, step_samples, step_spec
 from export.dia_model import DecoderStepGraph, DiaModel, EncoderGraph
 from export.onnx_export import export_graph, verify_graph
 
 TOLERANCE = 1e-4
+# Heads of 6: the timescales 10000 ** (i / 3) (21.54..., 464.15...) round in float16, where TINY's
+# 1, 10, 100, 1000 do not; a window of 3072 rows puts positions past 1000 and 2048 in reach.
+ROPE_ARCH = replace(TINY, decoder=replace(TINY.decoder, head_dim=6, max_length=3072))
 
 
 @pytest.mark.parametrize("flavour", ["0626", "v0.1"])
@@ -31,8 +38,8 @@ def test_graphs_match_torch(tmp_path, tiny_state, flavour):
         (step_spec(model, "step"), step_samples(model)),
     ):
         entry = export_graph(spec, tmp_path)
-        error = verify_graph(tmp_path / entry.file.path, spec.module, samples, spec.inputs, TOLERANCE)
-        assert error < TOLERANCE
+        # raises past TOLERANCE, as test_verification_fails_loudly_past_tolerance shows
+        verify_graph(tmp_path / entry.file.path, spec.module, samples, spec.inputs, TOLERANCE)
 
 
 def test_verification_fails_loudly_past_tolerance(tmp_path, tiny_state):
@@ -129,3 +136,39 @@ def test_bfloat16_graphs_compute_the_torch_modules(tmp_path, tiny_state):
         assert all(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.graph.initializer if t.dims)
         assert verify_graph(path, module, samples, spec.inputs, TOLERANCE) < 1e-6
     assert not list(tmp_path.glob(".*"))  # the widened copy is not left behind
+
+
+def test_float16_step_rotates_in_float32_far_into_the_window(tmp_path):
+    """The key the float16 step caches at position p is its key at position 0 rotated by p / timescale_i
+    (docs/generation.md section 3), to float16's rounding of the result. A float16 angle would be off by
+    up to a radian at these positions; the cos and sin tables themselves are float32 constants."""
+    arch, d = ROPE_ARCH, ROPE_ARCH.decoder
+    model = DiaModel.from_state(arch, random_state(arch, seed=4)).to(torch.float16)
+    spec = step_spec(model, "step")
+    path = tmp_path / export_graph(spec, tmp_path).file.path
+    graph = onnx.load(str(path)).graph
+    constants = [
+        *graph.initializer,
+        *(a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute),
+    ]
+    tables = [t for t in constants if list(t.dims) == [d.max_length, d.head_dim // 2]]
+    assert len(tables) == 2 and all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    positions = np.array([[0], [1001], [2047], [3001]])
+    tokens, _, text_mask, *cache = step_inputs(model, rows=1, start=0, cache_slots=1, text_length=5, batch=1)
+    empty = torch.zeros(1, d.kv_heads, d.max_length, d.head_dim, dtype=torch.float16)
+    values = (tokens, positions, text_mask, *cache[: 2 * d.layers], *[empty] * (2 * d.layers))
+    feeds = {
+        name: np.repeat(np.asarray(v), len(positions) // len(v), axis=0)
+        for name, v in zip(spec.inputs, values, strict=True)
+    }
+    keys = session.run(["present_key_0"], feeds)[0]  # layer 0's key depends on the row only
+    key0 = keys[0, :, 0].astype(np.float64)  # position 0 is the identity rotation
+    x1, x2 = np.split(key0, 2, axis=-1)
+    lo, hi = arch.rope_min_timescale, arch.rope_max_timescale
+    timescale = lo * (hi / lo) ** (2 * np.arange(d.head_dim // 2) / d.head_dim)
+    for b, p in enumerate(positions[:, 0]):
+        cos, sin = np.cos(p / timescale), np.sin(p / timescale)
+        want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+        error = np.abs(keys[b, :, p] - want).max() / np.abs(key0).max()
+        assert error < 2e-3, f"position {p}: {error}"

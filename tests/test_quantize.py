@@ -10,6 +10,9 @@ from conftest import export_tiny
 from dia_ort import Dia, GenerationOptions
 from dia_ort.manifest import QUANTIZED_DTYPES, Manifest
 from export.architecture import TINY
+from export.dia_graphs import step_samples
+from export.dia_model import DecoderStepGraph, DiaModel
+from export.onnx_export import verify_graph
 from export.pipeline import QUANTIZED_TOLERANCE
 from export.quant_accuracy import DEFAULT_TEXT, kl_divergence, quantization_accuracy
 from export.quantize import (
@@ -28,16 +31,33 @@ def quant_folder(tmp_path_factory, tiny_state, tiny_codec):
     return export_tiny(tmp_path_factory.mktemp("quant"), TINY, tiny_state, tiny_codec, tuple(RECIPES))
 
 
-def test_manifest_lists_quantized_variants_sharing_the_float32_encoder(quant_folder):
+def test_manifest_lists_quantized_variants_sharing_the_float32_encoder(quant_folder, tiny_state):
+    """Each variant records the error it was verified with (the export refuses one past its tolerance:
+    test_export_refuses_a_quantized_step_past_its_tolerance), larger than float32's as rounded weights give."""
     manifest = Manifest.load(quant_folder)
     assert set(manifest.variants) == {"float32", *RECIPES}
+    errors = manifest.tools["verification_error"]
+    model = DiaModel.from_state(TINY, tiny_state)
     for dtype in RECIPES:
         graphs = manifest.variants[dtype]
         assert graphs["decoder_step"].file.path == f"decoder_step.{dtype}.onnx"
         assert graphs["encoder"] == manifest.variants["float32"]["encoder"]
         assert graphs["decoder_step"].inputs == manifest.variants["float32"]["decoder_step"].inputs
-        error = manifest.tools["verification_error"][f"decoder_step.{dtype}"]
-        assert 0 < error < QUANTIZED_TOLERANCE[RECIPES[dtype].bits]
+        measured = verify_graph(
+            quant_folder / graphs["decoder_step"].file.path,
+            DecoderStepGraph(model),
+            step_samples(model),
+            graphs["decoder_step"].inputs,
+            tolerance=np.inf,
+        )
+        assert errors[f"decoder_step.{dtype}"] == pytest.approx(measured, rel=1e-6)
+        assert measured > 100 * errors["decoder_step.float32"]
+
+
+def test_export_refuses_a_quantized_step_past_its_tolerance(tmp_path, tiny_state, tiny_codec, monkeypatch):
+    monkeypatch.setitem(QUANTIZED_TOLERANCE, 8, 1e-3)  # int8 measures about 0.01 on the tiny model
+    with pytest.raises(RuntimeError, match=r"decoder_step\.int8\.onnx: output logits differs from torch"):
+        export_tiny(tmp_path, TINY, tiny_state, tiny_codec, ("int8",))
 
 
 @pytest.mark.parametrize("dtype", list(RECIPES))
