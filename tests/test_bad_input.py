@@ -13,6 +13,10 @@ from dia_ort import Dia
 from dia_ort.manifest import MANIFEST_NAME
 from export.architecture import TINY
 
+HOP = 512  # samples of 44.1 kHz audio in one frame
+# Output frames the window leaves without a prompt: 239 of 256 rows (row 0, the EOS row, the delay tail)
+ROOM = TINY.decoder.max_length - max(TINY.delay_pattern) - 2
+
 
 @pytest.mark.parametrize(
     ("text", "error", "words"),
@@ -98,25 +102,36 @@ def test_bad_audio(tiny_dia, tmp_path):
         tiny_dia.encode_audio(str(corrupt))
     with pytest.raises(ValueError, match="empty"):
         tiny_dia.encode_audio(np.zeros(0, dtype=np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"audio must be 1-D \[samples\] or 2-D .*got shape \(2, 3, 4\)"):
         tiny_dia.encode_audio(np.zeros((2, 3, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="empty"):
         tiny_dia.generate("[S1] Hi.", audio_prompt=np.zeros(0, dtype=np.float32))
 
 
-def test_audio_too_long_for_the_window(tiny_dia):
-    seconds = TINY.decoder.max_length * 512 / 44100 + 1
-    with pytest.raises(ValueError, match="at most"):
-        tiny_dia.encode_audio(np.zeros(int(seconds * 44100), dtype=np.float32) + 0.01)
-    long_codes = np.zeros((TINY.decoder.max_length, 9), dtype=np.int64)
-    with pytest.raises(ValueError, match="no room"):
-        tiny_dia.generate("[S1] Hi.", audio_prompt=long_codes)
+def test_audio_longer_than_the_room_is_refused_from_its_first_extra_frame(tiny_dia):
+    """An audio prompt may fill the room of an empty prompt, ROOM frames of 512 samples, and no more."""
+    assert len(tiny_dia.encode_audio(np.full(ROOM * HOP, 0.01, dtype=np.float32))) == ROOM
+    with pytest.raises(
+        ValueError, match=rf"\({ROOM + 1} frames\); the model's audio window takes at most {ROOM} frames"
+    ):
+        tiny_dia.encode_audio(np.full(ROOM * HOP + 1, 0.01, dtype=np.float32))
+
+
+def test_a_prompt_must_leave_room_for_one_frame(tiny_dia):
+    prompt = np.zeros((ROOM - 1, TINY.decoder.num_channels), dtype=np.int64)
+    (codes,) = tiny_dia.generate_codes(["[S1] Hi."], [prompt], temperature=0, max_new_tokens=10)
+    assert len(codes) == 1
+    with pytest.raises(ValueError, match=f"audio prompt of {ROOM} frames leaves no room"):
+        tiny_dia.generate_codes(["[S1] Hi."], [np.zeros((ROOM, TINY.decoder.num_channels), dtype=np.int64)])
 
 
 def test_budget_over_the_window_is_clamped_with_a_warning(tiny_dia, caplog):
-    codes = tiny_dia.generate_codes(["[S1] Hi."], temperature=0, max_new_tokens=10_000)[0]
-    assert len(codes) <= TINY.decoder.max_length
-    assert "does not fit the audio window" in caplog.text
+    """The random model never ends by itself, so the clamped budget is exactly the output's length."""
+    (codes,) = tiny_dia.generate_codes(["[S1] Hi."], temperature=0, max_new_tokens=ROOM)
+    assert len(codes) == ROOM and "does not fit the audio window" not in caplog.text
+    (codes,) = tiny_dia.generate_codes(["[S1] Hi."], temperature=0, max_new_tokens=ROOM + 1)
+    assert len(codes) == ROOM
+    assert f"max_new_tokens={ROOM + 1} does not fit the audio window" in caplog.text
 
 
 def test_unavailable_device(tiny_folder):
@@ -209,8 +224,8 @@ def test_torch_checkpoint_without_export_extra_names_the_command(tmp_path, monke
 
 
 def test_model_still_works_after_bad_calls(tiny_dia):
-    for bad in ("", "[S9] x"):
-        with pytest.raises(ValueError):
+    for bad, words in (("", "empty"), ("[S9] x", r"\[S9\]")):
+        with pytest.raises(ValueError, match=words):
             tiny_dia.generate(bad)
     codes = tiny_dia.generate_codes(["[S1] Still fine."], temperature=0, max_new_tokens=5)[0]
     assert codes.shape == (5, 9)
@@ -218,7 +233,7 @@ def test_model_still_works_after_bad_calls(tiny_dia):
 
 def test_save_audio_leaves_no_partial_file(tiny_dia, tmp_path):
     target = tmp_path / "out.wav"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"audio contains 1 non-finite values \(NaN or inf\)"):
         tiny_dia.save_audio(target, np.array([np.nan, 0.0], dtype=np.float32))
     with pytest.raises(ValueError, match="extension|format"):
         tiny_dia.save_audio(tmp_path / "out.xyz", np.zeros(100, dtype=np.float32))
