@@ -40,25 +40,17 @@ def test_speak_from_argument(tiny_folder, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_speak_from_stdin_and_file(tiny_folder, tmp_path, monkeypatch):
+def test_speak_from_stdin_and_file(tiny_folder, tiny_dia, tmp_path, monkeypatch):
+    """The text read from stdin and the guidance flags reach the model: the file is the library's audio."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("[S1] From stdin."))
-    assert (
-        main(
-            [
-                "speak",
-                "--model",
-                str(tiny_folder),
-                "-o",
-                str(tmp_path / "b.wav"),
-                "--max-new-tokens",
-                "4",
-                "--quiet",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
+    argv = ["speak", "--model", str(tiny_folder), "-o", str(tmp_path / "b.wav"), "--quiet"]
+    argv += ["--max-new-tokens", "6", "--temperature", "0", "--cfg-scale", "1.5", "--cfg-filter-top-k", "7"]
+    assert main(argv) == 0
+    audio, _ = sf.read(tmp_path / "b.wav", dtype="int16")
+    want = tiny_dia.generate(
+        "[S1] From stdin.", max_new_tokens=6, temperature=0, cfg_scale=1.5, cfg_filter_top_k=7
     )
+    np.testing.assert_array_equal(audio, np.frombuffer(pcm16(want), dtype="<i2"))
     text = tmp_path / "t.txt"
     text.write_text("[S2] From a file.")
     assert (
@@ -83,29 +75,18 @@ def test_speak_from_stdin_and_file(tiny_folder, tmp_path, monkeypatch):
     assert sf.info(tmp_path / "c.ogg").samplerate == 24000
 
 
-def test_speak_with_a_voice(tiny_folder, tmp_path):
+def test_speak_with_a_voice(tiny_folder, tiny_dia, tmp_path):
+    """--voice is the audio prompt and --voice-text goes before the text, as the library takes them."""
     voice = tmp_path / "voice.wav"
     sf.write(voice, 0.1 * np.sin(np.arange(44100 // 4) / 7), 44100)
-    assert (
-        main(
-            [
-                "speak",
-                "[S1] And now me.",
-                "--voice",
-                str(voice),
-                "--voice-text",
-                "[S1] Me first.",
-                "--model",
-                str(tiny_folder),
-                "-o",
-                str(tmp_path / "v.wav"),
-                "--max-new-tokens",
-                "4",
-                "--quiet",
-            ]
-        )
-        == 0
+    argv = ["speak", "[S1] And now me.", "--voice", str(voice), "--voice-text", "[S1] Me first."]
+    argv += ["--model", str(tiny_folder), "-o", str(tmp_path / "v.wav"), "--max-new-tokens", "6"]
+    assert main([*argv, "--temperature", "0", "--quiet"]) == 0
+    audio, _ = sf.read(tmp_path / "v.wav", dtype="int16")
+    want = tiny_dia.generate(
+        "[S1] Me first. [S1] And now me.", audio_prompt=str(voice), max_new_tokens=6, temperature=0
     )
+    np.testing.assert_array_equal(audio, np.frombuffer(pcm16(want), dtype="<i2"))
 
 
 def test_speak_errors_are_clear_and_leave_no_file(tiny_folder, tmp_path, capsys):
