@@ -5,7 +5,7 @@ CFG text rows, one item's rows (`ItemState`) against the rules written out cell 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -65,8 +65,10 @@ def test_frame_budget_clamps_with_a_warning(caplog):
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="dia_ort.generation"):
         assert frame_budget(CONFIG, 3, ROOM) == ROOM - 3
-    assert f"max_new_tokens={ROOM} does not fit the audio window with a 3-frame prompt" in caplog.text
-    assert f"at most {ROOM - 3} frames" in caplog.text
+    assert caplog.messages == [
+        f"max_new_tokens={ROOM} does not fit the audio window with a 3-frame prompt; "
+        f"generating at most {ROOM - 3} frames"
+    ]
 
 
 def test_a_prompt_that_leaves_no_room_is_refused():
@@ -76,13 +78,15 @@ def test_a_prompt_that_leaves_no_room_is_refused():
     message = str(error.value)
     assert f"prompt of {ROOM} frames" in message and f"audio window of {CONFIG.audio_length} rows" in message
     assert f"shorter than {ROOM} frames ({ROOM / 86.13:.1f} s)" in message
+    with pytest.raises(ValueError, match=r"shorter than 13 frames \(0\.2 s\)$"):  # 13 / 86.13 frames a second
+        frame_budget(replace(CONFIG, audio_length=13 + D + 2), 13, 100)
 
 
 def test_cfg_text_rows_pair_an_unconditional_row_with_each_text():
-    texts = [np.array([5, 6, 7]), np.array([9])]
+    texts = [np.array([5, 6, 7]), np.array([9, 8]), np.array([4])]
     ids, mask = cfg_text_rows(texts)
-    np.testing.assert_array_equal(ids, [[0, 0, 0], [5, 6, 7], [0, 0, 0], [9, 0, 0]])
-    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(ids, [[0, 0, 0], [5, 6, 7], [0, 0, 0], [9, 8, 0], [0, 0, 0], [4, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
     assert ids.dtype == np.int64 and mask.dtype == bool
 
 
@@ -161,9 +165,9 @@ def test_final_frames_are_those_whose_last_channel_is_written(prompt_frames):
 @dataclass
 class ScriptedDecoder:
     """Stands in for `Engine` and its decoder state: cond logits make channel 0 say EOS at the row
-    `eos_rows[i]` for item i and code (row * 7 + c) % 1000 otherwise; uncond logits peak 500 codes
-    away, so that guidance keeps the cond peak and swapped rows would pick the other. Every call is
-    recorded."""
+    `eos_rows[i]` for item i; otherwise they peak at code A = (row * 7 + c) % 1000 and next at
+    B = A + 500, where the uncond logits are low, so guidance (cfg_filter_top_k=1) picks B, while
+    cond alone, or swapped rows, would pick A. Every call is recorded."""
 
     eos_rows: list[int]
     config: object = CONFIG
@@ -179,8 +183,8 @@ class ScriptedDecoder:
         row = start + tokens.shape[1]  # the row these logits predict
         logits = np.zeros((tokens.shape[0], CONFIG.num_channels, CONFIG.vocab_size), dtype=np.float32)
         for c in range(CONFIG.num_channels):
-            logits[1::2, c, (row * 7 + c) % 1000] = 5.0
-            logits[0::2, c, (row * 7 + c + 500) % 1000] = 5.0
+            logits[:, c, (row * 7 + c) % 1000] = 5.0
+            logits[1::2, c, (row * 7 + c) % 1000 + 500] = 4.0
         for i, eos_row in enumerate(self.eos_rows):
             if row == eos_row:
                 logits[2 * i + 1, 0, EOS] = 10.0
@@ -190,7 +194,7 @@ class ScriptedDecoder:
 def test_generation_prefills_then_feeds_each_row_back_until_every_item_is_finished():
     prompts = [None, frames(3, seed=4)]
     decoder = ScriptedDecoder(eos_rows=[6, 12])
-    options = GenerationOptions(temperature=0, max_new_tokens=30)
+    options = GenerationOptions(temperature=0, max_new_tokens=30, cfg_filter_top_k=1)
     generation = Generation(decoder, [np.array([7, 8]), np.array([9])], prompts, options, cuda_graph=True)
     steps = list(generation)
 
@@ -224,7 +228,19 @@ def test_generation_prefills_then_feeds_each_row_back_until_every_item_is_finish
         for p, n in ((0, 5), (3, 8))
         for k in range(n)
     ]
-    np.testing.assert_array_equal(np.concatenate(codes), np.array(expected) % 1000)
+    np.testing.assert_array_equal(np.concatenate(codes), np.array(expected) % 1000 + 500)
+
+
+def test_an_item_finished_early_gets_pad_rows_past_its_own_slots():
+    """Item 0 (no prompt) ends at its budget 3 rows before item 1 (3 prompt frames) and has 3 rows
+    fewer; until item 1 is finished, item 0's rows are PAD."""
+    decoder = ScriptedDecoder(eos_rows=[])
+    options = GenerationOptions(temperature=0, max_new_tokens=5, cfg_filter_top_k=1)
+    generation = Generation(decoder, [np.array([1]), np.array([2])], [None, frames(3)], options)
+    steps = list(generation)
+    assert steps[-1].row == 3 + 1 + 5 + D and generation.items[0].slots == 1 + 5 + D + 1
+    assert all((s.tokens[0] == PAD).all() for s in steps if s.row > 1 + 5 + D)
+    assert [len(c) for c in generation.codes()] == [5, 5]
 
 
 def mask_rows(mask: np.ndarray) -> list[int]:
