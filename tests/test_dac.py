@@ -4,8 +4,10 @@ refused by name, and the exported ONNX graphs compute what the torch modules com
 from __future__ import annotations
 
 import datetime
+import json
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +448,58 @@ def test_save_hf_folder_refuses_what_transformers_cannot_hold(tiny_codec, tmp_pa
         ValueError, match=r"^transformers' DacModel requires latent_dim = encoder_dim \* 2\*\*2"
     ):
         save_hf_folder(random_dac(ODD_DAC), tmp_path, "folded")
+
+
+# ODD_DAC with the latent size transformers' DacModel derives (encoder_dim * 2**len(encoder_rates))
+HF_ODD_DAC = replace(ODD_DAC, latent_dim=8)
+
+
+def test_every_size_of_a_transformers_folder_is_read(tmp_path):
+    codec = random_dac(HF_ODD_DAC, seed=4)
+    save_hf_folder(codec, tmp_path / "nested" / "odd", "folded")  # parent folders are made
+    assert_same_weights(load_dac(tmp_path / "nested" / "odd"), codec)
+    model = AutoModel.from_pretrained(tmp_path / "nested" / "odd")
+    assert (model.config.hop_length, model.config.upsampling_ratios) == (6, [3, 2])
+
+
+@pytest.mark.parametrize("dropped", ["hidden_size", "upsampling_ratios"])
+def test_a_transformers_config_without_optional_sizes_gets_the_defaults(tmp_path, dropped):
+    """hidden_size defaults to encoder_dim * 2**len(rates), upsampling_ratios to the reversed rates."""
+    codec = random_dac(HF_ODD_DAC)
+    save_hf_folder(codec, tmp_path, "folded")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config[dropped]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_same_weights(load_dac(tmp_path), codec)
+
+
+def test_a_transformers_config_with_its_own_hidden_size_is_read(tmp_path):
+    codec = random_dac(ODD_DAC)
+    save_hf_folder(random_dac(HF_ODD_DAC), tmp_path, "folded")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_size": ODD_DAC.latent_dim}))
+    save_file(
+        {key: value.contiguous() for key, value in codec.state_dict().items()}, tmp_path / "model.safetensors"
+    )
+    assert_same_weights(load_dac(tmp_path), codec)
+
+
+def test_every_problem_of_a_folder_is_named_with_the_folder(tiny_codec, tmp_path):
+    save_hf_folder(tiny_codec, tmp_path, "folded")
+    state = load_file(tmp_path / "model.safetensors")
+    drop_key(state)
+    add_key(state)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as error:
+        load_dac(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}: DAC weights do not match")
+    assert message.endswith("missing: decoder.conv2.bias; unexpected: decoder.extra.weight")
+
+
+def test_a_file_that_is_neither_layout_is_refused(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match=r"weights\.bin: expected descript's \.pth file or a transformers DacModel folder$"
+    ):
+        load_dac(tmp_path / "weights.bin")
