@@ -233,3 +233,29 @@ def test_top_p_applies_to_each_row_alone():
     rows = np.log(np.array([[0.5, 0.3, 0.15, 0.05] + [1e-12] * 4, [0.05, 0.15, 0.3, 0.5] + [1e-12] * 4]))
     ids = _sample_next_token(np.tile(rows, (2000, 1)), 1.0, 0.7, None, EOS, rng=np.random.default_rng(0))
     assert set(ids[0::2]) == {0, 1} and set(ids[1::2]) == {3, 2}
+
+
+def test_one_row_without_a_generator_is_sampled():
+    """rng=None takes fresh entropy; a lone row may draw any of its ids."""
+    logits = np.full((1, V), -np.inf, dtype=np.float32)
+    logits[0, 3] = 0.0
+    assert _sample_next_token(logits, 1.0, 0.95, None, EOS).tolist() == [3]
+
+
+def test_v01_samples_cfg_itself_and_damps_eos():
+    """v0.1 takes the argmax of cfg (0626 would rank cfg's candidates by cond), and multiplies channel
+    0's EOS logit by 0.8 before sampling (docs sections 6 and 7)."""
+    cond = np.zeros((1, 2, V), dtype=np.float32)
+    cond[0, :, :2] = [2.0, 1.0]
+    uncond = cond.copy()
+    uncond[0, :, 1] = -2.0  # cfg = [2, 10, 0, ...]: id 1 by cfg, id 0 by cond
+    greedy = GenerationOptions(temperature=0)
+    ids = next_tokens(cond, uncond, greedy, tiny_config("v0.1"), np.random.default_rng(0))
+    assert ids.tolist() == [[1, 1]]
+    assert next_tokens(cond, uncond, greedy, tiny_config("0626"), np.random.default_rng(0)).tolist() == [
+        [0, 0]
+    ]
+    eos = np.zeros((1, 2, V), dtype=np.float32)
+    eos[0, 0, [0, EOS]] = [1.9, 2.0]  # damped, EOS (1.6) falls below id 0
+    ids = next_tokens(eos, eos, GenerationOptions(temperature=0, cfg_scale=0.0), tiny_config("v0.1"), None)
+    assert ids[0, 0] == 0
