@@ -64,8 +64,8 @@ def _sample_next_token(
     """Sample one id per row of `[BC, V]` logits, as the original `_sample_next_token` does.
 
     temperature 0 is argmax. Otherwise: divide by temperature; EOS is masked unless it is the row's
-    argmax (and, with `force_eos` as in 0626, forced when it is); top-k; top-p keeps the smallest
-    prefix of the sorted distribution whose mass reaches top_p (at least one id); then draw.
+    argmax (and, with `force_eos` as in 0626, forced when it is); top-k; top-p keeps each id of the
+    sorted distribution while the mass before it is at most top_p (at least one id); then draw.
     """
     logits_BCxV = np.asarray(logits_BCxV, dtype=np.float32)
     if temperature == 0:
