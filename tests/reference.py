@@ -63,6 +63,26 @@ def hf_greedy_rows(
     cfg_filter_top_k: int = 45,
 ) -> np.ndarray:
     """transformers' greedy generation for one text: the delayed decoder rows `[R, C]`."""
+    return _hf_generate(
+        model,
+        arch,
+        text_ids,
+        prompt,
+        do_sample=False,
+        guidance_scale=cfg_scale,
+        top_k=cfg_filter_top_k,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _hf_generate(
+    model: DiaForConditionalGeneration,
+    arch: DiaArchitecture,
+    text_ids: np.ndarray,
+    prompt: np.ndarray | None,
+    **options: object,
+) -> np.ndarray:
+    """`model.generate` on one text with the decoder input built here (docs/generation.md section 14)."""
     inputs = torch.as_tensor(text_ids)[None]
     rows = delayed_prompt_rows(arch, prompt)
     with torch.no_grad(), one_thread():
@@ -71,10 +91,7 @@ def hf_greedy_rows(
             attention_mask=torch.ones_like(inputs),
             decoder_input_ids=rows,
             decoder_attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
-            do_sample=False,
-            guidance_scale=cfg_scale,
-            top_k=cfg_filter_top_k,
-            max_new_tokens=max_new_tokens,
+            **options,
         )
     return out[0].numpy()
 
@@ -101,19 +118,17 @@ def hf_sampled_rows(
 
     transformers uses `top_k` both as the guidance filter and as the sampling top-k.
     """
-    inputs = torch.as_tensor(text_ids)[None]
-    rows = delayed_prompt_rows(arch, None)
     rng = np.random.default_rng(seed)
 
     def multinomial(probs: torch.Tensor, num_samples: int) -> torch.Tensor:
         return inverse_cdf(probs, rng)[:, None]
 
-    with torch.no_grad(), one_thread(), mock.patch.object(torch, "multinomial", multinomial):
-        out = model.generate(
-            input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
-            decoder_input_ids=rows,
-            decoder_attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
+    with mock.patch.object(torch, "multinomial", multinomial):
+        return _hf_generate(
+            model,
+            arch,
+            text_ids,
+            None,
             do_sample=True,
             guidance_scale=cfg_scale,
             top_k=top_k,
@@ -121,7 +136,6 @@ def hf_sampled_rows(
             temperature=temperature,
             max_new_tokens=max_new_tokens,
         )
-    return out[0].numpy()
 
 
 class SpecReference:
