@@ -4,8 +4,8 @@ C clients send requests for a fixed time, each a mix of what a busy server meets
 speech, and some leave mid-stream, send a wrong API key, malformed JSON or a body over the limit.
 Each client has an API key of its own, so that a server with a request rate limits each alone; a
 client told 429 waits as Retry-After says, but at most a fifth of a second, so a busy client goes
-over its rate. Meanwhile /health is polled. Every loop is bounded in count and in time. Reported: completed
-requests per minute, latency percentiles, the answers by status and the slowest /health.
+over its rate. Meanwhile /health is polled. Every loop is bounded in count and in time. Reported:
+completed requests per minute, latency percentiles, the answers by status and the slowest /health.
 """
 
 from __future__ import annotations
@@ -124,7 +124,16 @@ async def _request(
     code = _error_code(refusal) if response.status_code != 200 else ""
     retry_after = float(response.headers.get("retry-after", 0))
     return Outcome(
-        kind, response.status_code, wall, seed, client, code, first, size, digest.hexdigest(), "", retry_after
+        kind,
+        response.status_code,
+        wall,
+        seed,
+        client,
+        code=code,
+        first_audio=first,
+        audio_bytes=size,
+        sha256=digest.hexdigest(),
+        retry_after=retry_after,
     )
 
 
