@@ -128,7 +128,7 @@ def matmul_weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int | None]]:
     return found
 
 
-def _nbits_quantizer() -> ModuleType:
+def nbits_quantizer() -> ModuleType:
     """ORT's quantizer module, imported so that it leaves the caller's logging alone.
 
     On import it calls `logging.basicConfig(level=INFO)`, which would configure the root logger of
@@ -154,7 +154,7 @@ def quantize_graph(src_onnx: Path, dst_folder: Path, name: str, recipe: Recipe) 
     model = onnx.load(str(src_onnx))
     weights = matmul_weights(model.graph)
     layers = 1 + max((layer for _, layer in weights.values() if layer is not None), default=0)
-    nbits = _nbits_quantizer()
+    nbits = nbits_quantizer()
     for bits in (8, 4):
         exclude = [n for n, (kind, layer) in weights.items() if recipe.bits_of(kind, layer, layers) != bits]
         if len(exclude) == len(weights):

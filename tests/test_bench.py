@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import export_tiny
+from onnx import numpy_helper
 
+from bench import kernels
 from bench.accuracy import measure, sweep, with_recipes
 from bench.overhead import step_overhead
 from bench.profile import profile_step
@@ -136,3 +141,35 @@ def test_the_sweep_puts_each_kind_and_each_layer_at_8_bits_in_turn():
     layer = recipes["int4 + layer 1 int8"]
     assert [layer.bits_of("gate_up", n, 2) for n in (0, 1)] == [4, 8]
     assert len(recipes) == 1 + 6 + 1 + 2  # plain, six kinds, the head, two layers
+
+
+def test_kernel_copies_each_read_their_own_weights():
+    """Every copy of the MatMul holds other bytes (identical pages can be merged and read faster than
+    memory), and each output is its own copy's product."""
+    model, nbytes = kernels.copies(kernels.one_matmul(32, 16), total_bytes=3 * 32 * 16 * 4)
+    weights = [numpy_helper.to_array(w) for w in model.graph.initializer]
+    assert len(weights) == 3 and nbytes == 3 * 32 * 16 * 4
+    assert all(not np.array_equal(a, b) for a, b in itertools.combinations(weights, 2))
+    x = np.random.default_rng(0).standard_normal((2, 32), dtype=np.float32)
+    outputs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    for y, w in zip(outputs, weights, strict=True):
+        np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_table_has_every_format_thread_and_row_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "TIME_BUDGET_S", 0.0)
+    monkeypatch.setattr(
+        kernels, "FORMATS", (kernels.WeightFormat(), kernels.WeightFormat(4, 32, zero_points=True))
+    )
+    results = tmp_path / "RESULTS.md"
+    argv = ["--shape", "64", "32", "--gigabytes", "0.0001", "--threads", "1", "--rows", "1", "2"]
+    assert kernels.main([*argv, "--results", str(results)]) == 0
+    rows = _table(results.read_text(), "| format | threads |")
+    assert [row[:3] for row in rows] == [
+        [name, "1", count]
+        for name in ("float32 MatMul", "4-bit, block 32, zero points, level 4")
+        for count in "12"
+    ]
+    assert all(_positive(row[3:]) for row in rows), rows

@@ -1,0 +1,221 @@
+"""`python -m bench.kernels`: how fast ONNX Runtime reads each weight format of a decoder MatMul.
+
+A decoder step reads every weight once for its rows (2, a CFG pair), so a weight format reaches the
+memory floor only if its kernel streams the weights at the machine's read bandwidth. For each format
+(a float32 `MatMul`, and `MatMulNBits` at 8 and 4 bits, several block sizes, with and without zero
+points, accuracy levels 4 and 1) this times a graph of MatMuls of one shape, with 1 and 2 rows and
+each thread count, and reports GB/s of weights read against the bandwidth measured with as many
+threads. When the GB/s grow in step with the threads, the kernel is compute-bound: more cores,
+not fewer bytes, would bring it to the floor.
+
+The weights total more than the last-level cache, and every copy holds its own random bytes: copies
+of one array read faster than the bandwidth on a VM whose host merges identical memory pages. The
+values do not change the work a kernel does. Runs without torch; the table replaces the kernels
+section of bench/RESULTS.md (or of --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from bench.machine import describe, physical_cores, read_bandwidth
+from bench.process import REPO
+from bench.report import number, publish_section, table
+from export.quantize import nbits_quantizer
+
+SECTION = "kernels"
+TIME_BUDGET_S = 3.0  # per measurement: at most this long, at least MIN_RUNS runs
+MIN_RUNS = 5
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One way to store a MatMul's weight: float32, or MatMulNBits' bits, block, zero points, level."""
+
+    bits: int = 32
+    block: int = 0
+    zero_points: bool = False
+    accuracy_level: int = 4
+
+    def __str__(self) -> str:
+        if self.bits == 32:
+            return "float32 MatMul"
+        zero = ", zero points" if self.zero_points else ""
+        return f"{self.bits}-bit, block {self.block}{zero}, level {self.accuracy_level}"
+
+
+FORMATS = (
+    WeightFormat(),
+    WeightFormat(8, 32),
+    WeightFormat(8, 128),
+    WeightFormat(8, 128, zero_points=True),
+    WeightFormat(8, 128, accuracy_level=1),
+    WeightFormat(4, 32),
+    WeightFormat(4, 32, zero_points=True),
+    WeightFormat(4, 64),
+    WeightFormat(4, 128),
+    WeightFormat(4, 128, zero_points=True),
+    WeightFormat(4, 32, accuracy_level=1),
+)
+
+
+def one_matmul(k: int, n: int) -> onnx.ModelProto:
+    """`y = x @ w` with a float32 weight of [k, n] and any number of rows of x."""
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) * 0.02
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")],
+        "one_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def stored(model: onnx.ModelProto, weight: WeightFormat) -> onnx.ModelProto:
+    """The model with its weight in `weight`'s format, by ONNX Runtime's own quantizer."""
+    if weight.bits == 32:
+        return model
+    nbits = nbits_quantizer()
+    config = nbits.DefaultWeightOnlyQuantConfig(
+        block_size=weight.block,
+        is_symmetric=not weight.zero_points,
+        accuracy_level=weight.accuracy_level,
+        bits=weight.bits,
+    )
+    quantizer = nbits.MatMulNBitsQuantizer(copy.deepcopy(model), algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onnx.ModelProto, int]:
+    """A graph of the model's one node side by side over the same input, as many times as fit in
+    `total_bytes`, each copy with its own random weight bytes; and the weight bytes in all."""
+    graph = model.graph
+    node, weights = graph.node[0], list(graph.initializer)
+    arrays = [numpy_helper.to_array(w) for w in weights]
+    count = max(1, total_bytes // sum(a.nbytes for a in arrays))
+    rng = np.random.default_rng(seed)
+    nodes, initializers, outputs = [], [], []
+    for index in range(count):
+        names = {w.name: f"{w.name}_{index}" for w in weights}
+        copied = helper.make_node(
+            node.op_type,
+            [names.get(i, i) for i in node.input],
+            [f"y_{index}"],
+            name=f"{node.name}_{index}",
+            domain=node.domain,
+        )
+        copied.attribute.extend(node.attribute)
+        nodes.append(copied)
+        for weight, array in zip(weights, arrays, strict=True):
+            if array.dtype == np.uint8:  # packed weights and zero points: any byte is a valid one
+                fresh = rng.integers(0, 256, array.shape, dtype=np.uint8)
+            else:
+                fresh = (array * rng.uniform(0.5, 1.5, array.shape)).astype(array.dtype)
+            initializers.append(numpy_helper.from_array(fresh, names[weight.name]))
+        outputs.append(helper.make_tensor_value_info(f"y_{index}", TensorProto.FLOAT, ["rows", None]))
+    side_by_side = helper.make_graph(nodes, "copies", list(graph.input), outputs, initializers)
+    return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * sum(
+        a.nbytes for a in arrays
+    )
+
+
+def run_ms(session: ort.InferenceSession, x: np.ndarray) -> float:
+    """Median milliseconds of a run, after a warm-up, within `TIME_BUDGET_S`."""
+    session.run(None, {"x": x})
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < MIN_RUNS or (time.perf_counter() - began < TIME_BUDGET_S and len(times) < 50):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def measure(k: int, n: int, total_bytes: int, threads: list[int], rows: list[int]) -> list[dict]:
+    """GB/s of weights read by every format, thread count and row count."""
+    results = []
+    base = one_matmul(k, n)
+    for weight in FORMATS:
+        graph, nbytes = copies(stored(base, weight), total_bytes)
+        for count in threads:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = count
+            session = ort.InferenceSession(
+                graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            for row_count in rows:
+                x = np.random.default_rng(1).standard_normal((row_count, k), dtype=np.float32)
+                ms = run_ms(session, x)
+                results.append(
+                    {"format": str(weight), "threads": count, "rows": row_count, "bytes": nbytes, "ms": ms}
+                )
+                print(
+                    f"{weight}: {count} threads, {row_count} rows: {nbytes / ms / 1e6:.1f} GB/s",
+                    file=sys.stderr,
+                )
+            del session
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        default=(2048, 16384),
+        metavar=("K", "N"),
+        help="the weight's shape (default: the full model's gate/up projection)",
+    )
+    parser.add_argument("--gigabytes", type=float, default=1.5, help="weight bytes per graph, past the cache")
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, physical_cores()}))
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    results = measure(*args.shape, int(args.gigabytes * 1e9), args.threads, args.rows)
+    bandwidth = {count: read_bandwidth(count) for count in args.threads}
+    machine = describe(max(args.threads), "cpu")
+    rows = [
+        [
+            r["format"],
+            str(r["threads"]),
+            str(r["rows"]),
+            number(r["ms"]),
+            number(r["bytes"] / r["ms"] / 1e6),
+            number(bandwidth[r["threads"]] / 1e9),
+            number(r["bytes"] / r["ms"] * 1000 / bandwidth[r["threads"]]),
+        ]
+        for r in results
+    ]
+    k, n = args.shape
+    markdown = "\n\n".join(
+        [
+            "## Weight formats (`python -m bench.kernels`)",
+            f"{machine.date}, {machine.cpu}, {machine.physical_cores} cores; 1-minute load average at the "
+            f"start {machine.load_average:.1f}; onnxruntime {machine.versions['onnxruntime']}. MatMuls of a "
+            f"[{k}, {n}] weight side by side, {args.gigabytes:g} GB of weights in all, each copy its own "
+            "random bytes; median time of a run. GB/s = weight bytes / time; bandwidth: numpy's read "
+            "with as many threads; share = GB/s / bandwidth (1 is the memory floor).",
+            table(["format", "threads", "rows", "ms", "GB/s", "bandwidth GB/s", "share"], rows),
+        ]
+    )
+    publish_section(args.results, SECTION, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
