@@ -8,9 +8,10 @@ each thread count, and reports GB/s of weights read against the bandwidth measur
 threads. When the GB/s grow in step with the threads, the kernel is compute-bound: more cores,
 not fewer bytes, would bring it to the floor.
 
-The weights total more than the last-level cache, and every copy holds its own random bytes: copies
-of one array read faster than the bandwidth on a VM whose host merges identical memory pages. The
-values do not change the work a kernel does. Runs without torch; the table replaces the kernels
+The weights total more than the last-level cache, and every copy holds its own random bytes. Copies
+of one array read faster than memory allows on the project's Intel VM (2.5x for 8-bit weights), so
+pages with the same bytes are merged somewhere below the guest, whose own KSM is off. The values do
+not change the work a kernel does. Runs without torch; the table replaces the kernels
 section of bench/RESULTS.md (or of --results).
 """
 
