@@ -20,7 +20,7 @@ from bench.machine import describe, physical_cores
 from bench.measure import TEXT, EngineResult
 from bench.process import REPO, run_child
 from bench.report import SizeResult, accuracy_table, dac_table, kept_sections, render
-from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes
+from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes, text_kv_bytes
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 
@@ -99,6 +99,15 @@ def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeRes
     if not args.skip_reference and result.engines:
         for dtype in REFERENCE_DTYPES[args.device]:
             bench_reference(result, args, bandwidth, dtype, logits.get(dtype))
+    if variants:
+        graph = folder / manifest.variants[variants[0]]["decoder_step"].file.path
+        longest = manifest.model.text_length
+        lengths = {
+            len(encode_text(TEXT, longest)),
+            min(300, longest),
+            longest,
+        }  # the bench's, a long one, the most
+        result.text_kv_bytes = {n: text_kv_bytes(graph, n) for n in sorted(lengths)}
     quantized = [v for v in variants if v in QUANTIZED]
     if quantized:
         result.sections.append(accuracy_section(folder, quantized))

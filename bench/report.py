@@ -30,6 +30,7 @@ class SizeResult:
     # engine name -> ms a step at each measured position needs to read its bytes (weights, text K/V, cache)
     floor_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)
     weight_bytes: dict[str, int] = field(default_factory=dict)  # variant -> decoder step weight bytes
+    text_kv_bytes: dict[int, int] = field(default_factory=dict)  # text bytes -> cross K/V a step reads
     batches: dict[str, list[dict]] = field(default_factory=dict)  # engine name -> batch rows
     streams: dict[str, dict] = field(default_factory=dict)  # engine name -> generate_stream figures
     # precision -> max |logits| difference / max(1, max |logits|), reference vs dia-ort
@@ -208,6 +209,9 @@ def size_section(result: SizeResult) -> str:
     weights = ", ".join(f"{v} {number(b / 1e6)} MB" for v, b in result.weight_bytes.items())
     if weights:
         parts.append(f"Decoder weights read per step (embedding tables excluded): {weights}.")
+    if result.text_kv_bytes:
+        texts = ", ".join(f"{number(b / 1e6)} MB for {n} text bytes" for n, b in result.text_kv_bytes.items())
+        parts.append(f"The text's cross-attention K/V a step reads, in every variant: {texts}.")
     parts += _speedups(result)
     for precision, error in result.logits_error.items():
         same = error < SAME_WEIGHTS[precision]

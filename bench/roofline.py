@@ -57,6 +57,11 @@ def step_floor_bytes(graph_path: Path, weight_bytes: int, text_bytes: int, posit
     )
 
 
+def text_kv_bytes(graph_path: Path, text_bytes: int) -> int:
+    """Bytes of the text's cross-attention K/V one CFG step reads: what `text_bytes` add to the floor."""
+    return step_floor_bytes(graph_path, 0, text_bytes, 0) - step_floor_bytes(graph_path, 0, 0, 0)
+
+
 def floor_ms(weight_bytes: int, bandwidth: float) -> float:
     """The time to read `weight_bytes` once at `bandwidth` bytes/s."""
     return 1000 * weight_bytes / bandwidth

@@ -17,11 +17,14 @@ from onnx import numpy_helper
 
 from bench import kernels
 from bench.accuracy import measure, sweep, with_recipes
+from bench.measure import TEXT
 from bench.overhead import step_overhead
 from bench.profile import profile_step
-from bench.roofline import step_floor_bytes, step_weight_bytes
+from bench.report import number
+from bench.roofline import step_floor_bytes, step_weight_bytes, text_kv_bytes
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
 from dia_ort.manifest import Manifest
+from dia_ort.text import encode_text
 from export.architecture import TINY
 from export.quantize import RECIPES
 
@@ -90,6 +93,10 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     accuracy = _table(markdown, "| variant | steps |")
     assert [row[0] for row in accuracy] == ["int8"] and 0 < float(accuracy[0][2]) <= 1
     assert "Not measured: ['int4', 'int4-plain']" in markdown
+    text = len(encode_text(TEXT, TINY.encoder.max_length))
+    per_text_byte = 2 * TINY.decoder.layers * 2 * TINY.decoder.cross_heads * TINY.decoder.cross_head_dim * 4
+    kv = re.search(r"cross-attention K/V a step reads, in every variant: (.*)\.", markdown).group(1)
+    assert kv.startswith(f"{number(text * per_text_byte / 1e6)} MB for {text} text bytes"), kv
 
 
 def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
@@ -101,6 +108,7 @@ def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
     per_row += 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4  # 30 text bytes of cross K/V
     per_row += 21 * d.layers * 2 * d.kv_heads * d.head_dim * 4  # cache slots 0..20
     assert step_floor_bytes(graph, weights, text_bytes=30, position=20) == weights + 2 * per_row
+    assert text_kv_bytes(graph, 30) == 2 * 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4
 
 
 def test_step_profile_sums_its_operator_types(float32_int8_folder):
