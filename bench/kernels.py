@@ -5,8 +5,9 @@ memory floor only if its kernel streams the weights at the machine's read bandwi
 (a float32 `MatMul`, and `MatMulNBits` at 8 and 4 bits, several block sizes, with and without zero
 points, accuracy levels 4 and 1) this times a graph of MatMuls of one shape, with 1 and 2 rows and
 each thread count, and reports GB/s of weights read against the bandwidth measured with as many
-threads. When the GB/s grow in step with the threads, the kernel is compute-bound: more cores,
-not fewer bytes, would bring it to the floor.
+threads. The float32 MatMul is the yardstick: it streams at the memory's pace for each thread count
+(one core of a server CPU reads well below the whole socket's bandwidth). A format slower than it at
+the same thread count is held back by its kernel's arithmetic, not by the bytes it reads.
 
 The weights total more than the last-level cache, and every copy holds its own random bytes. Copies
 of one array read faster than memory allows on the project's Intel VM (2.5x for 8-bit weights), so
@@ -187,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
-    results = measure(*args.shape, int(args.gigabytes * 1e9), args.threads, args.rows)
-    bandwidth = {count: read_bandwidth(count) for count in args.threads}
+    # before the graphs: after gigabytes of them came and went, numpy read at half the rate
     machine = describe(max(args.threads), "cpu")
+    bandwidth = {count: read_bandwidth(count) for count in args.threads}
+    results = measure(*args.shape, int(args.gigabytes * 1e9), args.threads, args.rows)
     rows = [
         [
             r["format"],
