@@ -102,11 +102,8 @@ def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeRes
     if variants:
         graph = folder / manifest.variants[variants[0]]["decoder_step"].file.path
         longest = manifest.model.text_length
-        lengths = {
-            len(encode_text(TEXT, longest)),
-            min(300, longest),
-            longest,
-        }  # the bench's, a long one, the most
+        # the bench's text, a long one and the longest the model takes
+        lengths = {len(encode_text(TEXT, longest)), min(300, longest), longest}
         result.text_kv_bytes = {n: text_kv_bytes(graph, n) for n in sorted(lengths)}
     quantized = [v for v in variants if v in QUANTIZED]
     if quantized:
