@@ -105,7 +105,7 @@ class Recipe:
 # attention projections at 8 bits: 85.2% (mid) and 85.3% (full) at -7% and +13.5% bytes. gate_up at 8
 # bits as well reached 90% on both, but its bytes grow with the model: +13.5% on mid, +42% on full,
 # where the step was then no faster than int8's. Each 8-bit kind earns its bytes (mid, 2026-12-01):
-# put back at 4 bits, o costs 3.2 points, cross_o 2.9, qkv 2.6 and cross_q 0.9 (0.94 to 0.26 points
+# put back at 4 bits, o costs 3.2 points, cross_o 2.9, qkv 2.6 and cross_q 0.8 (0.94 to 0.25 points
 # per MB saved), while the next candidates gain less per MB: gate_up of the first and last layers
 # +1.5 (0.22/MB), down everywhere +1.2 (0.09/MB), ORT's HQQ (zero points) for the 4-bit weights +0.7
 # for 11% more bytes.
