@@ -12,8 +12,8 @@ the same thread count is held back by its kernel's arithmetic, not by the bytes 
 The weights total more than the last-level cache, and every copy holds its own random bytes. Copies
 of one array read faster than memory allows on the project's Intel VM (2.5x for 8-bit weights), so
 pages with the same bytes are merged somewhere below the guest, whose own KSM is off. The values do
-not change the work a kernel does. Runs without torch; the table replaces the kernels
-section of bench/RESULTS.md (or of --results).
+not change the work a kernel does. Runs without torch; the table replaces the kernels section of
+bench/RESULTS.md (or of --results).
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onn
     graph = model.graph
     node, weights = graph.node[0], list(graph.initializer)
     arrays = [numpy_helper.to_array(w) for w in weights]
-    count = max(1, total_bytes // sum(a.nbytes for a in arrays))
+    per_copy = sum(a.nbytes for a in arrays)
+    count = max(1, total_bytes // per_copy)
     rng = np.random.default_rng(seed)
     nodes, initializers, outputs = [], [], []
     for index in range(count):
@@ -130,9 +131,7 @@ def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onn
             initializers.append(numpy_helper.from_array(fresh, names[weight.name]))
         outputs.append(helper.make_tensor_value_info(f"y_{index}", TensorProto.FLOAT, ["rows", None]))
     side_by_side = helper.make_graph(nodes, "copies", list(graph.input), outputs, initializers)
-    return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * sum(
-        a.nbytes for a in arrays
-    )
+    return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * per_copy
 
 
 def run_ms(session: ort.InferenceSession, x: np.ndarray) -> float:
