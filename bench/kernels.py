@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.machine import describe, physical_cores, read_bandwidth
+from bench.measure import median_ms
 from bench.process import REPO
 from bench.report import number, publish_section, table
 from export.quantize import nbits_quantizer
 
 SECTION = "kernels"
-TIME_BUDGET_S = 3.0  # per measurement: at most this long, at least MIN_RUNS runs
-MIN_RUNS = 5
+RUNS = 7  # timed runs of each graph after a warm-up (a level-1 graph takes seconds a run)
 
 
 @dataclass(frozen=True)
@@ -134,18 +134,6 @@ def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onn
     return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * per_copy
 
 
-def run_ms(session: ort.InferenceSession, x: np.ndarray) -> float:
-    """Median milliseconds of a run, after a warm-up, within `TIME_BUDGET_S`."""
-    session.run(None, {"x": x})
-    times: list[float] = []
-    began = time.perf_counter()
-    while len(times) < MIN_RUNS or (time.perf_counter() - began < TIME_BUDGET_S and len(times) < 50):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 def measure(k: int, n: int, total_bytes: int, threads: list[int], rows: list[int]) -> list[dict]:
     """GB/s of weights read by every format, thread count and row count."""
     results = []
@@ -160,7 +148,7 @@ def measure(k: int, n: int, total_bytes: int, threads: list[int], rows: list[int
             )
             for row_count in rows:
                 x = np.random.default_rng(1).standard_normal((row_count, k), dtype=np.float32)
-                ms = run_ms(session, x)
+                ms = median_ms(partial(session.run, None, {"x": x}), RUNS)
                 results.append(
                     {"format": str(weight), "threads": count, "rows": row_count, "bytes": nbytes, "ms": ms}
                 )
