@@ -14,8 +14,9 @@ per step.
 
 The graphs are written to be lean, since ONNX Runtime pays a fixed cost per node at every step:
 reshapes carry constant shapes (`reshape`), the step multiplies by one fused Q/K/V kernel, the masks
-become additive biases built once per step, and in float32 RoPE and attention export as ONNX Runtime's fused
-`RotaryEmbedding` and `MultiHeadAttention` ops. The torch forward of each fused op is the reference
+become additive biases built once per step, and in float32 RoPE, attention and each residual add with
+the norm after it export as ONNX Runtime's fused `RotaryEmbedding`, `MultiHeadAttention` and
+`SkipSimplifiedLayerNormalization` ops. The torch forward of each fused op is the reference
 math the export is verified against. Half-precision graphs (for CUDA) keep standard ops, which every
 provider runs in those types.
 """
@@ -29,6 +30,31 @@ from torch.nn import functional as F
 from export.architecture import DiaArchitecture
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class FusedAddNorm(torch.autograd.Function):
+    """`rms_norm(x + update)` and `x + update`, exported as ONNX Runtime's
+    SkipSimplifiedLayerNormalization: one node where a residual add and a norm would be two."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # noqa: ARG004
+        total = x + update
+        return rms_norm(total, weight, eps), total
+
+    @staticmethod
+    def symbolic(g, x, update, weight, eps):  # noqa: ANN001
+        normed, _, _, total = g.op(
+            "com.microsoft::SkipSimplifiedLayerNormalization", update, x, weight, epsilon_f=eps, outputs=4
+        )
+        normed.setType(x.type())
+        total.setType(x.type())
+        return normed, total
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -36,9 +62,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: Tensor, update: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+        """The residual stream `x + update`, normed, and itself; one fused node when `fused`."""
+        if fused:
+            return FusedAddNorm.apply(x, update, self.weight, self.eps)
+        total = x + update
+        return self(total), total
 
 
 class Linear(nn.Module):
@@ -266,10 +297,11 @@ class DiaModel(nn.Module):
 
     @property
     def fused_ops(self) -> bool:
-        """Whether the graphs use ONNX Runtime's fused RotaryEmbedding and MultiHeadAttention.
+        """Whether the graphs use ONNX Runtime's fused RotaryEmbedding, MultiHeadAttention and
+        SkipSimplifiedLayerNormalization.
 
         Only in float32 (the CPU variants, what they are quantized from, and float32 on CUDA, which
-        has both kernels in float32): the half-precision graphs are for CUDA, whose fused kernels do
+        has these kernels in float32): the half-precision graphs are for CUDA, whose fused kernels do
         not all take bfloat16, so they keep standard ops.
         """
         return self.logits_dense.weight.dtype == torch.float32
@@ -299,9 +331,11 @@ class CacheWrite(torch.autograd.Function):
 
 
 def cache_indices(batch: int, kv_heads: int, positions: Tensor) -> Tensor:
-    """ScatterND indices Tensor[B x Hkv x S x 3] addressing cache slots (b, h, positions[b, s])."""
-    b, h, p = torch.broadcast_tensors(
-        torch.arange(batch).view(-1, 1, 1), torch.arange(kv_heads).view(1, -1, 1), positions[:, None, :]
+    """ScatterND indices Tensor[B x S x Hkv x 3] addressing cache slots (b, h, positions[b, s]).
+
+    Ordered as the step's K/V rows come out of their projection, so an update needs no transpose."""
+    b, p, h = torch.broadcast_tensors(
+        torch.arange(batch).view(-1, 1, 1), positions[:, :, None], torch.arange(kv_heads).view(1, 1, -1)
     )
     return torch.stack([b, h, p], dim=-1)
 
@@ -325,15 +359,16 @@ class EncoderGraph(nn.Module):
         # a real byte attends real bytes only, a pad byte pad bytes only (docs/generation.md section 3)
         bias = additive(text_mask[:, :, None] == text_mask[:, None, :])[:, None]  # [B, 1, L, L]
         x = enc.embedding(text_ids)
-        for layer in enc.layers:
+        h = enc.layers[0].pre_sa_norm(x)  # each residual add is fused with the norm after it
+        after_mlp = [layer.pre_sa_norm for layer in enc.layers[1:]] + [enc.norm]
+        for layer, norm in zip(enc.layers, after_mlp, strict=True):
             sa = layer.self_attention
-            h = layer.pre_sa_norm(x)
             q = m.rotary_encoder.rotate(sa.q_proj(h), positions, heads, fused)
             k = heads_first(m.rotary_encoder.rotate(sa.k_proj(h), positions, heads, fused), heads)
             v = heads_first(sa.v_proj(h), heads)
-            x = x + sa.o_proj(attend(q, k, v, bias, heads, fused))
-            x = x + layer.mlp(layer.post_sa_norm(x))
-        x = enc.norm(x)
+            h, x = layer.post_sa_norm.add(x, sa.o_proj(attend(q, k, v, bias, heads, fused)), fused)
+            h, x = norm.add(x, layer.mlp(h), fused)
+        x = h  # enc.norm of the last residual stream
         outputs = []
         cross_heads = m.arch.decoder.cross_heads
         for layer in m.model.decoder.layers:
@@ -402,23 +437,27 @@ class DecoderStepGraph(nn.Module):
         cross_bias = additive(text_mask[:, None, :].expand(-1, tokens.shape[1], -1))[:, None]  # [B, 1, S, L]
 
         x = dec.embeddings(tokens)
+        h = dec.layers[0].pre_sa_norm(x)  # each residual add is fused with the norm after it
+        after_mlp = [layer.pre_sa_norm for layer in dec.layers[1:]] + [dec.norm]
         presents = []
-        for i, layer in enumerate(dec.layers):
+        for i, (layer, norm) in enumerate(zip(dec.layers, after_mlp, strict=True)):
             sa, ca = self.self_attention[i], layer.cross_attention
-            q, k, v = torch.split(torch.matmul(layer.pre_sa_norm(x), sa.qkv), sa.splits, dim=-1)
+            q, k, v = torch.split(torch.matmul(h, sa.qkv), sa.splits, dim=-1)
             q = m.rotary_decoder.rotate(q, positions, d.heads, fused)
             k = m.rotary_decoder.rotate(k, positions, d.kv_heads, fused)
-            k = CacheWrite.apply(past[2 * i], indices, heads_first(k, d.kv_heads))
-            v = CacheWrite.apply(past[2 * i + 1], indices, heads_first(v, d.kv_heads))
+            k = CacheWrite.apply(past[2 * i], indices, reshape(k, 0, 0, d.kv_heads, -1))
+            v = CacheWrite.apply(past[2 * i + 1], indices, reshape(v, 0, 0, d.kv_heads, -1))
             presents += [k, v]
             q = reshape(q, 0, -1, d.kv_heads * d.head_dim)  # [B, S*G, Hkv*D]
             attended = attend(q, k, v, self_bias, d.kv_heads, fused)  # [B, S*G, Hkv*D]
-            x = x + torch.matmul(reshape(attended, 0, -1, d.heads * d.head_dim), sa.o)
-            q = ca.q_proj(layer.pre_ca_norm(x))
+            h, x = layer.pre_ca_norm.add(
+                x, torch.matmul(reshape(attended, 0, -1, d.heads * d.head_dim), sa.o), fused
+            )
+            q = ca.q_proj(h)
             if m.arch.flavour == "v0.1":
                 q = m.rotary_cross.rotate(q, positions, d.cross_heads, fused)
-            x = x + ca.o_proj(attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, d.cross_heads, fused))
-            x = x + layer.mlp(layer.pre_mlp_norm(x))
-        last = dec.norm(x[:, -1])
-        logits = reshape(m.logits_dense(last), -1, d.num_channels, d.vocab_size)
+            attended = attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, d.cross_heads, fused)
+            h, x = layer.pre_mlp_norm.add(x, ca.o_proj(attended), fused)
+            h, x = norm.add(x, layer.mlp(h), fused)
+        logits = reshape(m.logits_dense(h[:, -1]), -1, d.num_channels, d.vocab_size)
         return (logits.float(), *presents)

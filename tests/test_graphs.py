@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -40,6 +41,18 @@ def test_graphs_match_torch(tmp_path, tiny_state, flavour):
         entry = export_graph(spec, tmp_path)
         # raises past TOLERANCE, as test_verification_fails_loudly_past_tolerance shows
         verify_graph(tmp_path / entry.file.path, spec.module, samples, spec.inputs, TOLERANCE)
+
+
+def test_float32_step_runs_on_fused_ops(tiny_folder):
+    """The lean step (docs/graphs.md section 4): per layer, each residual add is fused with the norm
+    after it, RoPE and attention are fused ops, and the cache is written without a transpose."""
+    graph = onnx.load(str(tiny_folder / "decoder_step.float32.onnx"), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node)
+    layers = TINY.decoder.layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 3 * layers
+    assert ops["MultiHeadAttention"] == ops["RotaryEmbedding"] == 2 * layers
+    assert ops["ScatterND"] == 2 * layers
+    assert ops["Transpose"] == 0
 
 
 def test_verification_fails_loudly_past_tolerance(tmp_path, tiny_state):
