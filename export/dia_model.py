@@ -36,14 +36,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x32.to(x.dtype)
 
 
+def add_norm(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual stream `x + update`, normed, and itself."""
+    total = x + update
+    return rms_norm(total, weight, eps), total
+
+
 class FusedAddNorm(torch.autograd.Function):
-    """`rms_norm(x + update)` and `x + update`, exported as ONNX Runtime's
-    SkipSimplifiedLayerNormalization: one node where a residual add and a norm would be two."""
+    """`add_norm`, exported as ONNX Runtime's SkipSimplifiedLayerNormalization: one node where a
+    residual add and a norm would be two."""
 
     @staticmethod
     def forward(ctx, x: Tensor, update: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # noqa: ARG004
-        total = x + update
-        return rms_norm(total, weight, eps), total
+        return add_norm(x, update, weight, eps)
 
     @staticmethod
     def symbolic(g, x, update, weight, eps):  # noqa: ANN001
@@ -65,11 +70,8 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
     def add(self, x: Tensor, update: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-        """The residual stream `x + update`, normed, and itself; one fused node when `fused`."""
-        if fused:
-            return FusedAddNorm.apply(x, update, self.weight, self.eps)
-        total = x + update
-        return self(total), total
+        """`add_norm` with this norm's weight; one fused node when `fused`."""
+        return (FusedAddNorm.apply if fused else add_norm)(x, update, self.weight, self.eps)
 
 
 class Linear(nn.Module):

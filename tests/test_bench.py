@@ -105,10 +105,10 @@ def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
     weights = step_weight_bytes(graph)
     d = TINY.decoder
     per_row = 9 * d.hidden * 4  # one embedding row per channel's token
-    per_row += 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4  # 30 text bytes of cross K/V
-    per_row += 21 * d.layers * 2 * d.kv_heads * d.head_dim * 4  # cache slots 0..20
+    text_kv = 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4  # 30 text bytes of cross K/V
+    per_row += text_kv + 21 * d.layers * 2 * d.kv_heads * d.head_dim * 4  # and cache slots 0..20
     assert step_floor_bytes(graph, weights, text_bytes=30, position=20) == weights + 2 * per_row
-    assert text_kv_bytes(graph, 30) == 2 * 30 * d.layers * 2 * d.cross_heads * d.cross_head_dim * 4
+    assert text_kv_bytes(graph, 30) == 2 * text_kv
 
 
 def test_step_profile_sums_its_operator_types(float32_int8_folder):
