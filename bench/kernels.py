@@ -34,6 +34,7 @@ from bench.machine import describe, physical_cores, read_bandwidth
 from bench.measure import median_ms
 from bench.process import REPO
 from bench.report import number, publish_section, table
+from export import qgemm
 from export.quantize import nbits_quantizer
 
 SECTION = "kernels"
@@ -42,14 +43,18 @@ RUNS = 7  # timed runs of each graph after a warm-up (a level-1 graph takes seco
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """One way to store a MatMul's weight: float32, or MatMulNBits' bits, block, zero points, level."""
+    """One way to store a MatMul's weight: float32, MatMulNBits' bits, block, zero points and level,
+    or the int8 variant's QGEMM (export/qgemm.py), in one pass or two."""
 
     bits: int = 32
     block: int = 0
     zero_points: bool = False
     accuracy_level: int = 4
+    qgemm_passes: int = 0
 
     def __str__(self) -> str:
+        if self.qgemm_passes:
+            return f"8-bit QGEMM, rows quantized {'once' if self.qgemm_passes == 1 else 'twice'}"
         if self.bits == 32:
             return "float32 MatMul"
         zero = ", zero points" if self.zero_points else ""
@@ -58,6 +63,8 @@ class WeightFormat:
 
 FORMATS = (
     WeightFormat(),
+    WeightFormat(8, qgemm_passes=1),
+    WeightFormat(8, qgemm_passes=2),
     WeightFormat(8, 32),
     WeightFormat(8, 128),
     WeightFormat(8, 128, zero_points=True),
@@ -88,6 +95,10 @@ def one_matmul(k: int, n: int) -> onnx.ModelProto:
 
 def stored(model: onnx.ModelProto, weight: WeightFormat) -> onnx.ModelProto:
     """The model with its weight in `weight`'s format, by ONNX Runtime's own quantizer."""
+    if weight.qgemm_passes:
+        k = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+        two_pass = ["matmul"] if weight.qgemm_passes == 2 else []
+        return qgemm.rewrite(copy.deepcopy(model), ["matmul"], {"x": np.ones(k, np.float32)}, two_pass)
     if weight.bits == 32:
         return model
     nbits = nbits_quantizer()
@@ -103,33 +114,40 @@ def stored(model: onnx.ModelProto, weight: WeightFormat) -> onnx.ModelProto:
 
 
 def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onnx.ModelProto, int]:
-    """A graph of the model's one node side by side over the same input, as many times as fit in
-    `total_bytes`, each copy with its own random weight bytes; and the weight bytes in all."""
+    """The model's nodes side by side over the same input, as many times as fit in `total_bytes`, each
+    copy with its own random weight bytes (constants of more than 64 values; scalars and axes stay as
+    they are); and the weight bytes in all."""
     graph = model.graph
-    node, weights = graph.node[0], list(graph.initializer)
+    weights = list(graph.initializer)
     arrays = [numpy_helper.to_array(w) for w in weights]
     per_copy = sum(a.nbytes for a in arrays)
     count = max(1, total_bytes // per_copy)
     rng = np.random.default_rng(seed)
+    inputs = {i.name for i in graph.input}
     nodes, initializers, outputs = [], [], []
     for index in range(count):
-        names = {w.name: f"{w.name}_{index}" for w in weights}
-        copied = helper.make_node(
-            node.op_type,
-            [names.get(i, i) for i in node.input],
-            [f"y_{index}"],
-            name=f"{node.name}_{index}",
-            domain=node.domain,
-        )
-        copied.attribute.extend(node.attribute)
-        nodes.append(copied)
+
+        def renamed(name: str, index: int = index) -> str:
+            return name if name in inputs or not name else f"{name}_{index}"
+
+        for node in graph.node:
+            copied = copy.deepcopy(node)
+            copied.name = renamed(node.name)
+            copied.input[:] = [renamed(i) for i in node.input]
+            copied.output[:] = [renamed(o) for o in node.output]
+            nodes.append(copied)
         for weight, array in zip(weights, arrays, strict=True):
-            if array.dtype == np.uint8:  # packed weights and zero points: any byte is a valid one
+            if array.size <= 64:
+                fresh = array
+            elif array.dtype == np.uint8:  # packed or uint8 weights: any byte is a valid one
                 fresh = rng.integers(0, 256, array.shape, dtype=np.uint8)
             else:
                 fresh = (array * rng.uniform(0.5, 1.5, array.shape)).astype(array.dtype)
-            initializers.append(numpy_helper.from_array(fresh, names[weight.name]))
-        outputs.append(helper.make_tensor_value_info(f"y_{index}", TensorProto.FLOAT, ["rows", None]))
+            initializers.append(numpy_helper.from_array(fresh, renamed(weight.name)))
+        outputs += [
+            helper.make_tensor_value_info(renamed(o.name), TensorProto.FLOAT, ["rows", None])
+            for o in graph.output
+        ]
     side_by_side = helper.make_graph(nodes, "copies", list(graph.input), outputs, initializers)
     return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * per_copy
 

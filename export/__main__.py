@@ -34,7 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    parser.add_argument(
+        "--outlier-channels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --random-init: N hidden channels of the decoder's norms 20-50x larger (activation outliers)",
+    )
     args = parser.parse_args(argv)
+    if args.outlier_channels < 0 or (args.outlier_channels and not args.random_init):
+        parser.error("--outlier-channels takes a count of 0 or more, with --random-init")
     if args.out is None:
         if args.random_init:
             parser.error("--random-init needs --out DIR")
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         if args.random_init:
-            sources = random_sources(args.random_init, args.seed)
+            sources = random_sources(args.random_init, args.seed, outlier_channels=args.outlier_channels)
         else:
             sources = checkpoint_sources(args.model, args.dac, args.revision)
         export_model(sources, args.out, dtypes=tuple(args.dtype) + tuple(args.quantize))

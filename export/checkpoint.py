@@ -271,20 +271,29 @@ def load_checkpoint(folder: str | Path) -> tuple[DiaArchitecture, dict[str, torc
     return arch, {key: value.float() for key, value in state.items()}
 
 
-def random_state(arch: DiaArchitecture, seed: int) -> dict[str, torch.Tensor]:
+def random_state(arch: DiaArchitecture, seed: int, outlier_channels: int = 0) -> dict[str, torch.Tensor]:
     """Random canonical weights with sane scales (kernels 1/sqrt(fan_in), embeddings 1, norms near 1),
     so that a randomly initialised model gives non-trivial logits.
 
     Dia's attention has no 1/sqrt(head_dim) scale: trained query kernels absorb it, so the random ones
     do too. Attention logits then have about unit variance instead of saturating every softmax, which
     would amplify float32 rounding (and quantization error) far beyond what real weights show.
+
+    With `outlier_channels`, that many hidden channels of every decoder norm get gains from 20 to 50,
+    the same channels in each: the activation outliers of trained transformers, which quantizing the
+    activations must survive (export/qgemm.py).
     """
     generator = torch.Generator().manual_seed(seed)
+    picker = torch.Generator().manual_seed(seed)  # its own draws: the weights stay those of `seed`
+    channels = torch.randperm(arch.decoder.hidden, generator=picker)[:outlier_channels]
+    gains = torch.linspace(20.0, 50.0, outlier_channels)
     state = {}
     for entry in conversion_table(arch):
         tensor = torch.randn(entry.hf_shape, generator=generator)
         if len(entry.hf_shape) == 1:
             tensor = 1.0 + 0.1 * tensor
+            if entry.hf.startswith("model.decoder.") and entry.hf.endswith("norm.weight"):
+                tensor[channels] *= gains
         elif entry.rule == _DENSE:
             tensor = tensor / math.sqrt(entry.hf_shape[1])
             if entry.hf.endswith("q_proj.weight"):

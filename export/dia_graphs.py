@@ -99,3 +99,12 @@ def step_samples(model: DiaModel) -> list[tuple[torch.Tensor, ...]]:
         step_inputs(model, rows=1, start=0, cache_slots=4, text_length=9, seed=3),
         step_inputs(model, rows=1, start=18, cache_slots=20, text_length=12, seed=4),
     ]
+
+
+def calibration_samples(step: DecoderStepGraph) -> list[tuple[torch.Tensor, ...]]:
+    """Step inputs on which a QGEMM step measures its MatMuls' activations (export/qgemm.py): a prefill
+    of up to 32 rows of a CFG pair against a text of up to 64 bytes."""
+    arch = step.model.arch
+    rows = min(32, arch.decoder.max_length - 2)  # batch row b starts at b % 3
+    text = min(64, arch.encoder.max_length)
+    return [step_inputs(step.model, rows=rows, start=0, cache_slots=rows + 2, text_length=text, seed=11)]

@@ -1,34 +1,43 @@
-"""Weight-only int8/int4 decoder steps for the CPU, made with ONNX Runtime's own quantizer.
+"""Quantized decoder steps for the CPU: int8 on ONNX Runtime's integer GEMM (export/qgemm.py), int4
+weight-only with ONNX Runtime's own quantizer.
 
-Decoding reads every weight once per step, so smaller weights make faster steps. Each MatMul with a
-constant weight becomes a `MatMulNBits`: symmetric round-to-nearest, one scale per block of
-input rows (the recipe's `block8`/`block4`). `accuracy_level=4` lets the CPU kernel quantize the activations to int8 and
-use integer dot products; without it the kernel dequantizes the weights and is slower than float32.
+Decoding reads every weight once per step, so smaller weights make faster steps. A recipe's `kernel`
+says how each MatMul with a constant weight is replaced. `nbits`: a `MatMulNBits`, symmetric
+round-to-nearest, one scale per block of input rows (the recipe's `block8`/`block4`);
+`accuracy_level=4` lets the CPU kernel quantize the activations to int8 and use integer dot
+products; without it the kernel dequantizes the weights and is slower than float32. `qgemm`:
+8-bit weights per column and activations per row on `MatMulInteger`, which stays fast when a step
+feeds many rows, where `MatMulNBits` is compute-bound (export/qgemm.py says how and why).
 
 The settings were chosen on a random 8-layer decoder (hidden 1024), teacher-forced against float32
-over 200 steps (export/quant_accuracy.py). Blocks of 128 rows make the step ~18% faster than blocks
-of 32 (less scale arithmetic per weight). At 8 bits they cost little: int8 agrees on 97.2% of top-1
-ids against 98.0%, and the int4 recipe's 8-bit weights at 128 left it at 85.8% against 85.2% (noise),
-8% faster. At 4 bits they cost too much (int4 recipe 81.9% at 128, 82.7% at 64), and blocks of 16
-gain 1.7 points for 30% more time, so 4-bit weights keep blocks of 32. A zero point per block
-(asymmetric) measured no better (int4 80.1% vs 79.5%). The int8 variant keeps the output head
-(the MatMul the logits come from) float32, which halves its KL divergence for ~5% of step time; int4
-is a mixed recipe that keeps the tensors that hurt agreement most at 8 bits (`RECIPES`).
+over 200 steps (export/quant_accuracy.py). For MatMulNBits, blocks of 128 rows make the step ~18%
+faster than blocks of 32 (less scale arithmetic per weight). At 8 bits they cost little: int8 agreed
+on 97.2% of top-1 ids against 98.0%, and the int4 recipe's 8-bit weights at 128 left it at 85.8%
+against 85.2% (noise), 8% faster. At 4 bits they cost too much (int4 recipe 81.9% at 128, 82.7% at
+64), and blocks of 16 gain 1.7 points for 30% more time, so 4-bit weights keep blocks of 32. A zero
+point per block (asymmetric) measured no better (int4 80.1% vs 79.5%). The int8 variant keeps the
+output head (the MatMul the logits come from) float32, which halves its KL divergence for ~5% of
+step time; int4 is a mixed recipe that keeps the tensors that hurt agreement most at 8 bits
+(`RECIPES`). On QGEMM (2026-12-03, mid): 97.2% with the down projection's activations in two passes,
+95.9% in one (keeping down float32 instead: 97.1%), 95.2% with 7-bit signed weights.
 The embedding tables (Gather) stay float32: a step reads one row of them per token. The encoder is
-left float32 (see export/pipeline.py): quantizing it cost int8 0.7 and int4 9 points of agreement.
+left float32 (see export/pipeline.py).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import onnx
 
 from dia_ort.manifest import FileEntry, GraphEntry
+from export import qgemm
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +80,42 @@ class Recipe:
     float32: tuple[str, ...] = ("head",)
     block8: int = BLOCK_SIZE  # input rows per scale of the 8-bit weights
     block4: int = BLOCK_SIZE  # and of the 4-bit ones
+    kernel: str = "nbits"  # MatMulNBits (weight-only), or "qgemm": export/qgemm.py, 8 bits throughout
+    two_pass: tuple[str, ...] = ()  # qgemm: entries whose activations are quantized twice
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.kernel not in ("nbits", "qgemm") or (
+            self.kernel == "qgemm" and (self.bits, self.int8) != (8, ())
+        ):
+            raise ValueError(
+                f"kernel must be nbits, or qgemm with 8 bits throughout; got {self.kernel} at {self.bits}"
+            )
         for block in (self.block8, self.block4):
             if block not in (16, 32, 64, 128, 256):
                 raise ValueError(f"a block size must be a power of two from 16 to 256, got {block}")
-        for entry in (*self.int8, *self.float32):
+        if self.two_pass and self.kernel != "qgemm":
+            raise ValueError("two_pass is for the qgemm kernel")
+        for entry in (*self.int8, *self.float32, *self.two_pass):
             _parse(entry)
 
     def bits_of(self, kind: str, layer: int | None, layers: int) -> int | None:
         """The bits of the weight of `kind` in `layer` (of `layers`), or None to keep it float32."""
-
-        def named(entries: tuple[str, ...]) -> bool:
-            for entry in entries:
-                name, indices = _parse(entry)
-                if any(not -layers <= n < layers for n in indices):
-                    raise ValueError(f"recipe entry {entry!r} names a layer outside the model's {layers}")
-                if name == kind and (not indices or layer in {n % layers for n in indices}):
-                    return True
-            return False
-
-        if named(self.float32):
+        if _names(self.float32, kind, layer, layers):
             return None
-        return 8 if named(self.int8) else self.bits
+        return 8 if _names(self.int8, kind, layer, layers) else self.bits
+
+
+def _names(entries: tuple[str, ...], kind: str, layer: int | None, layers: int) -> bool:
+    """Whether a recipe's `entries` name the weight of `kind` in `layer` (of `layers`)."""
+    for entry in entries:
+        name, indices = _parse(entry)
+        if any(not -layers <= n < layers for n in indices):
+            raise ValueError(f"recipe entry {entry!r} names a layer outside the model's {layers}")
+        if name == kind and (not indices or layer in {n % layers for n in indices}):
+            return True
+    return False
 
 
 # int4: the mixed recipe, in the spirit of llama.cpp's Q4_K_M, chosen with `python -m bench.accuracy
@@ -112,7 +132,7 @@ class Recipe:
 # points on mid (97.0 -> 96.2%, a step ~1 ms or 7% faster) and 0.2 on full (97.6 -> 97.4%), where the
 # step was no faster within the noise (2026-12-01).
 RECIPES = {  # the quantized variants `python -m export --quantize` writes
-    "int8": Recipe(bits=8, block8=128),
+    "int8": Recipe(bits=8, kernel="qgemm", two_pass=("down",)),  # MatMulNBits at 128: 97.0% on mid
     "int4": Recipe(bits=4, int8=("head", "qkv", "o", "cross_q", "cross_o"), float32=(), block8=128),
     "int4-plain": Recipe(bits=4),
 }
@@ -152,28 +172,47 @@ def nbits_quantizer() -> ModuleType:
     return matmul_nbits_quantizer
 
 
-def quantize_graph(src_onnx: Path, dst_folder: Path, name: str, recipe: Recipe) -> GraphEntry:
+def quantize_graph(
+    src_onnx: Path,
+    dst_folder: Path,
+    name: str,
+    recipe: Recipe,
+    calibration: Sequence[Mapping[str, np.ndarray]] = (),
+) -> GraphEntry:
     """Quantize the float32 graph `src_onnx` by `recipe` to `dst_folder/<name>.onnx` (+ `.onnx.data`).
 
-    One pass of ONNX Runtime's quantizer per bit width, each on the MatMuls the recipe gives it.
+    MatMulNBits: one pass of ONNX Runtime's quantizer per bit width, each on the MatMuls the recipe
+    gives it. QGEMM (export/qgemm.py): the MatMuls' inputs are measured on `calibration`, feeds of the
+    float32 graph, to smooth their outliers into the weights.
     """
-    model = onnx.load(str(src_onnx))
-    weights = matmul_weights(model.graph)
+    structure = onnx.load(str(src_onnx), load_external_data=False)
+    weights = matmul_weights(structure.graph)
     layers = 1 + max((layer for _, layer in weights.values() if layer is not None), default=0)
-    nbits = nbits_quantizer()
-    for bits in (8, 4):
-        exclude = [n for n, (kind, layer) in weights.items() if recipe.bits_of(kind, layer, layers) != bits]
-        if len(exclude) == len(weights):
-            continue
-        config = nbits.DefaultWeightOnlyQuantConfig(
-            block_size=recipe.block8 if bits == 8 else recipe.block4,
-            is_symmetric=True,
-            accuracy_level=ACCURACY_LEVEL,
-            bits=bits,
-        )
-        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
-        quantizer.process()
-        model = quantizer.model.model
+    bits_of = {n: recipe.bits_of(kind, layer, layers) for n, (kind, layer) in weights.items()}
+    if recipe.kernel == "qgemm":
+        if not calibration:
+            raise ValueError("a QGEMM recipe needs calibration feeds of the float32 graph")
+        nodes = [n for n, bits in bits_of.items() if bits == 8]
+        two_pass = {n for n in nodes if _names(recipe.two_pass, *weights[n], layers)}
+        inputs = sorted({node.input[0] for node in structure.graph.node if node.name in nodes})
+        maxima = qgemm.channel_maxima(src_onnx, inputs, calibration)
+        model = qgemm.rewrite(onnx.load(str(src_onnx)), nodes, maxima, two_pass)
+    else:
+        model = onnx.load(str(src_onnx))
+        nbits = nbits_quantizer()
+        for bits in (8, 4):
+            exclude = [n for n, b in bits_of.items() if b != bits]
+            if len(exclude) == len(weights):
+                continue
+            config = nbits.DefaultWeightOnlyQuantConfig(
+                block_size=recipe.block8 if bits == 8 else recipe.block4,
+                is_symmetric=True,
+                accuracy_level=ACCURACY_LEVEL,
+                bits=bits,
+            )
+            quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
+            quantizer.process()
+            model = quantizer.model.model
     onnx_file, data_file = f"{name}.onnx", f"{name}.onnx.data"
     dst_folder.mkdir(parents=True, exist_ok=True)
     for stale in (dst_folder / onnx_file, dst_folder / data_file):

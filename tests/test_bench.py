@@ -115,7 +115,7 @@ def test_step_profile_sums_its_operator_types(float32_int8_folder):
     result = profile_step(float32_int8_folder, "int8", threads=1, steps=2, position=4)
     assert result["nodes"] == sum(op["nodes"] for op in result["ops"]) > 0
     assert abs(sum(op["share"] for op in result["ops"]) - 1) < 1e-6
-    assert "MatMulNBits" in {op["op"] for op in result["ops"]}  # the int8 weights
+    assert "MatMulInteger" in {op["op"] for op in result["ops"]}  # the int8 weights (QGEMM)
 
 
 def test_step_overhead_is_a_positive_time(float32_int8_folder):

@@ -27,7 +27,7 @@ KEY = "sk-load-test"
 CLIENTS = 50
 SECONDS = 20
 FRAMES = 40
-PER_MINUTE = 30  # each key's request rate
+PER_MINUTE = 12  # each key's request rate: low enough that a 2-core AMD EPYC VM, whose clients get about 23 speech requests each in 20 s, still crosses it
 RSS_GROWTH_LIMIT = 150 * 2**20  # bytes the server may keep after the load, against its warm state
 
 

@@ -1,0 +1,237 @@
+"""MatMuls on ONNX Runtime's integer GEMM (QGEMM): 8-bit weights, activations quantized per row at run time.
+
+`MatMulNBits` unpacks its blocks and is compute-bound as soon as a step feeds many rows (concurrent
+requests, a voice prompt's prefill, the encoder); MLAS' integer GEMM behind `MatMulInteger` reads a
+two-row step at the memory's pace and runs many rows on the CPU's integer dot products. Each
+rewritten MatMul becomes, in standard ops:
+
+    m = max(ReduceMax(|x|, last axis), tiny)                         one scale per row
+    q = QuantizeLinear(x / m, 1/127, 128)                            uint8, 1..255
+    y = Cast(MatMulInteger(q, w, 128, 128)) * m * (w_scale / 127)   w: uint8 per output column
+
+A row's scale depends on that row alone and integer sums are exact, so a row's result does not depend
+on the other rows of the batch, nor on the kernel MLAS picks for the row count (batch invariance).
+Weights are uint8 around 128 (`-127..127`): MLAS' uint8 x int8 kernel on AVX2 without VNNI sums
+products in pairs to int16 (`vpmaddubsw`), which saturates (255 * 127 * 2 > 32767) and gave sums off
+by millions on the project's AMD EPYC; its uint8 x uint8 kernels widen to 16 bits first and are exact
+on every CPU. 7-bit signed weights would fit too, and cost 0.7 points of agreement (mid, 95.2%).
+
+`two_pass` MatMuls quantize each row twice: the second pass quantizes what the first left (its
+rounding error, 254 times finer), both go through one MatMulInteger as rows of their own, so the
+weights are read once, and the results are added: about 15 bits of activation for twice the rows.
+That is for the MLP's down projection, whose input (a gate times an up projection) has heavy tails
+that one scale per row resolves poorly: at one pass it alone cost the mid model 1.1 points.
+
+Activation outliers (a few hidden channels 20-100x larger than the rest, which trained transformers
+carry) would set the row's scale and leave the other channels a few levels. They are kept in float,
+as LLM.int8() does: channels whose largest |x| over calibration rows (run through the float32 graph)
+passes `OUTLIER_RATIO` times the median channel's are zeroed before the quantization and multiplied
+by their float32 weight rows in a small MatMul of their own, added to the integer path's result. A
+graph without such channels gets no extra node. (SmoothQuant's migration of the outliers' scale into
+the weights was measured first: a channel 20-50x larger left the tiny model's step 0.16-0.86 off
+torch depending on alpha, against the export's 0.25.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+LEVELS = 127  # each side of zero, for weights and activations
+ZERO_POINT = 128  # both are uint8 around 128
+FINER = 254  # the second pass' step: the first's rounding error spans 1/254 of a row's range
+OUTLIER_RATIO = 8.0  # a channel this many times the median channel's largest |x| stays float
+MAX_OUTLIER_SHARE = 1 / 8  # at most this share of a MatMul's input channels (the largest) stays float
+
+
+def _groups(graph: onnx.GraphProto, nodes: Sequence[str]) -> dict[str, list[onnx.NodeProto]]:
+    """The MatMuls named in `nodes`, grouped by their input tensor (they share its quantization)."""
+    wanted = set(nodes)
+    groups = defaultdict(list)
+    for node in graph.node:  # in graph order: a group's first MatMul is the first to run
+        if node.name in wanted:
+            groups[node.input[0]].append(node)
+    return dict(groups)
+
+
+def channel_maxima(
+    path: Path, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Each tensor of the graph at `path` -> its largest |value| per channel (last axis) over `feeds`.
+
+    The graph runs with the tensors as extra outputs, from a copy of its structure saved beside it
+    (so its external data resolves).
+    """
+    if not feeds:
+        raise ValueError("measuring activations needs at least one feed")
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
+    probe = path.with_name(f".{path.stem}.calibration.onnx")
+    try:
+        onnx.save_model(model, str(probe))
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink(missing_ok=True)
+    maxima = {}
+    for feed in feeds:
+        for name, value in zip(tensors, session.run(list(tensors), dict(feed)), strict=True):
+            channels = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima.get(name, channels), channels)
+    return maxima
+
+
+def outlier_channels(activation_max: np.ndarray) -> np.ndarray:
+    """The channels to keep in float, ascending: past `OUTLIER_RATIO` x the median, the largest first."""
+    limit = OUTLIER_RATIO * np.median(activation_max)
+    candidates = np.flatnonzero(activation_max > limit)
+    largest = candidates[np.argsort(-activation_max[candidates], kind="stable")]
+    return np.sort(largest[: int(len(activation_max) * MAX_OUTLIER_SHARE)])
+
+
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float `[K, N]` weight -> uint8 `[K, N]` around 128 (-127..127) and its float32 scale per column."""
+    scale = np.abs(weight).max(axis=0) / LEVELS
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return (np.clip(np.rint(weight / scale), -LEVELS, LEVELS) + ZERO_POINT).astype(np.uint8), scale
+
+
+def _node(op: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [output], name=output, **attributes)
+
+
+def _quantize_rows(x: str, prefix: str, outliers: np.ndarray, size: int, two_pass: bool) -> tuple[list, list]:
+    """Nodes and constants that make `{prefix}.q` (uint8 rows; with `two_pass`, the second pass' rows
+    after the first's) and `{prefix}.scale` (one per row) from x, the outlier channels zeroed first
+    and gathered into `{prefix}.outlier_x`."""
+    source, nodes, constants = x, [], []
+    if len(outliers):
+        mask = np.ones(size, np.float32)
+        mask[outliers] = 0.0
+        constants += [
+            numpy_helper.from_array(mask, f"{prefix}.inliers"),
+            numpy_helper.from_array(outliers.astype(np.int64), f"{prefix}.outliers"),
+        ]
+        nodes += [
+            _node("Mul", [x, f"{prefix}.inliers"], f"{prefix}.x"),
+            _node("Gather", [source, f"{prefix}.outliers"], f"{prefix}.outlier_x", axis=-1),
+        ]
+        x = f"{prefix}.x"
+    first = f"{prefix}.q1" if two_pass else f"{prefix}.q"
+    nodes += [
+        _node("Abs", [x], f"{prefix}.abs"),
+        _node("ReduceMax", [f"{prefix}.abs", "qgemm.last_axis"], f"{prefix}.rowmax"),
+        _node("Max", [f"{prefix}.rowmax", "qgemm.tiny"], f"{prefix}.scale"),
+        _node("Div", [x, f"{prefix}.scale"], f"{prefix}.unit"),
+        _node("QuantizeLinear", [f"{prefix}.unit", "qgemm.step", "qgemm.zero_point"], first),
+    ]
+    if two_pass:
+        nodes += [
+            _node("DequantizeLinear", [first, "qgemm.step", "qgemm.zero_point"], f"{prefix}.rounded"),
+            _node("Sub", [f"{prefix}.unit", f"{prefix}.rounded"], f"{prefix}.error"),
+            _node(
+                "QuantizeLinear", [f"{prefix}.error", "qgemm.finer_step", "qgemm.zero_point"], f"{prefix}.q2"
+            ),
+            _node("Concat", [first, f"{prefix}.q2"], f"{prefix}.q", axis=0),
+        ]
+    return nodes, constants
+
+
+def _integer_matmul(
+    node: onnx.NodeProto, weight: np.ndarray, prefix: str, outliers: np.ndarray, two_pass: bool
+) -> tuple[list, list]:
+    """The nodes and constants that stand for MatMul `node` of `weight`, reading `_quantize_rows`' outputs."""
+    name = f"{node.name}.qgemm"
+    inliers = np.where(np.isin(np.arange(len(weight)), outliers)[:, None], 0.0, weight)
+    q, scale = quantize_columns(inliers)
+    constants = [
+        numpy_helper.from_array(q, f"{name}.weight"),
+        numpy_helper.from_array(scale / LEVELS, f"{name}.weight_scale"),
+    ]
+    sums = f"{name}.float"
+    nodes = [
+        _node(
+            "MatMulInteger",
+            [f"{prefix}.q", f"{name}.weight", "qgemm.zero_point", "qgemm.zero_point"],
+            f"{name}.sums",
+        ),
+        _node("Cast", [f"{name}.sums"], sums, to=TensorProto.FLOAT),
+    ]
+    if two_pass:  # the first pass' rows, then the second's (FINER times finer)
+        nodes += [
+            helper.make_node(
+                "Split",
+                [sums],
+                [f"{name}.first", f"{name}.second"],
+                name=f"{name}.split",
+                axis=0,
+                num_outputs=2,
+            ),
+            _node("Mul", [f"{name}.second", "qgemm.finer"], f"{name}.second_scaled"),
+            _node("Add", [f"{name}.first", f"{name}.second_scaled"], f"{name}.both"),
+        ]
+        sums = f"{name}.both"
+    result = f"{name}.inliers" if len(outliers) else node.output[0]
+    nodes += [
+        _node("Mul", [sums, f"{prefix}.scale"], f"{name}.row"),
+        _node("Mul", [f"{name}.row", f"{name}.weight_scale"], result),
+    ]
+    if len(outliers):
+        constants.append(numpy_helper.from_array(weight[outliers], f"{name}.outlier_weight"))
+        nodes += [
+            _node("MatMul", [f"{prefix}.outlier_x", f"{name}.outlier_weight"], f"{name}.outliers"),
+            helper.make_node("Add", [result, f"{name}.outliers"], list(node.output), name=f"{name}.sum"),
+        ]
+    return nodes, constants
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    nodes: Sequence[str],
+    activation_max: Mapping[str, np.ndarray],
+    two_pass: Collection[str] = (),
+) -> onnx.ModelProto:
+    """`model` (weights loaded) with the MatMuls named in `nodes` on QGEMM, their outlier channels
+    found in `activation_max` (input tensor -> per-channel max |x|, from `channel_maxima`); those also
+    in `two_pass` quantize their activations twice. In place."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    constants = [
+        numpy_helper.from_array(np.array([-1], np.int64), "qgemm.last_axis"),
+        numpy_helper.from_array(np.float32(np.finfo(np.float32).tiny), "qgemm.tiny"),
+        numpy_helper.from_array(np.float32(1 / LEVELS), "qgemm.step"),
+        numpy_helper.from_array(np.uint8(ZERO_POINT), "qgemm.zero_point"),
+    ]
+    if set(two_pass) & set(nodes):
+        constants += [
+            numpy_helper.from_array(np.float32(1 / (LEVELS * FINER)), "qgemm.finer_step"),
+            numpy_helper.from_array(np.float32(1 / FINER), "qgemm.finer"),
+        ]
+    removed = set()
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # MatMul name -> the nodes standing in its place
+    for x, group in _groups(graph, nodes).items():
+        prefix = f"{group[0].name}.rows"
+        outliers = outlier_channels(activation_max[x])
+        twice = any(node.name in two_pass for node in group)
+        replaced[group[0].name], added = _quantize_rows(x, prefix, outliers, len(activation_max[x]), twice)
+        constants += added
+        for node in group:
+            removed.add(node.input[1])
+            weight = numpy_helper.to_array(weights[node.input[1]])
+            stand_in, added = _integer_matmul(node, weight, prefix, outliers, twice)
+            replaced.setdefault(node.name, []).extend(stand_in)
+            constants += added
+    kept = [t for t in graph.initializer if t.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *constants])
+    ordered = []
+    for node in graph.node:
+        ordered += replaced.get(node.name, [node])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
