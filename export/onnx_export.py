@@ -170,6 +170,11 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
+def feeds(input_names: Sequence[str], sample: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """A sample of torch inputs as the graph's feeds, by input name."""
+    return {name: _numpy(t) for name, t in zip(input_names, sample, strict=True)}
+
+
 def _cpu_session(path: Path) -> ort.InferenceSession:
     """A CPU session on the graph at `path`; a bfloat16 graph runs widened (see `widen_bfloat16`)."""
     model = onnx.load(str(path), load_external_data=False)
@@ -204,8 +209,7 @@ def verify_graph(
         with torch.no_grad():
             expected = module(*sample)
         expected = expected if isinstance(expected, tuple) else (expected,)
-        feeds = {name: _numpy(t) for name, t in zip(input_names, sample, strict=True)}
-        got = session.run(None, feeds)
+        got = session.run(None, feeds(input_names, sample))
         for name, want, have in zip((o.name for o in session.get_outputs()), expected, got, strict=True):
             want = _numpy(want)
             if np.issubdtype(want.dtype, np.integer):

@@ -69,7 +69,7 @@ def channel_maxima(
     (so its external data resolves).
     """
     if not feeds:
-        raise ValueError("measuring activations needs at least one feed")
+        raise ValueError("a QGEMM recipe needs calibration: at least one feed of the float32 graph")
     model = onnx.load(str(path), load_external_data=False)
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
     probe = path.with_name(f".{path.stem}.calibration.onnx")
@@ -147,7 +147,8 @@ def _integer_matmul(
 ) -> tuple[list, list]:
     """The nodes and constants that stand for MatMul `node` of `weight`, reading `_quantize_rows`' outputs."""
     name = f"{node.name}.qgemm"
-    inliers = np.where(np.isin(np.arange(len(weight)), outliers)[:, None], 0.0, weight)
+    inliers = weight.copy()
+    inliers[outliers] = 0.0  # their channels of x are zeroed: their rows must not set a column's scale
     q, scale = quantize_columns(inliers)
     constants = [
         numpy_helper.from_array(q, f"{name}.weight"),
@@ -197,8 +198,8 @@ def rewrite(
     two_pass: Collection[str] = (),
 ) -> onnx.ModelProto:
     """`model` (weights loaded) with the MatMuls named in `nodes` on QGEMM, their outlier channels
-    found in `activation_max` (input tensor -> per-channel max |x|, from `channel_maxima`); those also
-    in `two_pass` quantize their activations twice. In place."""
+    found in `activation_max` (input tensor -> per-channel max |x|, from `channel_maxima`). MatMuls
+    reading one tensor share its quantization: all quantize it twice when one is in `two_pass`. In place."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     constants = [

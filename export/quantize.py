@@ -190,8 +190,6 @@ def quantize_graph(
     layers = 1 + max((layer for _, layer in weights.values() if layer is not None), default=0)
     bits_of = {n: recipe.bits_of(kind, layer, layers) for n, (kind, layer) in weights.items()}
     if recipe.kernel == "qgemm":
-        if not calibration:
-            raise ValueError("a QGEMM recipe needs calibration feeds of the float32 graph")
         nodes = [n for n, bits in bits_of.items() if bits == 8]
         two_pass = {n for n in nodes if _names(recipe.two_pass, *weights[n], layers)}
         inputs = sorted({node.input[0] for node in structure.graph.node if node.name in nodes})
