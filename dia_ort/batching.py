@@ -3,8 +3,9 @@
 Each request is a CFG pair of rows. The rows live in host buffers with room for `max_rows`, and the
 active ones are always the first `rows` of them, so a step binds contiguous views of the buffers and
 nothing is copied per step (each cache buffer is the step's `past_*` input and `present_*` output).
-A request that joins takes the next pair of rows, with its own encoder run and prefill written into
-them; one that leaves has the last pair moved into its place. Every row has positions of its own,
+Requests that join at one step take the next pairs of rows, with one encoder run for all their texts
+and one prefill for those whose known rows are as many; one that leaves has the last pair moved into
+its place. Every row has positions of its own,
 which the step graph takes per batch row. The caches grow by GROWTH slots as positions advance, and
 the cross-attention buffers widen to the longest text in the batch.
 
@@ -46,23 +47,25 @@ class BatchDecoder:
     # -- joining and leaving ------------------------------------------------------------------------
 
     def add(self, text_ids: np.ndarray, text_mask: np.ndarray) -> int:
-        """Encode a request's `[2, L]` text rows into the next free pair of rows; return its first row."""
-        if self.rows + PAIR > self.max_rows:
-            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        """Encode requests' `[2k, L]` text rows (k pairs, one encoder run) into the next free rows;
+        return the first of them."""
+        count = text_ids.shape[0]
+        if count % PAIR or self.rows + count > self.max_rows:
+            raise ValueError(f"{count} rows do not fit the batch ({self.rows} of {self.max_rows} rows taken)")
         length = text_ids.shape[1]
         if length > self.text_length:
             self._widen_text(length)
-        first = self.rows
+        first, end = self.rows, self.rows + count
         encoded = _encode(self.engine, text_ids, text_mask, None)
         for buffer, value in zip(self.cross, encoded, strict=True):
-            buffer[first : first + PAIR] = 0
-            buffer[first : first + PAIR, :, :length] = value.numpy()
+            buffer[first:end] = 0
+            buffer[first:end, :, :length] = value.numpy()
         for cache in self.caches:  # a masked slot still enters the sum with weight 0: no NaN may stay
-            cache[first : first + PAIR] = 0
-        self.mask[first : first + PAIR] = False
-        self.mask[first : first + PAIR, :length] = text_mask
-        self.positions[first : first + PAIR] = 0
-        self.rows += PAIR
+            cache[first:end] = 0
+        self.mask[first:end] = False
+        self.mask[first:end, :length] = text_mask
+        self.positions[first:end] = 0
+        self.rows = end
         return first
 
     def remove(self, first: int) -> int | None:
@@ -82,22 +85,28 @@ class BatchDecoder:
     # -- running ------------------------------------------------------------------------------------
 
     def prefill(self, first: int, tokens: np.ndarray) -> np.ndarray:
-        """Feed a new pair its `[2, S, C]` known rows at positions 0..S-1; return its logits `[2, C, V]`."""
-        rows = tokens.shape[1]
-        self._ensure_slots(rows)
-        positions = np.tile(np.arange(rows, dtype=np.int64), (PAIR, 1))
-        logits = self._run(first, first + PAIR, tokens, positions)
-        self.positions[first : first + PAIR] = rows
+        """Feed rows from `first` their next `[R, S, C]` known rows (one step-graph call for all of
+        them, each row from its own position); return their logits `[R, C, V]`."""
+        count, rows = tokens.shape[:2]
+        start = self.positions[first : first + count, None]
+        self._ensure_slots(int(start.max()) + rows)
+        logits = self._run(first, first + count, tokens, start + np.arange(rows, dtype=np.int64))
+        self.positions[first : first + count] += rows
         return logits
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed every active row one `[rows, 1, C]` token row at its own position; return `[rows, C, V]`."""
+    def step(self, tokens: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+        """Feed every active row one `[rows, 1, C]` token row at its own position; return `[rows, C, V]`.
+
+        Rows that are `held` (a bool per active row: their prefill is still under way) stay at their
+        position: what this step writes at it is overwritten by their next prefill chunk, which starts
+        there, before anything reads it.
+        """
         if tokens.shape[0] != self.rows:
             raise ValueError(f"{self.rows} rows are active, got tokens for {tokens.shape[0]}")
         positions = self.positions[: self.rows, None].copy()
         self._ensure_slots(int(positions.max()) + 1)
         logits = self._run(0, self.rows, tokens, positions)
-        self.positions[: self.rows] += 1
+        self.positions[: self.rows] += 1 if held is None else ~held
         return logits
 
     def _run(self, lo: int, hi: int, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:

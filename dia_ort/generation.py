@@ -1,8 +1,8 @@
 """The decoding loop: one streaming iterator of steps that every entry point consumes (docs/generation.md section 8).
 
 A batch of items shares decoder positions. Each item's known cells (BOS and its audio prompt, laid
-out by the delay pattern) are fixed in advance; the rows every item knows are prefilled in one
-call, then each step samples one row, keeps known cells, applies EOS forcing, and feeds the row
+out by the delay pattern) are fixed in advance; the rows every item knows are prefilled, PREFILL_CHUNK
+rows per call, then each step samples one row, keeps known cells, applies EOS forcing, and feeds the row
 back. An item finishes D rows after its channel 0 produced EOS (or its budget ran out). `ItemState`
 holds one item's part of that, so that the continuous-batching scheduler runs items the same way.
 """
@@ -20,6 +20,17 @@ from dia_ort.delay import UNKNOWN, known_prefix, known_rows, undo_delay
 from dia_ort.engine import Engine
 from dia_ort.options import GenerationOptions
 from dia_ort.sampling import next_tokens
+
+# Known rows per step-graph call. A long prefill (a voice prompt, a long-form part's context) runs in
+# chunks, so the scheduler can run the other requests' steps between them; `generate` prefills in the
+# same chunks, so a request gets the same numbers alone as in a server's batch.
+PREFILL_CHUNK = 64
+
+
+def prefill_chunks(rows: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges a prefill of `rows` known rows runs in, PREFILL_CHUNK rows at a time."""
+    return [(start, min(start + PREFILL_CHUNK, rows)) for start in range(0, rows, PREFILL_CHUNK)]
+
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +151,9 @@ class Generation:
         prefill = min(item.prefill for item in self.items)
         total = max(item.last_row + config.max_delay for item in self.items) - prefill + 1
         finished = np.zeros(batch, dtype=bool)
-        known = np.stack([item.rows[:prefill] for item in self.items])
-        logits = state.step(np.repeat(known, 2, axis=0), 0)
+        known = np.repeat(np.stack([item.rows[:prefill] for item in self.items]), 2, axis=0)
+        for start, end in prefill_chunks(prefill):
+            logits = state.step(known[:, start:end], start)
         for index, row in enumerate(range(prefill, self.slots), start=1):
             cond, uncond = logits[1::2], logits[0::2]
             tokens = sample_items(cond, uncond, self.options, config, rngs)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from dia_ort.batching import PAIR, BatchDecoder
-from dia_ort.generation import ItemState, cfg_text_rows
+from dia_ort.generation import ItemState, cfg_text_rows, prefill_chunks
 from dia_ort.options import GenerationOptions
 from dia_ort.sampling import next_tokens
 from dia_ort.streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, AudioChunk, ItemStream, check_chunk_frames
@@ -63,7 +63,8 @@ class Request:
     chunks: Sink = field(default_factory=queue.SimpleQueue)
     first_row: int | None = None  # its pair's first row in the batch, while running
     row: int = 0  # the decoder row it produced last
-    tokens: np.ndarray | None = None  # that row, fed at the next step
+    tokens: np.ndarray | None = None  # that row, fed at the next step; None while its prefill runs
+    prefilled: int = 0  # its known rows fed so far
     cancelled: bool = False
     done: bool = False
 
@@ -208,35 +209,93 @@ class Scheduler:
                 admitted.append(self.waiting.popleft())
         for request in [r for r in self.running if r.cancelled]:
             self._retire(request)
-        for request in admitted:
-            try:
-                self._admit(request)
-            except Exception as exc:  # this request fails; the batch goes on without it
-                log.exception("admitting request %d failed", request.id)
-                request.chunks.put(exc)  # before the end that retiring sends
-                if request in self.running:
-                    self._retire(request)
+        for request in [r for r in self.running if r.tokens is None]:  # one chunk of each long prefill
+            self._prefill_chunk(request)
+        if admitted:
+            self._join(sorted(admitted, key=self._first_chunk))
         if self.running:
             tokens = np.zeros((self.batch.rows, 1, self.config.num_channels), dtype=np.int64)
+            held = np.zeros(self.batch.rows, dtype=bool)
             for request in self.running:
-                tokens[request.first_row : request.first_row + PAIR, 0] = request.tokens
-            logits = self.batch.step(tokens)
+                rows = slice(request.first_row, request.first_row + PAIR)
+                if request.tokens is None:
+                    held[rows] = True
+                else:
+                    tokens[rows, 0] = request.tokens
+            logits = self.batch.step(tokens, held)
             self.steps += 1
             self.step_times.append(time.perf_counter())
             # rows as they were in this step: a request that leaves moves another into its rows
-            for request, first in [(r, r.first_row) for r in self.running]:
+            for request, first in [(r, r.first_row) for r in self.running if not held[r.first_row]]:
                 self._produce(request, logits[first : first + PAIR])
         return bool(self.running or self.waiting)
 
-    def _admit(self, request: Request) -> None:
-        """Join the batch: encode the text into the next pair of rows and prefill its known rows."""
-        text_ids, text_mask = cfg_text_rows([request.text])
-        request.first_row = self.batch.add(text_ids, text_mask)
-        self.running.append(request)
-        item = request.item
-        known = np.repeat(item.rows[None, : item.prefill], PAIR, axis=0)
-        request.row = item.prefill - 1
-        self._produce(request, self.batch.prefill(request.first_row, known))
+    @staticmethod
+    def _first_chunk(request: Request) -> int:
+        """How many known rows the request's first prefill chunk feeds."""
+        return prefill_chunks(request.item.prefill)[0][1]
+
+    def _join(self, requests: list[Request]) -> None:
+        """Admit `requests` (ordered by `_first_chunk`) together; where that fails, each on its own, so
+        a request that cannot join fails alone and the batch goes on without it."""
+        try:
+            logits = self._admit(requests)
+        except Exception as exc:
+            for request in requests:
+                if request in self.running:
+                    self._leave(request)
+            if len(requests) == 1:
+                self._fail(requests[0], exc)
+            else:
+                for request in requests:
+                    self._join([request])
+            return
+        for request, pair in zip(requests, logits, strict=True):
+            self._prefilled(request, pair)
+
+    def _admit(self, requests: list[Request]) -> list[np.ndarray]:
+        """Take rows for `requests`: one encoder run for all their texts, then their first prefill chunks,
+        one call for those of one length (a server's requests without a voice prompt all have one
+        known row). Returns each request's `[2, C, V]` logits."""
+        text_ids, text_mask = cfg_text_rows([r.text for r in requests])
+        first = self.batch.add(text_ids, text_mask)
+        for index, request in enumerate(requests):
+            request.first_row = first + PAIR * index
+            self.running.append(request)
+        logits = []
+        for rows, same in itertools.groupby(requests, key=self._first_chunk):
+            same = list(same)
+            known = np.concatenate([np.repeat(r.item.rows[None, :rows], PAIR, axis=0) for r in same])
+            together = self.batch.prefill(same[0].first_row, known)
+            for index, request in enumerate(same):
+                request.prefilled = rows
+                logits.append(together[PAIR * index : PAIR * (index + 1)])
+        return logits
+
+    def _prefill_chunk(self, request: Request) -> None:
+        """Feed the next chunk of a long prefill (one per step, between the others' steps)."""
+        start, end = next(c for c in prefill_chunks(request.item.prefill) if c[0] == request.prefilled)
+        known = np.repeat(request.item.rows[None, start:end], PAIR, axis=0)
+        try:
+            logits = self.batch.prefill(request.first_row, known)
+        except Exception as exc:
+            self._leave(request)
+            self._fail(request, exc)
+            return
+        request.prefilled = end
+        self._prefilled(request, logits)
+
+    def _prefilled(self, request: Request, logits: np.ndarray) -> None:
+        """After a prefill chunk: once every known row is in, sample the request's first row."""
+        if request.prefilled == request.item.prefill:
+            request.row = request.item.prefill - 1
+            self._produce(request, logits)
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        """End a request that left the batch (or never joined it) with `exc`."""
+        log.error("request %d failed: %r", request.id, exc)
+        request.chunks.put(exc)
+        request.chunks.put(None)
 
     def _produce(self, request: Request, logits: np.ndarray) -> None:
         """Sample the request's next row from its pair's `[2, C, V]` logits; hand out finished audio."""
@@ -252,14 +311,18 @@ class Scheduler:
             self._retire(request)
 
     def _retire(self, request: Request) -> None:
-        """Leave the batch: free the pair of rows (the last pair moves into them)."""
+        """Leave the batch and end the request's chunks."""
+        self._leave(request)
+        request.chunks.put(None)
+
+    def _leave(self, request: Request) -> None:
+        """Free the request's pair of rows (the last pair moves into them)."""
         moved = self.batch.remove(request.first_row)
         if moved is not None:
             mover = next(r for r in self.running if r.first_row == moved)
             mover.first_row = request.first_row
         self.running.remove(request)
         request.first_row = None
-        request.chunks.put(None)
 
     def _loop(self) -> None:
         while True:

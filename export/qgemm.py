@@ -224,6 +224,7 @@ def rewrite(
         for node in group:
             removed.add(node.input[1])
             weight = numpy_helper.to_array(weights[node.input[1]])
+            weights[node.input[1]].ClearField("raw_data")  # the float bytes go as their quantized ones come
             stand_in, added = _integer_matmul(node, weight, prefix, outliers, twice)
             replaced.setdefault(node.name, []).extend(stand_in)
             constants += added

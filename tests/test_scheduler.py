@@ -7,6 +7,7 @@ import pytest
 
 from dia_ort import GenerationOptions
 from dia_ort.batching import BatchDecoder
+from dia_ort.generation import PREFILL_CHUNK, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
 from export.architecture import TINY
 
@@ -167,11 +168,11 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_next_ones_run(tiny_
         original = BatchDecoder.step
         calls = {"n": 0}
 
-        def flaky(self, tokens):
+        def flaky(self, tokens, held=None):
             calls["n"] += 1
             if calls["n"] == 5:
                 raise RuntimeError("the device went away")
-            return original(self, tokens)
+            return original(self, tokens, held)
 
         monkeypatch.setattr(BatchDecoder, "step", flaky)
         failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
@@ -201,14 +202,17 @@ def test_a_short_text_joining_rows_a_longer_text_left_sees_none_of_it(tiny_dia):
 
 
 def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia, monkeypatch):
+    """Both join at one step, so their prefill is one call; it fails whenever it holds the first one's
+    rows: that request alone fails."""
     scheduler = Scheduler(tiny_dia, max_batch=3)
     original = BatchDecoder.prefill
 
-    def failing_once(self, first, tokens):
-        monkeypatch.setattr(BatchDecoder, "prefill", original)
-        raise MemoryError("no room for the prefill")
+    def failing_with_the_first(self, first, tokens):
+        if failed.first_row is not None and first <= failed.first_row < first + len(tokens):
+            raise MemoryError("no room for the prefill")
+        return original(self, first, tokens)
 
-    monkeypatch.setattr(BatchDecoder, "prefill", failing_once)
+    monkeypatch.setattr(BatchDecoder, "prefill", failing_with_the_first)
     failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
     fine = scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW)
     run(scheduler)
@@ -218,3 +222,63 @@ def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia
         fine.item.rows, solo_rows(tiny_dia, TEXTS[1], temperature=0, max_new_tokens=NEW).rows
     )
     assert scheduler.batch.rows == 0
+
+
+def test_requests_joining_at_one_step_share_one_encoder_run_and_a_prefill_per_length(tiny_dia, monkeypatch):
+    """Three texts without a prompt and one with: one encoder run, two prefills (1 known row and 7),
+    and every request gets the tokens it gets alone."""
+    calls = {"add": [], "prefill": []}
+    for name in calls:
+        original = getattr(BatchDecoder, name)
+
+        def spy(self, first, tokens, name=name, original=original):
+            calls[name].append(len(first) if name == "add" else len(tokens))
+            return original(self, first, tokens)
+
+        monkeypatch.setattr(BatchDecoder, name, spy)
+    prompt = np.random.default_rng(5).integers(0, 1024, size=(6, TINY.decoder.num_channels))
+    prompts = [None, prompt, None, None]
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[0] + " Again."]
+    scheduler = Scheduler(tiny_dia, max_batch=4)
+    requests = [
+        scheduler.submit(text, prompt, seed=index, max_new_tokens=NEW)
+        for index, (text, prompt) in enumerate(zip(texts, prompts, strict=True))
+    ]
+    run(scheduler)
+    assert calls == {"add": [8], "prefill": [6, 2]}  # rows: three pairs of 1 known row, one pair of 7
+    for index, (request, text, prompt) in enumerate(zip(requests, texts, prompts, strict=True)):
+        want = solo_rows(tiny_dia, text, prompt, seed=index, max_new_tokens=NEW)
+        np.testing.assert_array_equal(request.item.rows, want.rows)
+
+
+def test_a_long_prompt_prefills_in_chunks_between_the_others_steps(tiny_dia, monkeypatch):
+    """A prompt of 150 frames joins a running request: its prefill takes one chunk per step while the
+    other request goes on decoding a row per step, and both get the tokens they get alone."""
+    chunk_rows = []
+    original = BatchDecoder.prefill
+
+    def spy(self, first, tokens):
+        chunk_rows.append(tokens.shape[1])
+        return original(self, first, tokens)
+
+    monkeypatch.setattr(BatchDecoder, "prefill", spy)
+    prompt = np.random.default_rng(6).integers(0, 1024, size=(150, TINY.decoder.num_channels))
+    scheduler = Scheduler(tiny_dia, max_batch=2)
+    running = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
+    run(scheduler, steps=2)
+    joining = scheduler.submit(TEXTS[1], prompt, seed=1, max_new_tokens=20)
+    row, steps = running.row, 0
+    while joining.tokens is None:
+        scheduler.step()
+        steps += 1
+    chunks = prefill_chunks(joining.item.prefill)
+    assert len(chunks) == steps > 2
+    assert chunk_rows[1:] == [end - start for start, end in chunks]
+    assert max(chunk_rows) == PREFILL_CHUNK
+    assert running.row == row + steps  # a row each step, the chunks between them
+    run(scheduler)
+    np.testing.assert_array_equal(
+        running.item.rows, solo_rows(tiny_dia, TEXTS[0], temperature=0, max_new_tokens=NEW).rows
+    )
+    want = solo_rows(tiny_dia, TEXTS[1], prompt, seed=1, max_new_tokens=20)
+    np.testing.assert_array_equal(joining.item.rows, want.rows)
