@@ -247,6 +247,9 @@ class Scheduler:
             if len(requests) == 1:
                 self._fail(requests[0], exc)
             else:
+                log.warning(
+                    "admitting %d requests together failed (%r); admitting each alone", len(requests), exc
+                )
                 for request in requests:
                     self._join([request])
             return
