@@ -6,7 +6,7 @@ nothing is copied per step (each cache buffer is the step's `past_*` input and `
 Requests that join at one step take the next pairs of rows, with one encoder run for all their texts
 and one prefill for those whose known rows are as many; one that leaves has the last pair moved into
 its place. Every row has positions of its own,
-which the step graph takes per batch row. The caches grow by GROWTH slots as positions advance, and
+which the step graph takes per batch row. The caches grow (`grown_capacity`) as positions advance, and
 the cross-attention buffers widen to the longest text in the batch.
 
 The buffers are host memory, which is what the CPU provider reads; on CUDA each step would copy them
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from dia_ort.engine import TENSOR_TYPES, Engine, _bind_caches, _encode, check_window
+from dia_ort.engine import TENSOR_TYPES, Engine, bind_caches, check_window, encode_rows, grown_capacity
 from dia_ort.manifest import cross_names
 
 PAIR = 2  # rows per request: unconditional, conditional
@@ -26,8 +26,6 @@ PAIR = 2  # rows per request: unconditional, conditional
 
 class BatchDecoder:
     """The caches, cross-attention K/V and text masks of up to `max_rows` rows of one engine."""
-
-    GROWTH = 256
 
     def __init__(self, engine: Engine, max_rows: int) -> None:
         if max_rows < PAIR or max_rows % PAIR:
@@ -41,7 +39,7 @@ class BatchDecoder:
         self.caches: list[np.ndarray] = []
         self.cross: list[np.ndarray] = []
         self.mask = np.zeros((max_rows, 0), dtype=bool)
-        self._grow_caches(self.GROWTH)
+        self._grow_caches(grown_capacity(1, config.audio_length))
         self._widen_text(1)
 
     # -- joining and leaving ------------------------------------------------------------------------
@@ -56,7 +54,7 @@ class BatchDecoder:
         if length > self.text_length:
             self._widen_text(length)
         first, end = self.rows, self.rows + count
-        encoded = _encode(self.engine, text_ids, text_mask, None)
+        encoded = encode_rows(self.engine, text_ids, text_mask, None)
         for buffer, value in zip(self.cross, encoded, strict=True):
             buffer[first:end] = 0
             buffer[first:end, :, :length] = value.numpy()
@@ -78,7 +76,7 @@ class BatchDecoder:
             moved = last
         self.rows -= PAIR
         if self.rows == 0:  # an empty batch starts small again
-            self._grow_caches(self.GROWTH)
+            self._grow_caches(grown_capacity(1, self.config.audio_length))
             self._widen_text(1)
         return moved
 
@@ -126,7 +124,7 @@ class BatchDecoder:
         views = [
             ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c[lo:hi], cache_element) for c in self.caches
         ]
-        _bind_caches(binding, views, self.config.decoder_layers)
+        bind_caches(binding, views, self.config.decoder_layers)
         engine.step.run_with_iobinding(binding)
         return np.array(binding.get_outputs()[0].numpy())
 
@@ -135,7 +133,7 @@ class BatchDecoder:
     def _ensure_slots(self, slots: int) -> None:
         check_window(self.config, slots)
         if slots > self.capacity:
-            self._grow_caches(min(self.config.audio_length, -(-slots // self.GROWTH) * self.GROWTH))
+            self._grow_caches(grown_capacity(slots, self.config.audio_length))
 
     def _grow_caches(self, capacity: int) -> None:
         """Cache buffers of `capacity` slots, keeping the active rows' slots written so far."""

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from dia_ort.audio import DAC_SAMPLE_RATE, check_output_path, pcm16, save_audio, streaming_wav_header
+from dia_ort.audio import check_output_path, pcm16, save_audio, streaming_wav_header
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
-from dia_ort.options import GenerationOptions
+from dia_ort.options import OPTIONS, GenerationOptions
 from dia_ort.script import LONG_FORM_SECONDS
 
 if TYPE_CHECKING:
@@ -28,6 +28,10 @@ STDOUT = "-"
 
 
 PRECISIONS = (*FLOAT_DTYPES, *QUANTIZED_DTYPES)  # --dtype
+# GenerationOptions that `speak` takes as flags (--top-p ...), with their defaults and help
+SPEAK_OPTIONS = (
+    "seed", "temperature", "top_p", "top_k", "cfg_scale", "cfg_filter_top_k", "max_new_tokens", "sample_rate"
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,16 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speak.add_argument("--voice", help="audio prompt to clone the voice from (wav, flac, ogg, mp3)")
     speak.add_argument("--voice-text", help="transcript of --voice; it is put before the text")
-    speak.add_argument("--seed", type=int, help="make sampling reproducible")
-    speak.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    speak.add_argument("--top-p", type=float, default=0.95)
-    speak.add_argument("--top-k", type=int, default=None)
-    speak.add_argument("--cfg-scale", type=float, default=3.0)
-    speak.add_argument("--cfg-filter-top-k", type=int, default=None)
-    speak.add_argument(
-        "--max-new-tokens", type=int, default=2048, help="at most this many frames (86 per second)"
-    )
-    speak.add_argument("--sample-rate", type=int, default=DAC_SAMPLE_RATE)
+    for name in SPEAK_OPTIONS:
+        option = OPTIONS[name]
+        kind = float if "float" in option.type else int
+        flag = "--" + name.replace("_", "-")
+        speak.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"])
     speak.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
     speak.add_argument("--dtype", default="float32", help=f"one of {', '.join(PRECISIONS)}")
     speak.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -140,16 +139,7 @@ def speak(args: argparse.Namespace) -> None:
         check_output_path(args.output)
         if args.format != "wav":
             raise ValueError("--format pcm is for -o - (stdout); a file's format comes from its extension")
-    options = GenerationOptions(
-        top_p=args.top_p,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        sample_rate=args.sample_rate,
-        max_new_tokens=args.max_new_tokens,
-        cfg_scale=args.cfg_scale,
-        cfg_filter_top_k=args.cfg_filter_top_k,
-        seed=args.seed,
-    ).validate()
+    options = GenerationOptions(**{name: getattr(args, name) for name in SPEAK_OPTIONS}).validate()
     long_form = args.file is not None if args.long_form is None else args.long_form
     model = Dia.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
     with tqdm(desc="speaking", unit="step", disable=args.quiet) as bar:

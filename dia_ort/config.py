@@ -52,6 +52,12 @@ class ModelConfig:
         return max(self.delay_pattern)
 
     @property
+    def audio_room(self) -> int:
+        """Prompt and output frames one generation holds: the window less BOS, the EOS row and the
+        max_delay rows of the EOS tail."""
+        return self.audio_length - self.max_delay - 2
+
+    @property
     def codebook_size(self) -> int:
         """Audio code ids are 0..eos_id-1; eos_id and above are special."""
         return self.eos_id

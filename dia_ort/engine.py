@@ -37,6 +37,7 @@ TENSOR_TYPES = {
     "tensor(int64)": (np.int64, 7),
     "tensor(bool)": (np.bool_, 9),
 }
+CACHE_GROWTH = 256  # slots a host cache buffer starts with and grows by
 GRAPH_ID_OPTION = "gpu_graph_id"  # ONNX Runtime's run option naming the CUDA graph to capture or replay
 NO_GRAPH = "-1"  # ... and its value for a run that is neither captured nor replayed
 
@@ -112,6 +113,13 @@ def open_sessions(paths: list[Path], device: Device) -> list[ort.InferenceSessio
         return list(pool.map(lambda path: open_session(path, device), paths))
 
 
+def grown_capacity(needed: int, limit: int) -> int:
+    """Slots of a host cache buffer that must hold `needed` rows: the next multiple of CACHE_GROWTH, at
+    most `limit`. The step attends over every slot of its buffer, so early steps read a small cache,
+    and a buffer is copied once per CACHE_GROWTH rows."""
+    return min(limit, -(-needed // CACHE_GROWTH) * CACHE_GROWTH)
+
+
 def check_window(config: ModelConfig, slots: int) -> None:
     """Refuse a cache longer than the model's audio window: RoPE's tables in the graph end there."""
     if slots > config.audio_length:
@@ -124,6 +132,7 @@ class Engine:
     def __init__(self, folder: Path, manifest: Manifest, dtype: str, device: Device) -> None:
         graphs = manifest.variants[dtype]
         self.config = manifest.model
+        self.frame_rate = manifest.codec_config.frame_rate  # decoder rows in one second of audio
         self.device = device
         self.dtype = dtype
         self.step_path = folder / graphs["decoder_step"].file.path
@@ -195,7 +204,7 @@ class Engine:
         return buffers
 
 
-def _encode(
+def encode_rows(
     engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, cross: list[ort.OrtValue] | None
 ) -> list[ort.OrtValue]:
     """Run the encoder into `cross` (fixed buffers), or into new device tensors when None."""
@@ -211,7 +220,7 @@ def _encode(
     return cross if cross is not None else binding.get_outputs()
 
 
-def _bind_caches(binding: ort.IOBinding, caches: list[ort.OrtValue], layers: int) -> None:
+def bind_caches(binding: ort.IOBinding, caches: list[ort.OrtValue], layers: int) -> None:
     """Bind each cache buffer as both its `past_*` input and its `present_*` output (updated in place)."""
     past, present = cache_names("past", layers), cache_names("present", layers)
     for past_name, present_name, value in zip(past, present, caches, strict=True):
@@ -222,18 +231,14 @@ def _bind_caches(binding: ort.IOBinding, caches: list[ort.OrtValue], layers: int
 class DecoderState:
     """The caches of one request, bound once; `step` runs S rows and returns `[B, C, V]` logits.
 
-    On the CPU the buffers start at GROWTH slots and grow by GROWTH when a step needs more (one copy
-    per GROWTH steps), since the step attends over every slot of the buffer: early steps then read
-    a small cache. On CUDA, where that read is cheap and a host copy is not, all slots are allocated
-    at once.
+    On the CPU the buffers grow as the rows advance (`grown_capacity`). On CUDA, where reading unused
+    slots is cheap and a host copy is not, all slots are allocated at once.
     """
-
-    GROWTH = 256
 
     def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
         config, device = engine.config, engine.device
         self.engine = engine
-        self.cross = _encode(engine, text_ids, text_mask, None)
+        self.cross = encode_rows(engine, text_ids, text_mask, None)
         self.slots = slots
         self.session = engine.step  # the binding belongs to this session, even if the engine reopens it
         self.binding = self.session.io_binding()
@@ -243,7 +248,7 @@ class DecoderState:
             self.binding.bind_ortvalue_input(name, value)
         self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
         self.capacity = 0
-        self._allocate(slots if device.kind == "cuda" else min(slots, self.GROWTH), batch=text_ids.shape[0])
+        self._allocate(slots if device.kind == "cuda" else grown_capacity(1, slots), batch=text_ids.shape[0])
         self.run_options = graph_run_options(NO_GRAPH)  # a no-op without CUDA graphs
 
     def _allocate(self, capacity: int, batch: int) -> None:
@@ -260,7 +265,7 @@ class DecoderState:
             caches = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, element) for array in fresh]
         else:
             caches = [device.zeros(shape, self.engine.cache_type) for _ in range(2 * layers)]
-        _bind_caches(self.binding, caches, layers)
+        bind_caches(self.binding, caches, layers)
         self.caches = caches
         self.capacity = capacity
 
@@ -270,8 +275,7 @@ class DecoderState:
         if end > self.slots:
             raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
         if end > self.capacity:
-            grown = -(-end // self.GROWTH) * self.GROWTH
-            self._allocate(min(self.slots, grown), batch=tokens.shape[0])
+            self._allocate(grown_capacity(end, self.slots), batch=tokens.shape[0])
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input("positions", row_positions(tokens.shape[0], start, end))
         self.session.run_with_iobinding(self.binding, self.run_options)
@@ -352,7 +356,7 @@ class GraphDecoderState:
                 batch, padded, -(-slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
             )
             self.buffers.owner = weakref.ref(self)
-        _encode(engine, text_ids, text_mask, self.buffers.cross)
+        encode_rows(engine, text_ids, text_mask, self.buffers.cross)
         self.buffers.text_mask.update_inplace(text_mask)
         self.session = engine.step
         self.binding = self.session.io_binding()
@@ -360,7 +364,7 @@ class GraphDecoderState:
         self.binding.bind_ortvalue_input("text_mask", self.buffers.text_mask)
         for name, value in zip(cross_names(config.decoder_layers), self.buffers.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
-        _bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
+        bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
         self._bind_step_inputs()
         self.replay = graph_run_options(str(self.buffers.graph_id))
         self.uncaptured = graph_run_options(NO_GRAPH)

@@ -46,14 +46,17 @@ class Step:
     finished: np.ndarray  # [B] bool
 
 
-def frame_budget(config: ModelConfig, prompt_frames: int, max_new_tokens: int) -> int:
-    """Output frames an item may produce: max_new_tokens, clamped so prompt + output + delay fit."""
-    room = config.audio_length - prompt_frames - config.max_delay - 2
+def frame_budget(config: ModelConfig, prompt_frames: int, max_new_tokens: int, frame_rate: float) -> int:
+    """Output frames an item may produce: max_new_tokens, clamped so prompt + output + delay fit.
+
+    `frame_rate` (frames a second) is for the error message only.
+    """
+    room = config.audio_room - prompt_frames
     if room < 1:
         raise ValueError(
             f"audio prompt of {prompt_frames} frames leaves no room in the model's audio window of "
             f"{config.audio_length} rows; use a prompt shorter than "
-            f"{config.audio_length - config.max_delay - 2} frames ({(config.audio_length - config.max_delay - 2) / 86.13:.1f} s)"
+            f"{config.audio_room} frames ({config.audio_room / frame_rate:.1f} s)"
         )
     if max_new_tokens > room:
         log.warning(
@@ -72,12 +75,15 @@ class ItemState:
     0 produced EOS, or after its frame budget forced it.
     """
 
-    def __init__(self, config: ModelConfig, prompt: np.ndarray | None, max_new_tokens: int) -> None:
+    def __init__(
+        self, config: ModelConfig, prompt: np.ndarray | None, max_new_tokens: int, frame_rate: float
+    ) -> None:
         self.config = config
         self.known = known_rows(prompt, config)
         self.prompt_frames = 0 if prompt is None else len(prompt)
         # channel 0 is forced to EOS on this row when the item has not ended by then
-        self.last_row = self.prompt_frames + 1 + frame_budget(config, self.prompt_frames, max_new_tokens)
+        budget = frame_budget(config, self.prompt_frames, max_new_tokens, frame_rate)
+        self.last_row = self.prompt_frames + 1 + budget
         self.eos_row: int | None = None
         self.rows = np.full((self.slots, config.num_channels), config.pad_id, dtype=np.int64)
         self.rows[: len(self.known)] = np.where(self.known == UNKNOWN, config.pad_id, self.known)
@@ -87,6 +93,14 @@ class ItemState:
     def slots(self) -> int:
         """Rows this item can fill: up to its last row and the max_delay rows of its EOS tail."""
         return self.last_row + self.config.max_delay + 1
+
+    def sample(
+        self, row: int, pair: np.ndarray, options: GenerationOptions, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Produce `row` from the item's CFG pair of logits `[2, C, V]` (unconditional, conditional):
+        sample it with guidance, then `place` it. Both decoding loops step an item through here."""
+        sampled = next_tokens(pair[1:2], pair[0:1], options, self.config, rng)[0]
+        return self.place(row, sampled)
 
     def place(self, row: int, sampled: np.ndarray) -> np.ndarray:
         """Write `row` from `[C]` sampled tokens: known cells win, then EOS/PAD forcing after EOS."""
@@ -138,7 +152,7 @@ class Generation:
     ) -> None:
         self.cuda_graph = cuda_graph  # run one-row steps on fixed buffers as a CUDA graph (engine.py)
         self.engine, self.config, self.options = engine, engine.config, options
-        self.items = [ItemState(engine.config, p, options.max_new_tokens) for p in prompts]
+        self.items = [ItemState(engine.config, p, options.max_new_tokens, engine.frame_rate) for p in prompts]
         self.text_ids, self.text_mask = cfg_text_rows(texts)
         self.slots = max(item.slots for item in self.items)
 
@@ -155,11 +169,11 @@ class Generation:
         for start, end in prefill_chunks(prefill):
             logits = state.step(known[:, start:end], start)
         for index, row in enumerate(range(prefill, self.slots), start=1):
-            cond, uncond = logits[1::2], logits[0::2]
-            tokens = sample_items(cond, uncond, self.options, config, rngs)
-            for i, item in enumerate(self.items):
-                tokens[i] = config.pad_id if finished[i] else item.place(row, tokens[i])
-                finished[i] |= item.finished(row)
+            tokens = np.full((batch, config.num_channels), config.pad_id, dtype=np.int64)
+            for i, (item, rng) in enumerate(zip(self.items, rngs, strict=True)):
+                if not finished[i]:
+                    tokens[i] = item.sample(row, logits[2 * i : 2 * i + 2], self.options, rng)
+                    finished[i] = item.finished(row)
             yield Step(index=index, total=total, row=row, tokens=tokens.copy(), finished=finished.copy())
             if finished.all():
                 return
@@ -168,19 +182,6 @@ class Generation:
     def codes(self) -> list[np.ndarray]:
         """Each item's `[T, C]` audio codes after its prompt, delay undone (after iterating)."""
         return [item.codes() for item in self.items]
-
-
-def sample_items(
-    cond: np.ndarray,
-    uncond: np.ndarray,
-    options: GenerationOptions,
-    config: ModelConfig,
-    rngs: list[np.random.Generator],
-) -> np.ndarray:
-    """`next_tokens` for each item from its own generator: `[B, C, V]` logits -> `[B, C]` ids."""
-    return np.concatenate(
-        [next_tokens(cond[i : i + 1], uncond[i : i + 1], options, config, rng) for i, rng in enumerate(rngs)]
-    )
 
 
 def cfg_text_rows(texts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from dia_ort.manifest import MANIFEST_NAME, QUANTIZED_DTYPES, Manifest
@@ -16,6 +17,7 @@ from dia_ort.verified import cache_root
 
 log = logging.getLogger(__name__)
 
+EXPORTER_GROUP = "dia_ort.exporters"  # entry points that export a torch checkpoint (pyproject.toml)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -129,8 +131,9 @@ def _export_on_first_use(
     flags = f"--dtype {' '.join(floats)}" + (f" --quantize {' '.join(quantized)}" if quantized else "")
     command = f"python -m export --model {checkpoint} --out {out} {flags}"
     try:
-        from export.pipeline import DEFAULT_DAC, checkpoint_sources, export_model
-    except ImportError as exc:
+        (entry,) = entry_points(group=EXPORTER_GROUP, name="checkpoint")
+        export_checkpoint = entry.load()
+    except (ValueError, ImportError) as exc:  # not registered, or its dependencies are not installed
         raise ValueError(
             f"{checkpoint} is a torch checkpoint, which must be exported to ONNX once. Install the export "
             f"extra (`pip install 'dia-ort[export]'`) to do it automatically, or run: {command}"
@@ -138,5 +141,5 @@ def _export_on_first_use(
     log.warning(
         "exporting %s %s to ONNX into %s (once; needs the export extra and time)", model_id, dtypes, out
     )
-    export_model(checkpoint_sources(str(checkpoint), DEFAULT_DAC), out, dtypes)
+    export_checkpoint(str(checkpoint), out, dtypes)
     return out

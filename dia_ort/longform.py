@@ -19,7 +19,7 @@ import numpy as np
 from dia_ort.audio import DAC_SAMPLE_RATE, stream_resampler
 from dia_ort.generation import Generation
 from dia_ort.options import GenerationOptions
-from dia_ort.progress import FRAMES_PER_SECOND, report_speed
+from dia_ort.progress import report_speed
 from dia_ort.script import LONG_FORM_SECONDS, ScriptPart, estimated_seconds, model_bytes, split_script
 from dia_ort.streaming import AudioChunk, stream_generation
 
@@ -132,13 +132,14 @@ class LongFormStream:
         self.options = options.validate()
         self.chunking = (first_chunk_frames, chunk_frames)
         config = dia.config
-        self.room = config.audio_length - config.max_delay - 2  # prompt + output frames of one generation
+        self.room = config.audio_room  # prompt + output frames of one generation
+        self.frame_rate = dia.engine.frame_rate
         self.prompt = None if audio_prompt is None else dia.prompt_codes(audio_prompt)
         prompt_frames = 0 if self.prompt is None else len(self.prompt)
-        if _fits_one_generation(text, config.text_length, self.room - prompt_frames):
+        if _fits_one_generation(text, config.text_length, self.room - prompt_frames, self.frame_rate):
             self.parts = [ScriptPart(text, None, continues=False)]  # as a plain request would take it
         else:
-            lead = prompt_frames / FRAMES_PER_SECOND
+            lead = prompt_frames / self.frame_rate
             self.parts = split_script(text, config.text_length // 2, seconds, lead_seconds=lead)
         log.info("long-form script: %d parts", len(self.parts))
 
@@ -157,7 +158,9 @@ class LongFormStream:
         began = time.perf_counter()
         for k, part in enumerate(self.parts):
             if k:
-                previous = _fitting_prompt(previous, part, self.dia.config.text_length, self.room)
+                previous = _fitting_prompt(
+                    previous, part, self.dia.config.text_length, self.room, self.frame_rate
+                )
             generation = self._start(k, part, previous)
             later = len(self.parts) - k - 1  # parts still to come, each at most `room` steps
             last_index = 0
@@ -174,7 +177,7 @@ class LongFormStream:
                 yield from out(fade.next_part())
         yield from out(fade.finish(), last=True)
         if self.options.verbose:
-            report_speed(steps_done, time.perf_counter() - began)
+            report_speed(steps_done, time.perf_counter() - began, self.frame_rate)
 
     def _start(self, k: int, part: ScriptPart, previous: Spoken | None) -> Generation:
         """Part k's generation: prompted with `previous`, with seed and frame budget of its own.
@@ -208,10 +211,11 @@ class LongFormStream:
         return Spoken(codes, part.text)
 
 
-def _fits_one_generation(text: str, text_length: int, room: int) -> bool:
-    """Whether a whole script fits one generation: the text window, and the audio room with margin."""
+def _fits_one_generation(text: str, text_length: int, room: int, frame_rate: float) -> bool:
+    """Whether a whole script fits one generation: the text window, and the audio room (`room` frames,
+    `frame_rate` a second) with margin."""
     fits_text = model_bytes(text) <= text_length
-    return fits_text and estimated_seconds(text) * FRAMES_PER_SECOND * ESTIMATE_MARGIN <= room
+    return fits_text and estimated_seconds(text) * frame_rate * ESTIMATE_MARGIN <= room
 
 
 def _after(transcript: str, part: ScriptPart) -> str:
@@ -219,12 +223,14 @@ def _after(transcript: str, part: ScriptPart) -> str:
     return f"{transcript} {part.body if part.continues else part.text}"
 
 
-def _fitting_prompt(previous: Spoken | None, part: ScriptPart, text_length: int, room: int) -> Spoken | None:
+def _fitting_prompt(
+    previous: Spoken | None, part: ScriptPart, text_length: int, room: int, frame_rate: float
+) -> Spoken | None:
     """`previous` when it and the part fit one generation (text window and audio room), else None."""
     if previous is None:
         return None
     text_bytes = model_bytes(_after(previous.transcript, part))
-    needed = estimated_seconds(part.text) * FRAMES_PER_SECOND * ESTIMATE_MARGIN
+    needed = estimated_seconds(part.text) * frame_rate * ESTIMATE_MARGIN
     if text_bytes <= text_length and len(previous.codes) + needed <= room:
         return previous
     log.warning(

@@ -97,10 +97,17 @@ class GraphEntry:
 
 @dataclass(frozen=True)
 class CodecConfig:
+    """The DAC codec's shape: one frame of codes per `hop_length` samples at `sample_rate`."""
+
     sample_rate: int = 44100
     hop_length: int = 512
     n_codebooks: int = 9
     codebook_size: int = 1024
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames (decoder steps) in one second of audio: 86.13 for the 44.1 kHz DAC."""
+        return self.sample_rate / self.hop_length
 
 
 @dataclass(frozen=True)

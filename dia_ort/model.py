@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from dia_ort.generation import Generation, Step
 from dia_ort.hub import resolve_model_folder
 from dia_ort.longform import LongFormStream
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES, Manifest
-from dia_ort.options import GenerationOptions
-from dia_ort.progress import FRAMES_PER_SECOND, report_speed
+from dia_ort.options import DEFAULTS, GenerationOptions
+from dia_ort.progress import report_speed
 from dia_ort.script import LONG_FORM_SECONDS
 from dia_ort.streaming import (
     CHUNK_FRAMES,
@@ -34,7 +33,9 @@ from dia_ort.text import encode_text
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLE_RATE = 44100
+# The seed API's constants, for callers that use them; the runtime reads the codec's rate and hop from
+# the manifest.
+DEFAULT_SAMPLE_RATE = DEFAULTS.sample_rate
 SAMPLE_RATE_RATIO = 512
 
 
@@ -168,30 +169,34 @@ class Dia:
             if callback is not None:
                 callback(step.index, step.total)
         if opts.verbose and step is not None:
-            report_speed(step.index, time.perf_counter() - began)
+            report_speed(step.index, time.perf_counter() - began, self.engine.frame_rate)
         return generation.codes()
 
     def generate_batch(
         self,
         texts: Sequence[str],
         audio_prompts: Sequence[AudioPrompt | None] | None = None,
-        top_p: float = 0.95,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        sample_rate: int = DEFAULT_SAMPLE_RATE,
-        max_new_tokens: int = 2048,
-        use_torch_compile: bool = False,
-        cfg_scale: float = 3.0,
-        verbose: bool = False,
+        top_p: float = DEFAULTS.top_p,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int | None = DEFAULTS.top_k,
+        sample_rate: int = DEFAULTS.sample_rate,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        use_torch_compile: bool = DEFAULTS.use_torch_compile,
+        cfg_scale: float = DEFAULTS.cfg_scale,
+        verbose: bool = DEFAULTS.verbose,
         callback: Callable[[int, int], None] | None = None,
         *,
-        cfg_filter_top_k: int | None = None,
-        seed: int | None = None,
+        cfg_filter_top_k: int | None = DEFAULTS.cfg_filter_top_k,
+        seed: int | None = DEFAULTS.seed,
     ) -> list[np.ndarray]:
         """Audio (float32 mono at `sample_rate`) for each text, generated as one batch."""
         if isinstance(texts, str):
             raise TypeError("generate_batch takes a list of texts; use generate() for one text")
-        options = _options_from(locals())
+        options = GenerationOptions(
+            top_p=top_p, temperature=temperature, top_k=top_k, sample_rate=sample_rate,
+            max_new_tokens=max_new_tokens, use_torch_compile=use_torch_compile, cfg_scale=cfg_scale,
+            verbose=verbose, cfg_filter_top_k=cfg_filter_top_k, seed=seed,
+        )  # fmt: skip
         codes = self.generate_codes(texts, audio_prompts, callback=callback, **vars(options))
         return [self.codes_to_audio(c, sample_rate) for c in codes]
 
@@ -199,18 +204,18 @@ class Dia:
         self,
         text: str,
         audio_prompt: AudioPrompt | None = None,
-        top_p: float = 0.95,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        sample_rate: int = DEFAULT_SAMPLE_RATE,
-        max_new_tokens: int = 2048,
-        use_torch_compile: bool = False,
-        cfg_scale: float = 3.0,
-        verbose: bool = False,
+        top_p: float = DEFAULTS.top_p,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int | None = DEFAULTS.top_k,
+        sample_rate: int = DEFAULTS.sample_rate,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        use_torch_compile: bool = DEFAULTS.use_torch_compile,
+        cfg_scale: float = DEFAULTS.cfg_scale,
+        verbose: bool = DEFAULTS.verbose,
         callback: Callable[[int, int], None] | None = None,
         *,
-        cfg_filter_top_k: int | None = None,
-        seed: int | None = None,
+        cfg_filter_top_k: int | None = DEFAULTS.cfg_filter_top_k,
+        seed: int | None = DEFAULTS.seed,
         long_form: bool = False,
         long_form_seconds: float = LONG_FORM_SECONDS,
     ) -> np.ndarray:
@@ -221,7 +226,11 @@ class Dia:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}; use generate_batch for a list")
-        options = _options_from(locals())
+        options = GenerationOptions(
+            top_p=top_p, temperature=temperature, top_k=top_k, sample_rate=sample_rate,
+            max_new_tokens=max_new_tokens, use_torch_compile=use_torch_compile, cfg_scale=cfg_scale,
+            verbose=verbose, cfg_filter_top_k=cfg_filter_top_k, seed=seed,
+        )  # fmt: skip
         if long_form:
             stream = self.generate_stream(
                 text,
@@ -299,19 +308,19 @@ class Dia:
         opts = GenerationOptions(**options)
         generation = self.start(texts, audio_prompts, opts)
         events = stream_generation(generation, self.codec, opts.sample_rate, first_chunk_frames, chunk_frames)
-        return _pairs(events, callback, opts.verbose)
+        return _pairs(events, callback, opts.verbose, self.engine.frame_rate)
 
     # -- codec --------------------------------------------------------------------------------------
 
     def encode_audio(self, audio: Any, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
         """A path or waveform (mono or multi-channel, any rate) -> DAC codes `[T, C]`."""
         wave = load_audio(audio, sample_rate)
-        frames = -(-len(wave) // SAMPLE_RATE_RATIO)
-        room = self.config.audio_length - self.config.max_delay - 2
+        frames = -(-len(wave) // self.codec.config.hop_length)
+        room = self.config.audio_room
         if frames > room:
             raise ValueError(
                 f"audio is {len(wave) / DAC_SAMPLE_RATE:.1f} s ({frames} frames); the model's audio window "
-                f"takes at most {room} frames ({room / FRAMES_PER_SECOND:.1f} s)"
+                f"takes at most {room} frames ({room / self.engine.frame_rate:.1f} s)"
             )
         return self.codec.encode(wave)
 
@@ -345,7 +354,10 @@ class Dia:
 
 
 def _pairs(
-    events: Iterator[Step | AudioChunk], callback: Callable[[int, int], None] | None, verbose: bool
+    events: Iterator[Step | AudioChunk],
+    callback: Callable[[int, int], None] | None,
+    verbose: bool,
+    frame_rate: float,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """`(item, audio)` for the nonempty chunks of a stream; steps go to the callback and `verbose`."""
     began = time.perf_counter()
@@ -359,9 +371,4 @@ def _pairs(
             if callback is not None:
                 callback(event.index, event.total)
     if verbose:
-        report_speed(steps, time.perf_counter() - began)
-
-
-def _options_from(arguments: dict[str, Any]) -> GenerationOptions:
-    """The GenerationOptions fields among a public method's arguments (its `locals()`)."""
-    return GenerationOptions(**{f.name: arguments[f.name] for f in fields(GenerationOptions)})
+        report_speed(steps, time.perf_counter() - began, frame_rate)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-FRAMES_PER_SECOND = 44100 / 512  # decoder steps in one second of audio
 
-
-def report_speed(steps: int, seconds: float) -> None:
-    """Log how fast `steps` decoder steps ran; shown even where the caller configured no logging."""
+def report_speed(steps: int, seconds: float, frame_rate: float) -> None:
+    """Log how fast `steps` decoder steps ran, `frame_rate` of them a second of audio; shown even where
+    the caller configured no logging."""
     logger = logging.getLogger("dia_ort")
     if not logger.handlers and not logging.getLogger().handlers:
         logger.addHandler(logging.StreamHandler())
@@ -19,5 +18,5 @@ def report_speed(steps: int, seconds: float) -> None:
         steps,
         seconds,
         rate,
-        rate / FRAMES_PER_SECOND,
+        rate / frame_rate,
     )

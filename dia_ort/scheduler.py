@@ -26,7 +26,6 @@ import numpy as np
 from dia_ort.batching import PAIR, BatchDecoder
 from dia_ort.generation import ItemState, cfg_text_rows, prefill_chunks
 from dia_ort.options import GenerationOptions
-from dia_ort.sampling import next_tokens
 from dia_ort.streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, AudioChunk, ItemStream, check_chunk_frames
 from dia_ort.text import encode_text
 
@@ -38,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The waiting queue is at its bound; try again later."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler was closed (the server is stopping): it takes no more requests."""
 
 
 class Sink(Protocol):
@@ -129,7 +132,7 @@ class Scheduler:
         request = Request(
             id=next(self.ids),
             text=ids,
-            item=ItemState(self.config, prompt, opts.max_new_tokens),
+            item=ItemState(self.config, prompt, opts.max_new_tokens, self.dia.engine.frame_rate),
             options=opts,
             audio=ItemStream(self.dia.codec, opts.sample_rate, *self.chunking),
             rng=np.random.default_rng(opts.seed),
@@ -138,7 +141,7 @@ class Scheduler:
             request.chunks = sink
         with self.work:
             if self.closed:
-                raise RuntimeError("the scheduler is closed")
+                raise SchedulerClosed("the scheduler is closed")
             # requests that free rows will take at the next step are not queued beyond the batch: a burst
             # that arrives during one step fills the batch first (Ray's proxy counts on it)
             free_rows = self.max_batch - len(self.running)
@@ -303,8 +306,7 @@ class Scheduler:
     def _produce(self, request: Request, logits: np.ndarray) -> None:
         """Sample the request's next row from its pair's `[2, C, V]` logits; hand out finished audio."""
         item, row = request.item, request.row + 1
-        sampled = next_tokens(logits[1:2], logits[0:1], request.options, self.config, request.rng)[0]
-        request.tokens, request.row = item.place(row, sampled), row
+        request.tokens, request.row = item.sample(row, logits, request.options, request.rng), row
         audio = request.audio.after_row(item, row)
         if audio is not None:
             request.chunks.put(AudioChunk(request.id, audio, request.audio.ended))

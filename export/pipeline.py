@@ -166,6 +166,12 @@ def _quantized_variant(
     return {"encoder": float32["encoder"], "decoder_step": step}, error
 
 
+def export_checkpoint(checkpoint: str, out: str | Path, dtypes: tuple[str, ...]) -> Manifest:
+    """Export a Dia checkpoint (folder or Hub id) with the default DAC: the `dia_ort.exporters` entry
+    point, through which the runtime exports a checkpoint on first use."""
+    return export_model(checkpoint_sources(checkpoint, DEFAULT_DAC), out, dtypes)
+
+
 def export_model(
     sources: Sources,
     out: str | Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,17 +75,17 @@ def v01_dia(v01_folder) -> Dia:
 
 @pytest.fixture
 def ends_at_once(monkeypatch):
-    """Make channel 0 sample EOS at once for the items listed in the returned set (all when empty)."""
-    import dia_ort.generation
+    """Make channel 0 sample EOS at once for the `ItemState`s put in the returned set (all when empty),
+    in every decoding loop: each places its sampled rows through `ItemState.place`."""
+    from dia_ort.generation import ItemState
 
-    original = dia_ort.generation.sample_items
-    items: set[int] = set()
+    original = ItemState.place
+    items: set[ItemState] = set()
 
-    def sample(cond, uncond, options, config, rngs):
-        tokens = original(cond, uncond, options, config, rngs)
-        for i in items or range(len(tokens)):
-            tokens[i, 0] = config.eos_id
-        return tokens
+    def place(item, row, sampled):
+        if not items or item in items:
+            sampled = np.concatenate([[item.config.eos_id], sampled[1:]])
+        return original(item, row, sampled)
 
-    monkeypatch.setattr(dia_ort.generation, "sample_items", sample)
+    monkeypatch.setattr(ItemState, "place", place)
     return items

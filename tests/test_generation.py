@@ -241,10 +241,10 @@ def test_callback_counts_steps(tiny_dia):
 
 def test_cache_growth_keeps_rows(tiny_dia, monkeypatch):
     """Buffers that grow every 8 rows (a copy each time) give the same tokens as one allocation."""
-    from dia_ort.engine import DecoderState
+    from dia_ort import engine
 
     once = tiny_dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW)
-    monkeypatch.setattr(DecoderState, "GROWTH", 8)
+    monkeypatch.setattr(engine, "CACHE_GROWTH", 8)
     grown = tiny_dia.generate_codes(TEXTS[:2], temperature=0, max_new_tokens=NEW)
     for a, b in zip(once, grown, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -13,10 +13,12 @@ from test_delay import CONFIG, D, frames
 
 from dia_ort.delay import UNKNOWN
 from dia_ort.generation import Generation, ItemState, cfg_text_rows, frame_budget
+from dia_ort.manifest import CodecConfig
 from dia_ort.options import GenerationOptions
 
 EOS, PAD, BOS = CONFIG.eos_id, CONFIG.pad_id, CONFIG.bos_id
 ROOM = CONFIG.audio_length - D - 2  # without a prompt
+FRAME_RATE = CodecConfig().frame_rate  # 86.13
 
 
 def expected_rows(prompt: np.ndarray, sampled: np.ndarray, eos_row: int) -> np.ndarray:
@@ -54,17 +56,17 @@ def codes_for(prompt_frames: int, eos_row: int, seed: int = 0) -> np.ndarray:
 
 
 def test_frame_budget_is_max_new_tokens_within_the_room():
-    assert frame_budget(CONFIG, 0, 10) == 10
-    assert frame_budget(CONFIG, 0, ROOM) == ROOM
-    assert frame_budget(CONFIG, 5, ROOM) == ROOM - 5
+    assert frame_budget(CONFIG, 0, 10, FRAME_RATE) == 10
+    assert frame_budget(CONFIG, 0, ROOM, FRAME_RATE) == ROOM
+    assert frame_budget(CONFIG, 5, ROOM, FRAME_RATE) == ROOM - 5
 
 
 def test_frame_budget_clamps_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="dia_ort.generation"):
-        assert frame_budget(CONFIG, 0, ROOM) == ROOM
+        assert frame_budget(CONFIG, 0, ROOM, FRAME_RATE) == ROOM
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="dia_ort.generation"):
-        assert frame_budget(CONFIG, 3, ROOM) == ROOM - 3
+        assert frame_budget(CONFIG, 3, ROOM, FRAME_RATE) == ROOM - 3
     assert caplog.messages == [
         f"max_new_tokens={ROOM} does not fit the audio window with a 3-frame prompt; "
         f"generating at most {ROOM - 3} frames"
@@ -72,14 +74,14 @@ def test_frame_budget_clamps_with_a_warning(caplog):
 
 
 def test_a_prompt_that_leaves_no_room_is_refused():
-    assert frame_budget(CONFIG, ROOM - 1, 100) == 1
+    assert frame_budget(CONFIG, ROOM - 1, 100, FRAME_RATE) == 1
     with pytest.raises(ValueError) as error:
-        frame_budget(CONFIG, ROOM, 100)
+        frame_budget(CONFIG, ROOM, 100, FRAME_RATE)
     message = str(error.value)
     assert f"prompt of {ROOM} frames" in message and f"audio window of {CONFIG.audio_length} rows" in message
     assert f"shorter than {ROOM} frames ({ROOM / 86.13:.1f} s)" in message
     with pytest.raises(ValueError, match=r"shorter than 13 frames \(0\.2 s\)$"):  # 13 / 86.13 frames a second
-        frame_budget(replace(CONFIG, audio_length=13 + D + 2), 13, 100)
+        frame_budget(replace(CONFIG, audio_length=13 + D + 2), 13, 100, FRAME_RATE)
 
 
 def test_cfg_text_rows_pair_an_unconditional_row_with_each_text():
@@ -92,7 +94,7 @@ def test_cfg_text_rows_pair_an_unconditional_row_with_each_text():
 
 def test_a_fresh_item_holds_its_known_cells_and_pad_elsewhere():
     prompt = frames(4)
-    item = ItemState(CONFIG, prompt, max_new_tokens=10)
+    item = ItemState(CONFIG, prompt, max_new_tokens=10, frame_rate=FRAME_RATE)
     assert (item.prompt_frames, item.prefill, item.last_row) == (4, 5, 4 + 1 + 10)
     assert item.eos_row is None and item.slots == item.last_row + D + 1 == len(item.rows)
     assert item.rows.dtype == np.int64  # token ids, as the decoder takes them
@@ -106,7 +108,7 @@ def test_item_rows_follow_the_rules(prompt_frames, eos_row):
     """Known cells win over what was sampled, EOS at eos_row + d[c] and PAD after it."""
     prompt = frames(prompt_frames, seed=2)
     sampled = codes_for(prompt_frames, eos_row)
-    item = ItemState(CONFIG, prompt if prompt_frames else None, max_new_tokens=40)
+    item = ItemState(CONFIG, prompt if prompt_frames else None, max_new_tokens=40, frame_rate=FRAME_RATE)
     placed = run_item(item, sampled)
     expected = expected_rows(prompt, sampled, eos_row)
     assert item.eos_row == eos_row
@@ -121,7 +123,7 @@ def test_item_rows_follow_the_rules(prompt_frames, eos_row):
 
 def test_the_budget_forces_eos_on_the_last_row():
     sampled = frames(CONFIG.audio_length, seed=3)  # channel 0 never samples EOS
-    item = ItemState(CONFIG, None, max_new_tokens=6)
+    item = ItemState(CONFIG, None, max_new_tokens=6, frame_rate=FRAME_RATE)
     placed = run_item(item, sampled)
     assert item.eos_row == item.last_row == 7
     assert len(placed) == 7 + D  # rows 1 .. 7 + D
@@ -130,7 +132,7 @@ def test_the_budget_forces_eos_on_the_last_row():
 
 
 def test_an_item_is_finished_d_rows_after_eos():
-    item = ItemState(CONFIG, None, max_new_tokens=40)
+    item = ItemState(CONFIG, None, max_new_tokens=40, frame_rate=FRAME_RATE)
     sampled = codes_for(0, 10)
     finished = []
     for row in range(1, 10 + D + 1):
@@ -140,7 +142,7 @@ def test_an_item_is_finished_d_rows_after_eos():
 
 
 def test_codes_before_the_end_is_an_error():
-    item = ItemState(CONFIG, None, max_new_tokens=40)
+    item = ItemState(CONFIG, None, max_new_tokens=40, frame_rate=FRAME_RATE)
     item.place(1, frames(1)[0])
     with pytest.raises(RuntimeError, match="^the generation was not run to the end$"):
         item.codes()
@@ -150,7 +152,9 @@ def test_codes_before_the_end_is_an_error():
 def test_final_frames_are_those_whose_last_channel_is_written(prompt_frames):
     """Frame k is final once row k + 1 + P + D exists; after EOS only frames before it count."""
     eos_row = prompt_frames + 20
-    item = ItemState(CONFIG, frames(prompt_frames) if prompt_frames else None, max_new_tokens=40)
+    item = ItemState(
+        CONFIG, frames(prompt_frames) if prompt_frames else None, max_new_tokens=40, frame_rate=FRAME_RATE
+    )
     sampled = codes_for(prompt_frames, eos_row)
     final = []
     for row in range(item.prefill, eos_row + D + 1):
@@ -171,6 +175,7 @@ class ScriptedDecoder:
 
     eos_rows: list[int]
     config: object = CONFIG
+    frame_rate: float = FRAME_RATE
     calls: list[tuple[np.ndarray, int]] = field(default_factory=list)
     started: list[tuple] = field(default_factory=list)
 

@@ -243,14 +243,15 @@ def test_a_script_that_fits_one_generation_is_a_plain_call(tiny_dia):
 def test_a_previous_part_too_long_for_the_window_is_not_a_prompt(caplog):
     """At the real model's size: a 10 s part leaves a previous part up to about 22 s as its prompt."""
     room = 3072 - 15 - 2
+    frame_rate = 44100 / 512  # the DAC's frames a second
     part = ScriptPart("[S1] " + "x" * round(10 * CHARS_PER_SECOND), "[S1]", continues=False)
     frames = round(20 * 44100 / 512)
     previous = Spoken(np.zeros((frames, 9), dtype=np.int64), "[S2] Before.")
-    assert _fitting_prompt(previous, part, 1024, room) is previous
+    assert _fitting_prompt(previous, part, 1024, room, frame_rate) is previous
     longer = Spoken(np.zeros((round(24 * 44100 / 512), 9), dtype=np.int64), "[S2] Before.")
-    assert _fitting_prompt(longer, part, 1024, room) is None
+    assert _fitting_prompt(longer, part, 1024, room, frame_rate) is None
     wordy = Spoken(previous.codes, "[S2] " + "y" * 900)  # the two texts overflow the text window
-    assert _fitting_prompt(wordy, part, 1024, room) is None
+    assert _fitting_prompt(wordy, part, 1024, room, frame_rate) is None
     assert caplog.text.count("does not fit as the prompt") == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia_ort import GenerationOptions
+from dia_ort import GenerationOptions, engine
 from dia_ort.batching import BatchDecoder
 from dia_ort.generation import PREFILL_CHUNK, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
@@ -149,7 +149,7 @@ def test_the_background_thread_serves_requests_from_other_threads(tiny_dia):
 
 
 def test_cache_growth_keeps_every_rows_slots(tiny_dia, monkeypatch):
-    monkeypatch.setattr(BatchDecoder, "GROWTH", 8)
+    monkeypatch.setattr(engine, "CACHE_GROWTH", 8)
     scheduler = Scheduler(tiny_dia, max_batch=2)
     first = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
     run(scheduler, steps=11)

@@ -101,12 +101,13 @@ def test_an_item_that_ends_early_still_gets_its_last_chunk(tiny_dia):
 
 
 def test_an_item_with_no_audio_ends_with_an_empty_last_chunk(tiny_dia, ends_at_once):
-    ends_at_once.add(0)
     options = GenerationOptions(temperature=0, max_new_tokens=30)
     generation = tiny_dia.start([TEXT, "[S2] Two."], None, options)
+    ends_at_once.add(generation.items[0])
     chunks = [e for e in stream_generation(generation, tiny_dia.codec) if not isinstance(e, Step)]
     assert (chunks[0].item, len(chunks[0].audio), chunks[0].last) == (0, 0, True)
     assert all(c.item == 1 for c in chunks[1:]) and sum(len(c.audio) for c in chunks[1:]) == 30 * 512
+    ends_at_once.clear()  # every item from here on
     assert list(tiny_dia.generate_batch_stream([TEXT], temperature=0)) == []
     assert len(tiny_dia.generate(TEXT, temperature=0)) == 0
 

@@ -9,10 +9,8 @@ client sends makes a 500.
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,19 +21,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dia_ort.scheduler import QueueFull, Scheduler
+from dia_ort.scheduler import Scheduler
+from dia_ort.serving.auth import ApiKeys
+from dia_ort.serving.errors import ApiError, api_error
 from dia_ort.serving.formats import FORMATS, AudioEncoder, available_formats
 from dia_ort.serving.limits import BodyLimit, RequestRate
-from dia_ort.serving.schemas import ErrorBody, ErrorDetail, SpeechRequest
+from dia_ort.serving.metrics import Metrics
+from dia_ort.serving.schemas import SpeechRequest
 from dia_ort.serving.service import SpeechService, SpeechStream
 from dia_ort.serving.voices import Voice
 
@@ -46,46 +40,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MODEL_ID = "dia"
-RETRY_AFTER_SECONDS = 1
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-
-
-def error_response(
-    status: int, message: str, kind: str, code: str | None = None, **headers: str
-) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(message=message, type=kind, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (one per app)."""
-
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "dia_ort_speech_requests", "Speech requests by outcome", ["status"], registry=self.registry
-        )
-        queue = Gauge("dia_ort_queue_depth", "Requests waiting for a batch row", registry=self.registry)
-        queue.set_function(lambda: scheduler.queue_depth)
-        batch = Gauge("dia_ort_batch_size", "Requests in the running batch", registry=self.registry)
-        batch.set_function(lambda: scheduler.occupancy)
-        rate = Gauge("dia_ort_steps_per_second", "Decoder steps per second, recent", registry=self.registry)
-        rate.set_function(lambda: scheduler.steps_per_second)
-        steps = Gauge("dia_ort_decoder_steps", "Decoder steps run since the start", registry=self.registry)
-        steps.set_function(lambda: scheduler.steps)
-        self.first_audio = Histogram(
-            "dia_ort_time_to_first_audio_seconds",
-            "From submission to the first audio chunk",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
-            registry=self.registry,
-        )
 
 
 @dataclass(frozen=True)
@@ -135,10 +89,6 @@ def create_app(
     `api_key` holds one key or several separated by commas; `requests_per_minute` bounds the speech
     requests each key (or client address, without keys) may start a minute.
     """
-    service = SpeechService(dia, scheduler, voices)
-    metrics = Metrics(scheduler)
-    keys = [key.strip().encode() for key in (api_key or "").split(",") if key.strip()]
-    rate = None if requests_per_minute is None else RequestRate(requests_per_minute)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -150,48 +100,20 @@ def create_app(
     )
     app.state.scheduler = scheduler  # for health checks from outside the routes (Ray's)
     app.add_middleware(BodyLimit)
+    metrics = Metrics(scheduler)
+    rate = None if requests_per_minute is None else RequestRate(requests_per_minute)
+    _add_error_handlers(app, metrics)
+    _add_routes(app, SpeechService(dia, scheduler, voices), ApiKeys(api_key), rate, metrics)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
 
-    def authorized(request: Request) -> str:
-        """The caller, for its request rate: its key, or its address on a server without keys."""
-        if not keys:
-            return "address " + (request.client.host if request.client else "unknown")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_bytes = given.strip().encode() if scheme.lower() == "bearer" else b""
-        # every key is compared, each in constant time, so the time taken does not tell which matched
-        matched = [key for key in keys if hmac.compare_digest(given_bytes, key)]
-        if not matched:
-            raise ApiError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
-        return "key " + matched[0].decode()
 
-    guarded = [Depends(authorized)]
-
-    def counted(caller: str) -> tuple[dict[str, str], JSONResponse | None]:
-        """Count a speech request against its caller's rate: OpenAI's rate headers for the response,
-        and the 429 to answer instead when the caller is over its rate."""
-        if rate is None:
-            return {}, None
-        left, wait = rate.take(caller)
-        headers = {
-            "x-ratelimit-limit-requests": str(rate.per_minute),
-            "x-ratelimit-remaining-requests": str(left),
-        }
-        if not wait:
-            return headers, None
-        metrics.requests.labels("429").inc()
-        message = f"rate limit reached: {rate.per_minute} speech requests a minute; try again in {wait:.1f} s"
-        refusal = error_response(
-            429,
-            message,
-            "requests",
-            "rate_limit_exceeded",
-            **{"Retry-After": str(math.ceil(wait))},
-            **headers,
-        )
-        return headers, refusal
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Answer refusals and invalid bodies in OpenAI's error shape (a body that fails validation is a 400)."""
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.kind, exc.code)
+    async def refused(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -199,32 +121,30 @@ def create_app(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
         )
         metrics.requests.labels("400").inc()
-        return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_body")
+        error = ApiError(400, f"invalid request: {problems}", "invalid_request_error", "invalid_body")
+        return error.response()
+
+
+def _add_routes(
+    app: FastAPI, service: SpeechService, keys: ApiKeys, rate: RequestRate | None, metrics: Metrics
+) -> None:
+    """OpenAI's speech route, the voices and models lists, health, metrics and the web page."""
+    scheduler = service.scheduler
+    guarded = [Depends(keys.caller)]
 
     @app.post("/v1/audio/speech")
-    async def speech(body: SpeechRequest, caller: str = Depends(authorized)) -> Response:
-        rate_headers, refusal = counted(caller)
-        if refusal is not None:
-            return refusal
+    async def speech(body: SpeechRequest, caller: str = Depends(keys.caller)) -> Response:
         try:
+            rate_headers = {} if rate is None else rate.count(caller)
             prepared = service.prepare(body)
             encoder = AudioEncoder(prepared.format)
             stream = service.start(prepared)
-        except QueueFull as exc:
-            metrics.requests.labels("429").inc()
-            return error_response(
-                429,
-                str(exc),
-                "rate_limit_exceeded",
-                "queue_full",
-                **{"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
-        except (ValueError, TypeError) as exc:
-            metrics.requests.labels("400").inc()
-            return error_response(400, str(exc), "invalid_request_error", "invalid_value")
-        except RuntimeError as exc:  # the scheduler is shutting down
-            metrics.requests.labels("503").inc()
-            return error_response(503, str(exc), "server_error", "shutting_down")
+        except Exception as exc:
+            error = api_error(exc)
+            if error is None:
+                raise
+            metrics.requests.labels(str(error.status)).inc()
+            return error.response()
         metrics.requests.labels("200").inc()
         encoded = _encoded(stream, encoder, metrics)
         if body.stream_format == "sse":
@@ -238,7 +158,7 @@ def create_app(
         return {
             "voices": [
                 {"name": v.name, "prompt": v.codes is not None, "transcript": v.transcript}
-                for v in sorted(voices.values(), key=lambda v: v.name)
+                for v in sorted(service.voices.values(), key=lambda v: v.name)
             ],
             "formats": available_formats(),
         }
@@ -256,7 +176,7 @@ def create_app(
             "max_queue": scheduler.max_queue,
             "batch_occupancy": scheduler.occupancy,
             "max_batch": scheduler.max_batch,
-            "compute_dtype": dia.compute_dtype,
+            "compute_dtype": service.dia.compute_dtype,
         }
 
     @app.get("/metrics", dependencies=guarded)
@@ -266,9 +186,6 @@ def create_app(
     @app.get("/")
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 async def _encoded(stream: SpeechStream, encoder: AudioEncoder, metrics: Metrics) -> AsyncIterator[bytes]:

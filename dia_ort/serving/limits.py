@@ -10,12 +10,14 @@ address, on a server without keys) may start so many speech requests a minute.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dia_ort.serving.errors import ApiError
 from dia_ort.serving.schemas import ErrorBody, ErrorDetail
 
 # The longest body a valid request can have: MAX_INPUT_CHARS characters written as JSON escapes of
@@ -85,6 +87,22 @@ class RequestRate:
         self.per_minute, self.clock = per_minute, clock
         self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when they were counted)
         self.lock = threading.Lock()
+
+    def count(self, caller: str) -> dict[str, str]:
+        """Count a speech request of `caller`: OpenAI's rate headers for its response; a 429 with
+        them and Retry-After when the caller is over its rate."""
+        left, wait = self.take(caller)
+        headers = {
+            "x-ratelimit-limit-requests": str(self.per_minute),
+            "x-ratelimit-remaining-requests": str(left),
+        }
+        if wait:
+            message = (
+                f"rate limit reached: {self.per_minute} speech requests a minute; try again in {wait:.1f} s"
+            )
+            retry = {"Retry-After": str(math.ceil(wait))}
+            raise ApiError(429, message, "requests", "rate_limit_exceeded", retry | headers)
+        return headers
 
     def take(self, caller: str) -> tuple[int, float]:
         """Count a request of `caller`: (requests left, 0.0), or (0, seconds until the next one may

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dia_ort.options import OPTIONS
+
 MAX_INPUT_CHARS = 100_000  # a long-form script; without long_form the model's text window applies
+
+
+def option_field(name: str) -> Any:
+    """The request field of a GenerationOptions option: its default, range and help."""
+    option = OPTIONS[name]
+    bound = option.metadata["bound"]
+    low = {"gt" if bound.open_low else "ge": bound.low}
+    return Field(option.default, le=bound.high, description=option.metadata["help"], **low)
 
 
 class SpeechRequest(BaseModel):
@@ -21,13 +31,13 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = Field(None, max_length=4096)  # OpenAI's voice instructions: refused when set
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=1028)
-    cfg_scale: float = Field(3.0, ge=0.0, le=100.0)
-    cfg_filter_top_k: int | None = Field(None, ge=1, le=1028)
-    max_new_tokens: int = Field(2048, ge=1, le=3072)
+    seed: int | None = option_field("seed")
+    temperature: float = option_field("temperature")
+    top_p: float = option_field("top_p")
+    top_k: int | None = option_field("top_k")
+    cfg_scale: float = option_field("cfg_scale")
+    cfg_filter_top_k: int | None = option_field("cfg_filter_top_k")
+    max_new_tokens: int = option_field("max_new_tokens")
     long_form: bool = False
 
 

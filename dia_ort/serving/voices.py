@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dia_ort.progress import FRAMES_PER_SECOND
-
 if TYPE_CHECKING:
     from dia_ort.model import Dia
 
@@ -70,5 +68,5 @@ def _load_voice(dia: Dia, folder: Path, audio: Path) -> Voice:
     if not transcript:
         raise ValueError(f"its transcript {transcript_file.name} is empty")
     codes = dia.encode_audio(str(audio))
-    log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / FRAMES_PER_SECOND)
+    log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / dia.engine.frame_rate)
     return Voice(audio.stem, codes, transcript)
