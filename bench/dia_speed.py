@@ -23,6 +23,7 @@ from bench.measure import (
     SEED,
     TEXT,
     EngineResult,
+    RowsStepper,
     decoder_times,
     median_ms,
     peak_rss,
@@ -30,7 +31,9 @@ from bench.measure import (
     step_positions,
 )
 from dia_ort import Dia, GenerationOptions
-from dia_ort.generation import Generation, cfg_text_rows
+from dia_ort.decoding import encoded_rows
+from dia_ort.generation import Generation
+from dia_ort.item import cfg_text_rows
 from dia_ort.text import encode_text
 
 
@@ -48,11 +51,12 @@ def default_slots(dia: Dia, text: np.ndarray) -> int:
 
     A window shorter than its 2048 frames (the tiny model's) clamps them with a warning, expected here.
     """
-    logger = logging.getLogger("dia_ort.generation")
+    logger = logging.getLogger("dia_ort.item")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return Generation(dia.engine, [text], [None], GenerationOptions()).slots
+        (item,) = Generation(dia.engine, [text], [None], GenerationOptions()).items
+        return item.slots
     finally:
         logger.setLevel(level)
 
@@ -68,10 +72,10 @@ def single_request(
     ids, mask = cfg_text_rows([text])
     slots = default_slots(dia, text)
     positions = step_positions(slots, steps)
-    encoder_ms = median_ms(lambda: dia.engine.start(ids, mask, slots, graph=cuda_graph))
-    state = dia.engine.start(ids, mask, slots, graph=cuda_graph)
-    logits = state.step(np.full((2, 1, config.num_channels), config.bos_id), 0)
-    prefill_ms, step_ms = decoder_times(state, config.num_channels, positions, steps)
+    encoder_ms = median_ms(lambda: encoded_rows(dia.engine, ids, mask, slots, graph=cuda_graph).close())
+    stepper = RowsStepper(encoded_rows(dia.engine, ids, mask, slots, graph=cuda_graph))
+    logits = stepper.step(np.full((2, 1, config.num_channels), config.bos_id), 0)
+    prefill_ms, step_ms = decoder_times(stepper, config.num_channels, positions, steps)
     result = EngineResult(
         name=name,
         precision=dia.compute_dtype,

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dia_ort.decoding import Rows, run_at
+
 FRAMES_PER_SECOND = 44100 / 512  # 86.13 decoder steps make one second of audio
 TEXT = (
     "[S1] Dia is an open weights text to dialogue model. [S2] You get full control over scripts and voices."
@@ -68,9 +70,19 @@ def reset_peak_rss() -> None:
 
 class Stepper(Protocol):
     """A decoder with a cache: `step` feeds `[B, S, C]` tokens at rows start..start+S-1 and returns
-    the last row's logits `[B, C, V]`. The runtime's `DecoderState` is one."""
+    the last row's logits `[B, C, V]`."""
 
     def step(self, tokens: np.ndarray, start: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class RowsStepper:
+    """The runtime's cache rows (dia_ort.decoding) as a `Stepper`."""
+
+    rows: Rows
+
+    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        return run_at(self.rows, tokens, start)
 
 
 @dataclass(frozen=True)

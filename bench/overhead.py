@@ -3,7 +3,7 @@
 A step's time is what it reads from memory plus a fixed cost per step: Python, input binding, and
 ONNX Runtime's dispatch of every node. The fixed cost is measured on the one-layer tiny model
 (`export.architecture.ONE_LAYER`): the median of the runtime's own one-row CFG step
-(`DecoderState.step`, logits back on the host) at position 20. Runs without torch; the table replaces
+(the runtime's cache rows, logits back on the host) at position 20. Runs without torch; the table replaces
 the overhead section of bench/RESULTS.md (or of --results).
 """
 
@@ -17,11 +17,12 @@ import onnx
 
 from bench.exports import ensure_export
 from bench.machine import describe, physical_cores
-from bench.measure import EARLY_POSITION, TEXT, random_codes, step_ms
+from bench.measure import EARLY_POSITION, TEXT, RowsStepper, random_codes, step_ms
 from bench.process import REPO
 from bench.report import number, publish_section, table
-from dia_ort.engine import DecoderState, Device, Engine
-from dia_ort.generation import cfg_text_rows
+from dia_ort.decoding import encoded_rows
+from dia_ort.engine import Device, Engine
+from dia_ort.item import cfg_text_rows
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 
@@ -34,8 +35,8 @@ def step_overhead(folder: Path, manifest: Manifest, variant: str, threads: int, 
     engine = Engine(folder, manifest, variant, Device.parse("cpu", threads))
     ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)])
     rows = EARLY_POSITION + steps
-    state = DecoderState(engine, ids, mask, slots=rows)
-    return step_ms(state, random_codes(2, rows, manifest.model.num_channels), EARLY_POSITION, steps)
+    stepper = RowsStepper(encoded_rows(engine, ids, mask, slots=rows))
+    return step_ms(stepper, random_codes(2, rows, manifest.model.num_channels), EARLY_POSITION, steps)
 
 
 def node_count(path: Path) -> int:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             "## Fixed cost of a step (`python -m bench.overhead`)",
             f"{machine.date}, {machine.cpu}, {args.threads} threads. The one-layer tiny model, so a step "
             "costs only its overhead: Python, binding and dispatch. Median of "
-            f"{args.steps} one-row CFG steps (`DecoderState.step`) from position {EARLY_POSITION}; "
+            f"{args.steps} one-row CFG steps (the runtime's cache rows) from position {EARLY_POSITION}; "
             "nodes: the exported step graph.",
             table(["variant", "graph nodes", "step ms"], rows),
         ]

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.measure import TEXT, random_codes, step_ms
-from dia_ort.engine import DecoderState, Device, Engine
-from dia_ort.generation import cfg_text_rows
+from bench.measure import TEXT, RowsStepper, random_codes, step_ms
+from dia_ort.decoding import encoded_rows
+from dia_ort.engine import Device, Engine
+from dia_ort.item import cfg_text_rows
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 
@@ -35,8 +36,8 @@ def profile_step(folder: Path, variant: str, threads: int, steps: int, position:
         options.profile_file_prefix = str(Path(tmp) / "step")
         engine.step = ort.InferenceSession(str(engine.step_path), options, providers=["CPUExecutionProvider"])
         ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)])
-        state = DecoderState(engine, ids, mask, slots=position + steps)
-        step_ms(state, random_codes(2, position + steps, manifest.model.num_channels), position, steps)
+        stepper = RowsStepper(encoded_rows(engine, ids, mask, slots=position + steps))
+        step_ms(stepper, random_codes(2, position + steps, manifest.model.num_channels), position, steps)
         trace = json.loads(Path(engine.step.end_profiling()).read_text())
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     runs = [e for e in trace if e.get("name") == "model_run"]

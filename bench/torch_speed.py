@@ -19,7 +19,7 @@ import torch
 from transformers import DiaConfig, DiaForConditionalGeneration, DynamicCache, EncoderDecoderCache
 
 from bench.measure import TEXT, EngineResult, decoder_times, median_ms, peak_rss, reset_peak_rss
-from dia_ort.generation import cfg_text_rows
+from dia_ort.item import cfg_text_rows
 from dia_ort.text import encode_text
 from export.architecture import PRESETS, DiaArchitecture
 from export.checkpoint import random_state

@@ -1,4 +1,4 @@
-"""Decoder caches for a batch whose rows change between steps: what continuous batching runs on.
+"""Cache rows in host memory for a batch whose requests change between steps: what the CPU runs on.
 
 Each request is a CFG pair of rows. The rows live in host buffers with room for `max_rows`, and the
 active ones are always the first `rows` of them, so a step binds contiguous views of the buffers and
@@ -10,7 +10,8 @@ which the step graph takes per batch row. The caches grow (`grown_capacity`) as 
 the cross-attention buffers widen to the longest text in the batch.
 
 The buffers are host memory, which is what the CPU provider reads; on CUDA each step would copy them
-to the device, so continuous batching is for the CPU for now.
+to the device, so CUDA runs fixed batches on `engine.DeviceRows`, and continuous batching is for the
+CPU for now.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from dia_ort.engine import TENSOR_TYPES, Engine, bind_caches, check_window, encode_rows, grown_capacity
+from dia_ort.item import PAIR
 from dia_ort.manifest import cross_names
 
-PAIR = 2  # rows per request: unconditional, conditional
 
-
-class BatchDecoder:
+class HostRows:
     """The caches, cross-attention K/V and text masks of up to `max_rows` rows of one engine."""
 
     def __init__(self, engine: Engine, max_rows: int) -> None:
@@ -91,6 +91,11 @@ class BatchDecoder:
         logits = self._run(first, first + count, tokens, start + np.arange(rows, dtype=np.int64))
         self.positions[first : first + count] += rows
         return logits
+
+    def close(self) -> None:
+        """The batch has ended: hand its buffers back."""
+        self.rows = 0
+        self.caches, self.cross = [], []
 
     def step(self, tokens: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
         """Feed every active row one `[rows, 1, C]` token row at its own position; return `[rows, C, V]`.

@@ -1,13 +1,12 @@
-"""ONNX Runtime sessions for one exported variant on one device, and the KV cache that steps them.
+"""ONNX Runtime sessions for one exported variant on one device, and the cache rows a batch runs on
+there.
 
-A decoder state is the one owner of a request's caches: the cross-attention K/V from the encoder and
-the self-attention buffers, all `OrtValue`s on the device. Each cache buffer is bound as both the
-step's `past_*` input and its `present_*` output, so the graph's ScatterND writes the new rows in
-place; only the logits come back to the host.
-
-`DecoderState` is the plain loop. `GraphDecoderState` keeps every input and output of a one-row step
-at a fixed address, which is what lets ONNX Runtime capture the step as a CUDA graph and replay it
-(`use_torch_compile=True` on CUDA).
+A batch's caches have one owner: host rows on the CPU (batching.py), `DeviceRows` here on CUDA: the
+cross-attention K/V from the encoder and the self-attention buffers. Each cache buffer is bound as
+both the step's `past_*` input and its `present_*` output, so the graph's ScatterND writes the new
+rows in place; only the logits come back to the host. `DeviceRows` keeps every input and output of a
+one-row step at a fixed address, which is what lets ONNX Runtime capture the step as a CUDA graph and
+replay it (`use_torch_compile=True` on CUDA).
 """
 
 from __future__ import annotations
@@ -146,23 +145,8 @@ class Engine:
         types = {value.name: value.type for value in self.step.get_inputs()}
         self.cache_type = types["past_key_0"]
         self.cross_type = types["cross_key_0"]
-        self.buffers: list[StepBuffers] = []  # GraphDecoderState's buffers, newest last
+        self.buffers: list[StepBuffers] = []  # DeviceRows' buffers, newest last
         self.graph_ids = itertools.count(1)  # never reused: a dropped id's graph points at freed memory
-
-    def start(
-        self, text_ids: np.ndarray, text_mask: np.ndarray, slots: int, graph: bool = False
-    ) -> DecoderState | GraphDecoderState:
-        """Encode `[B, L]` text rows and allocate `slots` cache rows for each of them.
-
-        With `graph`, one-row steps run on fixed buffers and, on CUDA, as a captured CUDA graph
-        (the plain loop where ONNX Runtime cannot capture this graph).
-        """
-        check_window(self.config, slots)
-        if graph and self.device.kind == "cuda" and not self.cuda_graph:
-            graph = self._enable_cuda_graph()
-        if not graph:
-            return DecoderState(self, text_ids, text_mask, slots)
-        return GraphDecoderState(self, text_ids, text_mask, slots)
 
     def _enable_cuda_graph(self) -> bool:
         """Reopen the step with CUDA graphs enabled; False, for good, where ONNX Runtime refuses.
@@ -228,65 +212,6 @@ def bind_caches(binding: ort.IOBinding, caches: list[ort.OrtValue], layers: int)
         binding.bind_ortvalue_output(present_name, value)
 
 
-class DecoderState:
-    """The caches of one request, bound once; `step` runs S rows and returns `[B, C, V]` logits.
-
-    On the CPU the buffers grow as the rows advance (`grown_capacity`). On CUDA, where reading unused
-    slots is cheap and a host copy is not, all slots are allocated at once.
-    """
-
-    def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
-        config, device = engine.config, engine.device
-        self.engine = engine
-        self.cross = encode_rows(engine, text_ids, text_mask, None)
-        self.slots = slots
-        self.session = engine.step  # the binding belongs to this session, even if the engine reopens it
-        self.binding = self.session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # bound first: get_outputs() lists in binding order
-        self.binding.bind_cpu_input("text_mask", np.ascontiguousarray(text_mask, dtype=bool))
-        for name, value in zip(cross_names(config.decoder_layers), self.cross, strict=True):
-            self.binding.bind_ortvalue_input(name, value)
-        self.host: list[np.ndarray] = []  # the CPU buffers behind the cache OrtValues
-        self.capacity = 0
-        self._allocate(slots if device.kind == "cuda" else grown_capacity(1, slots), batch=text_ids.shape[0])
-        self.run_options = graph_run_options(NO_GRAPH)  # a no-op without CUDA graphs
-
-    def _allocate(self, capacity: int, batch: int) -> None:
-        """Bind cache buffers of `capacity` slots, keeping the rows written so far."""
-        config, device = self.engine.config, self.engine.device
-        shape = (batch, config.kv_heads, capacity, config.head_dim)
-        layers = config.decoder_layers
-        if device.kind == "cpu":
-            storage, element = TENSOR_TYPES[self.engine.cache_type]
-            fresh = [np.zeros(shape, dtype=storage) for _ in range(2 * layers)]
-            for old, new in zip(self.host, fresh[: len(self.host)], strict=True):  # none on the first call
-                new[:, :, : self.capacity] = old
-            self.host = fresh
-            caches = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, element) for array in fresh]
-        else:
-            caches = [device.zeros(shape, self.engine.cache_type) for _ in range(2 * layers)]
-        bind_caches(self.binding, caches, layers)
-        self.caches = caches
-        self.capacity = capacity
-
-    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
-        """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
-        end = start + tokens.shape[1]
-        if end > self.slots:
-            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
-        if end > self.capacity:
-            self._allocate(grown_capacity(end, self.slots), batch=tokens.shape[0])
-        self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        self.binding.bind_cpu_input("positions", row_positions(tokens.shape[0], start, end))
-        self.session.run_with_iobinding(self.binding, self.run_options)
-        return np.array(self.binding.get_outputs()[0].numpy())  # the bound buffer is reused next step
-
-
-def row_positions(batch: int, start: int, end: int) -> np.ndarray:
-    """The step graph's `positions` `[B, S]` for every row at start..end-1."""
-    return np.tile(np.arange(start, end, dtype=np.int64), (batch, 1))
-
-
 @dataclass(eq=False)
 class StepBuffers:
     """Every input and output of a one-row decoder step, at addresses fixed for a CUDA graph.
@@ -331,66 +256,112 @@ class StepBuffers:
         return self.owner is not None and self.owner() is not None
 
 
-class GraphDecoderState:
-    """A request on fixed `StepBuffers`: one-row steps replay a captured CUDA graph on CUDA.
+class DeviceRows:
+    """A fixed batch's cache rows on fixed device buffers: what runs on CUDA, where a one-row step
+    replays a captured CUDA graph when `graph` (the seed API's `use_torch_compile`).
 
-    The text is padded to a multiple of TEXT_BUCKET bytes (masked, so the result is unchanged) and
-    the slots to a multiple of SLOT_BUCKET, so requests of similar size share buffers and graphs.
-    Prefill rows (S > 1) run uncaptured with their own inputs. On the CPU nothing is captured, and
-    the same protocol runs as is (tests use that).
+    A captured graph replays on the memory it was captured with, so batches of one shape (rows, text
+    length, slots) reuse one set of the engine's `StepBuffers`: the text is padded to a multiple of
+    TEXT_BUCKET bytes (masked, so the result is unchanged) and the slots to a multiple of SLOT_BUCKET.
+    Device memory cannot be sliced from the host, so the rows stay where they are: a batch's requests
+    take them in one `add`, one that leaves keeps its rows, held, until the batch ends, and a prefill
+    of some rows runs every row, the others held. A held row is fed at its own position, which its
+    next step overwrites before anything reads it. On the CPU the same protocol runs without capture
+    (tests use that).
     """
 
     TEXT_BUCKET = 64
     SLOT_BUCKET = 256
 
-    def __init__(self, engine: Engine, text_ids: np.ndarray, text_mask: np.ndarray, slots: int) -> None:
-        config = engine.config
-        self.engine = engine
-        self.slots = slots
+    def __init__(self, engine: Engine, max_rows: int, slots: int, graph: bool) -> None:
+        check_window(engine.config, slots)
+        if graph and engine.device.kind == "cuda" and not engine.cuda_graph:
+            graph = engine._enable_cuda_graph()
+        self.engine, self.max_rows, self.slots, self.graph = engine, max_rows, slots, graph
+        self.rows = 0
+        self.positions = np.zeros(max_rows, dtype=np.int64)  # the next position of each row
+        self.buffers: StepBuffers | None = None
+        self.replay = graph_run_options(NO_GRAPH)
+        self.uncaptured = graph_run_options(NO_GRAPH)
+
+    def add(self, text_ids: np.ndarray, text_mask: np.ndarray) -> int:
+        """Encode the batch's `[max_rows, L]` text rows into its buffers; its rows start at 0."""
+        if self.rows or text_ids.shape[0] != self.max_rows:
+            raise ValueError(
+                f"a batch on device rows takes its {self.max_rows} rows at once (continuous batching "
+                f"runs on host rows); got {text_ids.shape[0]} rows with {self.rows} taken"
+            )
+        engine, config = self.engine, self.engine.config
         batch, length = text_ids.shape
         padded = min(max(length, config.text_length), -(-length // self.TEXT_BUCKET) * self.TEXT_BUCKET)
         text_ids = np.pad(text_ids, ((0, 0), (0, padded - length)))
         text_mask = np.pad(np.asarray(text_mask, dtype=bool), ((0, 0), (0, padded - length)))
-        with engine.graph_lock:  # two requests starting at once must not take the same free buffers
-            self.buffers = engine.step_buffers(
-                batch, padded, -(-slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
+        with engine.graph_lock:  # two batches starting at once must not take the same free buffers
+            buffers = engine.step_buffers(
+                batch, padded, -(-self.slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
             )
-            self.buffers.owner = weakref.ref(self)
-        encode_rows(engine, text_ids, text_mask, self.buffers.cross)
-        self.buffers.text_mask.update_inplace(text_mask)
+            buffers.owner = weakref.ref(self)
+        encode_rows(engine, text_ids, text_mask, buffers.cross)
+        buffers.text_mask.update_inplace(text_mask)
         self.session = engine.step
         self.binding = self.session.io_binding()
-        self.binding.bind_ortvalue_output("logits", self.buffers.logits)
-        self.binding.bind_ortvalue_input("text_mask", self.buffers.text_mask)
-        for name, value in zip(cross_names(config.decoder_layers), self.buffers.cross, strict=True):
+        self.binding.bind_ortvalue_output("logits", buffers.logits)
+        self.binding.bind_ortvalue_input("text_mask", buffers.text_mask)
+        for name, value in zip(cross_names(config.decoder_layers), buffers.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
-        bind_caches(self.binding, self.buffers.caches, config.decoder_layers)
-        self._bind_step_inputs()
-        self.replay = graph_run_options(str(self.buffers.graph_id))
-        self.uncaptured = graph_run_options(NO_GRAPH)
+        bind_caches(self.binding, buffers.caches, config.decoder_layers)
+        self.buffers, self.rows = buffers, batch
+        self.replay = graph_run_options(str(buffers.graph_id) if self.graph else NO_GRAPH)
+        self.prefilled = True  # the fixed one-row inputs are bound at the first one-row step
+        return 0
 
-    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
-        """Feed `[B, S, C]` tokens at rows start..start+S-1; return the last row's logits `[B, C, V]`."""
-        end = start + tokens.shape[1]
-        if end > self.slots:
-            raise ValueError(f"cache holds {self.slots} rows, asked to write up to row {end - 1}")
+    def remove(self, first: int) -> None:
+        """A request left: its rows stay, held, until the batch ends (nothing moves)."""
+        return None
+
+    def close(self) -> None:
+        """The batch has ended: its buffers are free for the next batch of this shape."""
+        if self.buffers is not None:
+            self.buffers.owner = None
+
+    def prefill(self, first: int, tokens: np.ndarray) -> np.ndarray:
+        """Feed rows from `first` their next `[R, S, C]` known rows (every other row held); return their
+        logits `[R, C, V]`."""
+        count, rows = tokens.shape[:2]
+        fed = np.zeros((self.rows, rows, tokens.shape[2]), dtype=np.int64)
+        fed[first : first + count] = tokens
+        positions = np.repeat(self.positions[: self.rows, None], rows, axis=1)
+        positions[first : first + count] += np.arange(rows)
+        logits = self._run(fed, positions)
+        self.positions[first : first + count] += rows
+        return logits[first : first + count]
+
+    def step(self, tokens: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Feed every row one `[rows, 1, C]` token row at its own position (`held` rows stay there);
+        return `[rows, C, V]`."""
+        logits = self._run(tokens, self.positions[: self.rows, None].copy())
+        self.positions[: self.rows] += ~held
+        return logits
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One step-graph call; a one-row step on fixed inputs (replaying the captured graph)."""
+        if int(positions.max()) >= self.slots:
+            raise ValueError(
+                f"cache holds {self.slots} rows, asked to write up to row {int(positions.max())}"
+            )
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         with self.engine.graph_lock:
             if tokens.shape[1] == 1:
                 if self.prefilled:
-                    self._bind_step_inputs()
+                    self.binding.bind_ortvalue_input("tokens", self.buffers.tokens)
+                    self.binding.bind_ortvalue_input("positions", self.buffers.positions)
+                    self.prefilled = False
                 self.buffers.tokens.update_inplace(tokens)
-                self.buffers.positions.update_inplace(row_positions(tokens.shape[0], start, end))
+                self.buffers.positions.update_inplace(positions)
                 self.session.run_with_iobinding(self.binding, self.replay)
             else:
                 self.binding.bind_cpu_input("tokens", tokens)
-                self.binding.bind_cpu_input("positions", row_positions(tokens.shape[0], start, end))
+                self.binding.bind_cpu_input("positions", positions)
                 self.prefilled = True
                 self.session.run_with_iobinding(self.binding, self.uncaptured)
             return np.array(self.buffers.logits.numpy())  # the buffer is rewritten next step
-
-    def _bind_step_inputs(self) -> None:
-        """Bind the fixed one-row inputs (again after a prefill bound its own)."""
-        self.binding.bind_ortvalue_input("tokens", self.buffers.tokens)
-        self.binding.bind_ortvalue_input("positions", self.buffers.positions)
-        self.prefilled = False

@@ -21,7 +21,7 @@ from dia_ort.generation import Generation
 from dia_ort.options import GenerationOptions
 from dia_ort.progress import report_speed
 from dia_ort.script import LONG_FORM_SECONDS, ScriptPart, estimated_seconds, model_bytes, split_script
-from dia_ort.streaming import AudioChunk, stream_generation
+from dia_ort.streaming import AudioChunk
 
 if TYPE_CHECKING:
     from dia_ort.model import AudioPrompt, Dia
@@ -164,7 +164,7 @@ class LongFormStream:
             generation = self._start(k, part, previous)
             later = len(self.parts) - k - 1  # parts still to come, each at most `room` steps
             last_index = 0
-            for event in stream_generation(generation, self.dia.codec, DAC_SAMPLE_RATE, *self.chunking):
+            for event in generation.stream(self.dia.codec, DAC_SAMPLE_RATE, *self.chunking):
                 if isinstance(event, AudioChunk):
                     yield from out(fade.push(event.audio))
                     continue

@@ -27,7 +27,6 @@ from dia_ort.streaming import (
     FIRST_CHUNK_FRAMES,
     AudioChunk,
     check_chunk_frames,
-    stream_generation,
 )
 from dia_ort.text import encode_text
 
@@ -307,7 +306,7 @@ class Dia:
         check_chunk_frames(first_chunk_frames, chunk_frames)
         opts = GenerationOptions(**options)
         generation = self.start(texts, audio_prompts, opts)
-        events = stream_generation(generation, self.codec, opts.sample_rate, first_chunk_frames, chunk_frames)
+        events = generation.stream(self.codec, opts.sample_rate, first_chunk_frames, chunk_frames)
         return _pairs(events, callback, opts.verbose, self.engine.frame_rate)
 
     # -- codec --------------------------------------------------------------------------------------

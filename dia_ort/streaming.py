@@ -1,4 +1,4 @@
-"""Streaming audio: a generation's steps -> each item's waveform chunks as soon as their frames are final.
+"""Streaming audio: an item's rows -> its waveform in chunks, as soon as their frames are final.
 
 Frame k of an item is final once decoder row k + 1 + P + max_delay has been produced; its audio is
 decoded on the codec's fixed block grid (codec.py), so an item's chunks, joined, are bit-identical to
@@ -8,14 +8,13 @@ gives the same samples as resampling the whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from dia_ort.audio import DAC_SAMPLE_RATE, stream_resampler
 from dia_ort.codec import Codec
-from dia_ort.generation import Generation, ItemState, Step
+from dia_ort.item import ItemState
 
 FIRST_CHUNK_FRAMES = 8  # about 93 ms of audio: the first chunk, for a short time to first audio
 CHUNK_FRAMES = 8  # later chunks: every decoded block as soon as it is ready (the blocks grow)
@@ -90,23 +89,3 @@ class ItemStream:
         if self.resampler is not None:
             chunk = self.resampler.resample_chunk(chunk, last=last)
         return chunk
-
-
-def stream_generation(
-    generation: Generation,
-    codec: Codec,
-    sample_rate: int = DAC_SAMPLE_RATE,
-    first_chunk_frames: int = FIRST_CHUNK_FRAMES,
-    chunk_frames: int = CHUNK_FRAMES,
-) -> Iterator[Step | AudioChunk]:
-    """Run a generation, yielding each `Step` and, after it, the `AudioChunk`s it completed.
-
-    Every item ends with one chunk marked `last` (empty when its audio ended on the step before); the
-    others are never empty.
-    """
-    items = [ItemStream(codec, sample_rate, first_chunk_frames, chunk_frames) for _ in generation.items]
-    for step in generation:
-        yield step
-        for i, (stream, item) in enumerate(zip(items, generation.items, strict=True)):
-            if not stream.ended and (audio := stream.after_row(item, step.row)) is not None:
-                yield AudioChunk(i, audio, stream.ended)

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from dia_ort.config import ModelConfig
+from dia_ort.decoding import encoded_rows, run_at
 from dia_ort.engine import Device, Engine
 from dia_ort.generation import Generation
+from dia_ort.item import cfg_text_rows
 from dia_ort.manifest import Manifest
 from dia_ort.options import GenerationOptions
 from dia_ort.sampling import guide, mask_special
@@ -78,17 +80,21 @@ def quantization_accuracy(
     greedy = replace(options, temperature=0.0, max_new_tokens=steps)
     top_k = options.cfg_filter_top_k or config.default_cfg_filter_top_k
     ref_engine = Engine(folder, manifest, reference, device)
-    generation = Generation(ref_engine, [encode_text(text, config.text_length)], [None], greedy)
-    produced = [step.row for step in generation][:steps]
+    text = encode_text(text, config.text_length)
+    generation = Generation(ref_engine, [text], [None], greedy)
+    for _ in generation:
+        pass
+    item = generation.items[0]
+    produced = range(item.prefill, min(item.prefill + steps, item.eos_row + config.max_delay + 1))
     states = [
-        engine.start(generation.text_ids, generation.text_mask, generation.slots)
+        encoded_rows(engine, *cfg_text_rows([text]), item.slots)
         for engine in (ref_engine, Engine(folder, manifest, dtype, device))
     ]
-    rows = np.repeat(generation.items[0].rows[None], 2, axis=0)  # the cond/uncond pair of the item
+    rows = np.repeat(item.rows[None], 2, axis=0)  # the cond/uncond pair of the item
     feeds = [(rows[:, : produced[0]], 0)] + [(rows[:, row : row + 1], row) for row in produced[:-1]]
     agree, kl = [], []
     for tokens, start in feeds:
-        ref_logits, var_logits = (state.step(tokens, start) for state in states)
+        ref_logits, var_logits = (run_at(state, tokens, start) for state in states)
         ref = guided_logits(ref_logits, options, config, top_k)
         var = guided_logits(var_logits, options, config, top_k)
         var_values = guided_logits(var_logits, options, config, config.vocab_size)  # every id kept

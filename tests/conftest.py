@@ -77,7 +77,7 @@ def v01_dia(v01_folder) -> Dia:
 def ends_at_once(monkeypatch):
     """Make channel 0 sample EOS at once for the `ItemState`s put in the returned set (all when empty),
     in every decoding loop: each places its sampled rows through `ItemState.place`."""
-    from dia_ort.generation import ItemState
+    from dia_ort.item import ItemState
 
     original = ItemState.place
     items: set[ItemState] = set()

@@ -17,7 +17,8 @@ from conftest import export_tiny
 from cuda_placement import basic_optimized, host_device_copies
 
 from dia_ort import Dia, GenerationOptions
-from dia_ort.engine import Engine, GraphDecoderState, StepBuffers
+from dia_ort.decoding import encoded_rows, open_rows, run_at
+from dia_ort.engine import DeviceRows, Engine, StepBuffers
 from dia_ort.generation import Generation
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
@@ -51,17 +52,22 @@ def test_fixed_buffers_give_the_plain_loops_tokens(tiny_dia, prompt):
         assert ours.eos_row == theirs.eos_row
 
 
-def test_next_request_of_the_same_shape_reuses_the_buffers(tiny_dia):
-    engine = tiny_dia.engine
-    engine.buffers.clear()
-    generate(tiny_dia, TEXTS[:1], cuda_graph=True)  # leaves its cache rows and cross K/V behind
+@pytest.fixture
+def own_dia(tiny_folder) -> Dia:
+    """A model of its own, for tests that look at every buffer its engine holds."""
+    return Dia(tiny_folder, device="cpu")
+
+
+def test_next_request_of_the_same_shape_reuses_the_buffers(own_dia):
+    engine = own_dia.engine
+    generate(own_dia, TEXTS[:1], cuda_graph=True)  # leaves its cache rows and cross K/V behind
     (buffers,) = engine.buffers
     addresses = [v.data_ptr() for v in (*buffers.cross, *buffers.caches, buffers.logits)]
-    again = generate(tiny_dia, TEXTS[1:], cuda_graph=True)  # another text of the same bucket
+    again = generate(own_dia, TEXTS[1:], cuda_graph=True)  # another text of the same bucket
     assert engine.buffers == [buffers]
     assert [v.data_ptr() for v in (*buffers.cross, *buffers.caches, buffers.logits)] == addresses
     np.testing.assert_array_equal(
-        again.items[0].rows, generate(tiny_dia, TEXTS[1:]).items[0].rows
+        again.items[0].rows, generate(own_dia, TEXTS[1:]).items[0].rows
     )  # no stale rows
 
 
@@ -80,10 +86,10 @@ def test_live_requests_never_share_buffers(tiny_dia):
         np.testing.assert_array_equal(generation.items[0].rows, one.items[0].rows)
 
 
-def test_free_buffers_are_bounded(tiny_dia):
-    engine = tiny_dia.engine
+def test_free_buffers_are_bounded(own_dia):
+    engine = own_dia.engine
     for batch in (1, 2, 3, 4):  # a new shape each time
-        engine.start(*_text_rows(TEXTS[:1] * batch), slots=40, graph=True)
+        encoded_rows(engine, *_text_rows(TEXTS[:1] * batch), slots=40, graph=True).close()
     assert len(engine.buffers) <= StepBuffers.MAX_FREE_BUFFERS
     ids = {b.graph_id for b in engine.buffers}
     assert len(ids) == len(engine.buffers)  # each set of buffers is its own graph
@@ -91,19 +97,24 @@ def test_free_buffers_are_bounded(tiny_dia):
 
 def test_a_cache_past_the_audio_window_is_refused(tiny_dia):
     """RoPE's tables end at the window: a longer cache would index past them."""
-    for graph in (False, True):
-        with pytest.raises(ValueError, match=f"audio window holds {TINY.decoder.max_length} rows"):
-            tiny_dia.engine.start(*_text_rows(TEXTS[:1]), slots=TINY.decoder.max_length + 1, graph=graph)
+    window = TINY.decoder.max_length
+    with pytest.raises(ValueError, match=f"audio window holds {window} rows"):
+        open_rows(tiny_dia.engine, 2, slots=window + 1, graph=True)
+    host = encoded_rows(tiny_dia.engine, *_text_rows(TEXTS[:1]), slots=window + 1)
+    run_at(host, np.zeros((2, 1, 9), dtype=np.int64), window - 1)  # the window's last row
+    with pytest.raises(ValueError, match=f"audio window holds {window} rows"):
+        run_at(host, np.zeros((2, 1, 9), dtype=np.int64), window)
 
 
 def test_text_and_slots_are_bucketed(tiny_dia):
-    state = tiny_dia.engine.start(*_text_rows(TEXTS[:1]), slots=41, graph=True)
-    assert isinstance(state, GraphDecoderState)
-    batch, length, slots = state.buffers.key
-    assert (batch, slots) == (2, GraphDecoderState.SLOT_BUCKET)
-    assert length == min(TINY.encoder.max_length, GraphDecoderState.TEXT_BUCKET)
+    rows = encoded_rows(tiny_dia.engine, *_text_rows(TEXTS[:1]), slots=41, graph=True)
+    assert isinstance(rows, DeviceRows)
+    batch, length, slots = rows.buffers.key
+    assert (batch, slots) == (2, DeviceRows.SLOT_BUCKET)
+    assert length == min(TINY.encoder.max_length, DeviceRows.TEXT_BUCKET)
     with pytest.raises(ValueError, match="cache holds 41 rows"):
-        state.step(np.zeros((2, 1, 9), dtype=np.int64), 41)  # the request's own limit, not the bucket's
+        run_at(rows, np.zeros((2, 1, 9), dtype=np.int64), 41)  # the request's own limit, not the bucket's
+    rows.close()
 
 
 def test_use_torch_compile_on_the_cpu_runs_the_plain_loop(tiny_dia, caplog):
@@ -114,7 +125,7 @@ def test_use_torch_compile_on_the_cpu_runs_the_plain_loop(tiny_dia, caplog):
 
 
 def _text_rows(texts):
-    from dia_ort.generation import cfg_text_rows
+    from dia_ort.item import cfg_text_rows
 
     return cfg_text_rows([encode_text(t, TINY.encoder.max_length) for t in texts])
 
@@ -135,9 +146,10 @@ def teacher_forced_logits(engine: Engine, graph: bool, prompt) -> list[np.ndarra
     """The logits of a prefill of the prompt rows and then 20 one-row steps of fixed tokens."""
     text_ids, text_mask = _text_rows(TEXTS)
     rows = np.repeat(np.random.default_rng(7).integers(0, 1024, size=(2, 28, 9)), 2, axis=0)
-    state = engine.start(text_ids, text_mask, slots=40, graph=graph)
-    logits = [state.step(rows[:, : len(prompt)], 0)]
-    logits += [state.step(rows[:, row : row + 1], row) for row in range(len(prompt), 28)]
+    cache = encoded_rows(engine, text_ids, text_mask, slots=40, graph=graph)
+    logits = [run_at(cache, rows[:, : len(prompt)], 0)]
+    logits += [run_at(cache, rows[:, row : row + 1], row) for row in range(len(prompt), 28)]
+    cache.close()
     return logits
 
 

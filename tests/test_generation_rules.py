@@ -1,18 +1,20 @@
 """The step loop's rules (docs/generation.md sections 6 and 8) without a model: the frame budget, the
 CFG text rows, one item's rows (`ItemState`) against the rules written out cell by cell, and
-`Generation` driving a scripted decoder whose every call is recorded."""
+the decoding loop (`Decoding`) driving scripted cache rows whose every call is recorded."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from test_delay import CONFIG, D, frames
 
+from dia_ort.decoding import Decoding, Request
 from dia_ort.delay import UNKNOWN
-from dia_ort.generation import Generation, ItemState, cfg_text_rows, frame_budget
+from dia_ort.item import ItemState, cfg_text_rows, frame_budget
 from dia_ort.manifest import CodecConfig
 from dia_ort.options import GenerationOptions
 
@@ -62,10 +64,10 @@ def test_frame_budget_is_max_new_tokens_within_the_room():
 
 
 def test_frame_budget_clamps_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="dia_ort.generation"):
+    with caplog.at_level(logging.WARNING, logger="dia_ort.item"):
         assert frame_budget(CONFIG, 0, ROOM, FRAME_RATE) == ROOM
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="dia_ort.generation"):
+    with caplog.at_level(logging.WARNING, logger="dia_ort.item"):
         assert frame_budget(CONFIG, 3, ROOM, FRAME_RATE) == ROOM - 3
     assert caplog.messages == [
         f"max_new_tokens={ROOM} does not fit the audio window with a 3-frame prompt; "
@@ -167,66 +169,110 @@ def test_final_frames_are_those_whose_last_channel_is_written(prompt_frames):
 
 
 @dataclass
-class ScriptedDecoder:
-    """Stands in for `Engine` and its decoder state: cond logits make channel 0 say EOS at the row
-    `eos_rows[i]` for item i; otherwise they peak at code A = (row * 7 + c) % 1000 and next at
-    B = A + 500, where the uncond logits are low, so guidance (cfg_filter_top_k=1) picks B, while
-    cond alone, or swapped rows, would pick A. Every call is recorded."""
+class ScriptedRows:
+    """Stands in for the cache rows (`decoding.Rows`): cond logits make channel 0 say EOS at the row
+    `eos_rows[i]` for the i-th request that joined; otherwise they peak at code A = (row * 7 + c) % 1000
+    and next at B = A + 500, where the uncond logits are low, so guidance (cfg_filter_top_k=1) picks B,
+    while cond alone, or swapped rows, would pick A. Rows move as the host rows' do when a pair leaves.
+    Every call is recorded."""
 
     eos_rows: list[int]
-    config: object = CONFIG
-    frame_rate: float = FRAME_RATE
-    calls: list[tuple[np.ndarray, int]] = field(default_factory=list)
-    started: list[tuple] = field(default_factory=list)
+    rows: int = 0
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.int64))
+    pairs: list[int] = field(default_factory=list)  # the request (by joining order) of each pair
+    calls: list[tuple] = field(default_factory=list)
 
-    def start(self, text_ids, text_mask, slots, graph=False):
-        self.started.append((text_ids, text_mask, slots, graph))
-        return self
+    def add(self, text_ids, text_mask):
+        self.calls.append(("add", text_ids, text_mask))
+        first, self.rows = self.rows, self.rows + len(text_ids)
+        self.pairs += range(len(self.pairs), len(self.pairs) + len(text_ids) // 2)
+        self.positions[first : self.rows] = 0
+        return first
 
-    def step(self, tokens: np.ndarray, start: int) -> np.ndarray:
-        self.calls.append((tokens.copy(), start))
-        row = start + tokens.shape[1]  # the row these logits predict
-        logits = np.zeros((tokens.shape[0], CONFIG.num_channels, CONFIG.vocab_size), dtype=np.float32)
-        for c in range(CONFIG.num_channels):
-            logits[:, c, (row * 7 + c) % 1000] = 5.0
-            logits[1::2, c, (row * 7 + c) % 1000 + 500] = 4.0
-        for i, eos_row in enumerate(self.eos_rows):
-            if row == eos_row:
-                logits[2 * i + 1, 0, EOS] = 10.0
+    def remove(self, first):
+        self.calls.append(("remove", first))
+        last = self.rows - 2
+        self.pairs[first // 2] = self.pairs[last // 2]
+        self.positions[first : first + 2] = self.positions[last : last + 2]
+        del self.pairs[last // 2]
+        self.rows = last
+        return last if first != last else None
+
+    def prefill(self, first, tokens):
+        self.calls.append(("prefill", first, tokens.copy()))
+        self.positions[first : first + len(tokens)] += tokens.shape[1]
+        return self._logits(range(first, first + len(tokens)))
+
+    def step(self, tokens, held):
+        self.calls.append(("step", tokens.copy(), held.copy()))
+        self.positions[: self.rows] += ~held
+        return self._logits(range(self.rows))
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def _logits(self, rows):
+        logits = np.zeros((len(rows), CONFIG.num_channels, CONFIG.vocab_size), dtype=np.float32)
+        for k, r in enumerate(rows):
+            row = self.positions[r]  # the row these logits predict
+            for c in range(CONFIG.num_channels):
+                logits[k, c, (row * 7 + c) % 1000] = 5.0
+                if r % 2:
+                    logits[k, c, (row * 7 + c) % 1000 + 500] = 4.0
+            request = self.pairs[r // 2]
+            if r % 2 and request < len(self.eos_rows) and row == self.eos_rows[request]:
+                logits[k, 0, EOS] = 10.0
         return logits
 
 
-def test_generation_prefills_then_feeds_each_row_back_until_every_item_is_finished():
+def scripted_requests(texts, prompts, options):
+    engine = SimpleNamespace(config=CONFIG, frame_rate=FRAME_RATE)
+    return [
+        Request.new(i, engine, t, p, options) for i, (t, p) in enumerate(zip(texts, prompts, strict=True))
+    ]
+
+
+def run_decoding(rows, requests):
+    """Join `requests`, then step until none runs; the rows each request produced, step by step."""
+    decoding = Decoding(rows, CONFIG.num_channels)
+    decoding.join(requests)
+    produced = [[r.row for r in requests]]
+    while decoding.running:
+        decoding.step()
+        produced.append([r.row for r in requests])
+    return produced
+
+
+def test_decoding_prefills_then_feeds_each_row_back_until_every_request_is_finished():
     prompts = [None, frames(3, seed=4)]
-    decoder = ScriptedDecoder(eos_rows=[6, 12])
+    rows = ScriptedRows(eos_rows=[6, 12])
     options = GenerationOptions(temperature=0, max_new_tokens=30, cfg_filter_top_k=1)
-    generation = Generation(decoder, [np.array([7, 8]), np.array([9])], prompts, options, cuda_graph=True)
-    steps = list(generation)
+    requests = scripted_requests([np.array([7, 8]), np.array([9])], prompts, options)
+    produced = run_decoding(rows, requests)
 
-    text_ids, text_mask, slots, graph = decoder.started[0]
+    kind, text_ids, text_mask = rows.calls[0]  # one encoder run for both texts
+    assert kind == "add"
     np.testing.assert_array_equal(text_ids, [[0, 0], [7, 8], [0, 0], [9, 0]])
-    assert mask_rows(text_mask) == [2, 2, 1, 1] and graph is True
-    assert slots == max(1 + 30, 3 + 1 + 30) + D + 1
+    assert mask_rows(text_mask) == [2, 2, 1, 1]
+    # each request prefills its known rows (1 and 4), each row given to both CFG rows
+    (_, first0, known0), (_, first1, known1) = rows.calls[1:3]
+    assert (first0, known0.shape, first1, known1.shape) == (0, (2, 1, 9), 2, (2, 4, 9))
+    assert (known0 == BOS).all()
+    np.testing.assert_array_equal(known1, np.repeat(requests[1].item.rows[None, :4], 2, axis=0))
+    # then one row a step for each, fed back to both of its rows
+    assert [p[0] for p in produced[: 6 + D]] == list(range(1, 6 + D + 1))
+    assert [p[1] for p in produced[: 12 + D - 3]] == list(range(4, 12 + D + 1))
+    steps = [c for c in rows.calls if c[0] == "step"]
+    assert len(steps) == len(produced) - 1
+    for (_, fed, held), before in zip(steps, produced, strict=False):
+        assert not held.any()
+        np.testing.assert_array_equal(fed[0::2], fed[1::2])  # both rows of a pair get its row
+        np.testing.assert_array_equal(fed[-1, 0], requests[1].item.rows[before[1]])  # the last pair
+    # request 0 leaves at its end: request 1's pair moves into its rows
+    assert ("remove", 0) in rows.calls and rows.calls[-1] == ("remove", 0)
+    assert all(r.done for r in requests) and rows.rows == 0
 
-    # the prefill is row 0, which both items know (item 1 knows 4 rows), each row given to both CFG rows
-    prefill, start = decoder.calls[0]
-    assert start == 0 and prefill.shape == (4, 1, CONFIG.num_channels)
-    assert (prefill == BOS).all()
-    assert [s.row for s in steps] == list(range(1, 12 + D + 1))
-    assert [s.index for s in steps] == list(range(1, len(steps) + 1))
-    assert {s.total for s in steps} == {3 + 1 + 30 + D}  # the longest item's last row + D, from row 1
-    for step, (fed, start) in zip(steps, decoder.calls[1:], strict=False):
-        assert start == step.row and fed.shape == (4, 1, CONFIG.num_channels)
-        np.testing.assert_array_equal(fed[:, 0], np.repeat(step.tokens, 2, axis=0))
-    assert len(decoder.calls) == len(steps)  # the last row is not fed back
-
-    finished = np.array([s.finished for s in steps])
-    assert finished[:, 0].argmax() == steps.index(next(s for s in steps if s.row == 6 + D))
-    assert finished[-1].all() and not finished[-2].all()
-    after = [s.tokens[0] for s in steps if s.row > 6 + D]
-    assert after and all((tokens == PAD).all() for tokens in after)
-
-    codes = generation.codes()
+    codes = [r.codes() for r in requests]
     assert [len(c) for c in codes] == [6 - 1, 12 - 1 - 3]
     expected = [
         [(k + 1 + p + d) * 7 + c for c, d in enumerate(CONFIG.delay_pattern)]
@@ -236,45 +282,44 @@ def test_generation_prefills_then_feeds_each_row_back_until_every_item_is_finish
     np.testing.assert_array_equal(np.concatenate(codes), np.array(expected) % 1000 + 500)
 
 
-def test_an_item_finished_early_gets_pad_rows_past_its_own_slots():
-    """Item 0 (no prompt) ends at its budget 3 rows before item 1 (3 prompt frames) and has 3 rows
-    fewer; until item 1 is finished, item 0's rows are PAD."""
-    decoder = ScriptedDecoder(eos_rows=[])
+def test_a_request_that_ends_leaves_and_the_others_go_on():
+    """Request 0 ends at its budget; its pair is freed (the last pair moves in) and request 1 goes on
+    to its own end with the same rows it gets alone."""
     options = GenerationOptions(temperature=0, max_new_tokens=5, cfg_filter_top_k=1)
-    generation = Generation(decoder, [np.array([1]), np.array([2])], [None, frames(3)], options)
-    steps = list(generation)
-    assert steps[-1].row == 3 + 1 + 5 + D and generation.items[0].slots == 1 + 5 + D + 1
-    assert all((s.tokens[0] == PAD).all() for s in steps if s.row > 1 + 5 + D)
-    assert [len(c) for c in generation.codes()] == [5, 5]
+    prompts = [None, frames(3)]
+    together = scripted_requests([np.array([1]), np.array([2])], prompts, options)
+    run_decoding(ScriptedRows(eos_rows=[]), together)
+    alone = scripted_requests([np.array([2])], prompts[1:], options)
+    run_decoding(ScriptedRows(eos_rows=[]), alone)
+    np.testing.assert_array_equal(together[1].item.rows, alone[0].item.rows)
+    assert [len(r.codes()) for r in together] == [5, 5]
 
 
 def mask_rows(mask: np.ndarray) -> list[int]:
     return mask.sum(axis=1).tolist()
 
 
-def test_a_seeded_generation_draws_the_same_tokens():
+def test_a_seeded_request_draws_the_same_tokens():
     def tokens(seed):
-        decoder = ScriptedDecoder(eos_rows=[40])
         options = GenerationOptions(temperature=1.0, max_new_tokens=8, seed=seed)
-        steps = list(Generation(decoder, [np.array([1])], [None], options))
-        assert decoder.started[0][3] is False  # no CUDA graph unless asked
-        return np.stack([s.tokens for s in steps])
+        (request,) = scripted_requests([np.array([1])], [None], options)
+        run_decoding(ScriptedRows(eos_rows=[40]), [request])
+        return request.item.rows
 
     np.testing.assert_array_equal(tokens(3), tokens(3))
     assert not np.array_equal(tokens(3), tokens(4))
 
 
-def test_each_item_of_a_seeded_batch_samples_the_tokens_it_would_alone():
-    """One generator per item, each from the seed (docs section 8): item i of a batch gets the tokens
-    a generation of item i alone gets; with one shared generator the three items would differ."""
+def test_each_request_of_a_seeded_batch_samples_the_tokens_it_would_alone():
+    """One generator per request, each from the seed (docs section 8): request i of a batch gets the
+    tokens a request of it alone gets; with one shared generator the three would differ."""
 
-    def tokens(eos_rows, prompts):
-        decoder = ScriptedDecoder(eos_rows=eos_rows)
+    def tokens(count):
         options = GenerationOptions(temperature=1.0, max_new_tokens=8, seed=11)
-        texts = [np.array([1])] * len(prompts)
-        return np.stack([s.tokens for s in Generation(decoder, texts, prompts, options)])
+        requests = scripted_requests([np.array([1])] * count, [None] * count, options)
+        run_decoding(ScriptedRows(eos_rows=[40] * count), requests)
+        return [r.item.rows for r in requests]
 
-    alone = tokens([40], [None])
-    batch = tokens([40, 40, 40], [None, None, None])
-    for i in range(3):
-        np.testing.assert_array_equal(batch[:, i], alone[:, 0])
+    (alone,) = tokens(1)
+    for rows in tokens(3):
+        np.testing.assert_array_equal(rows, alone)

@@ -14,8 +14,9 @@ from conftest import export_tiny
 from reference import hf_model
 
 from dia_ort import Dia
+from dia_ort.decoding import encoded_rows, run_at
 from dia_ort.engine import Device, Engine
-from dia_ort.generation import cfg_text_rows
+from dia_ort.item import cfg_text_rows
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 from export.architecture import TINY
@@ -123,9 +124,9 @@ def test_half_variants_track_float32(tmp_path, tiny_state, tiny_codec):
     tokens = np.random.default_rng(0).integers(0, 1024, size=(2, 4, TINY.decoder.num_channels))
     logits = {}
     for dtype in ("float32", "float16"):
-        state = Engine(folder, manifest, dtype, Device("cpu")).start(text_ids, text_mask, slots=8)
-        logits[dtype] = [state.step(tokens[:, row : row + 1], row) for row in range(4)]
-        assert state.caches[0].data_type() == f"tensor({dtype.replace('32', '')})"
+        rows = encoded_rows(Engine(folder, manifest, dtype, Device("cpu")), text_ids, text_mask, slots=8)
+        logits[dtype] = [run_at(rows, tokens[:, row : row + 1], row) for row in range(4)]
+        assert rows.caches[0].dtype == {"float32": np.float32, "float16": np.float16}[dtype]
     for want, have in zip(logits["float32"], logits["float16"], strict=True):
         assert have.dtype == np.float32
         np.testing.assert_allclose(have, want, atol=1e-2 * np.abs(want).max())

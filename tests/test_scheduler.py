@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dia_ort import GenerationOptions, engine
-from dia_ort.batching import BatchDecoder
-from dia_ort.generation import PREFILL_CHUNK, prefill_chunks
+from dia_ort.batching import HostRows
+from dia_ort.item import PREFILL_CHUNK, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
 from export.architecture import TINY
 
@@ -46,7 +46,7 @@ def test_a_request_alone_gets_the_tokens_of_generate(dia):
     run(scheduler)
     want = solo_rows(dia, TEXTS[0], temperature=0, max_new_tokens=NEW)
     np.testing.assert_array_equal(request.item.rows, want.rows)
-    assert request.done and scheduler.batch.rows == 0
+    assert request.done and scheduler.decoding.rows.rows == 0
 
 
 def test_requests_joining_mid_way_get_their_solo_tokens(dia):
@@ -97,7 +97,7 @@ def test_the_batch_is_bounded_and_the_queue_too(tiny_dia):
     assert scheduler.occupancy == 2 and scheduler.queue_depth == 1
     requests.append(scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW))  # room again
     run(scheduler)
-    assert all(r.done for r in requests) and scheduler.batch.rows == 0
+    assert all(r.done for r in requests) and scheduler.decoding.rows.rows == 0
 
 
 def test_a_cancelled_request_frees_its_rows_at_the_next_step(tiny_dia):
@@ -106,10 +106,10 @@ def test_a_cancelled_request_frees_its_rows_at_the_next_step(tiny_dia):
     leaves = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
     also = scheduler.submit(TEXTS[2], temperature=0, max_new_tokens=NEW)
     run(scheduler, steps=5)
-    assert scheduler.batch.rows == 6
+    assert scheduler.decoding.rows.rows == 6
     leaves.cancel()
     scheduler.step()
-    assert scheduler.batch.rows == 4 and leaves.first_row is None and not leaves.done
+    assert scheduler.decoding.rows.rows == 4 and leaves.first_row is None and not leaves.done
     run(scheduler)
     for request, text in ((stays, TEXTS[1]), (also, TEXTS[2])):  # the pair moved into the freed rows
         np.testing.assert_array_equal(
@@ -132,7 +132,7 @@ def test_bad_requests_are_refused_before_they_queue(tiny_dia):
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(tiny_dia, max_batch=0)
     with pytest.raises(ValueError, match="multiple of 2"):
-        BatchDecoder(tiny_dia.engine, 3)
+        HostRows(tiny_dia.engine, 3)
 
 
 def test_the_background_thread_serves_requests_from_other_threads(tiny_dia):
@@ -159,13 +159,13 @@ def test_cache_growth_keeps_every_rows_slots(tiny_dia, monkeypatch):
         np.testing.assert_array_equal(
             request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=NEW).rows
         )
-    assert TINY.decoder.max_length >= scheduler.batch.capacity
+    assert TINY.decoder.max_length >= scheduler.decoding.rows.capacity
 
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_next_ones_run(tiny_dia, monkeypatch):
     scheduler = Scheduler(tiny_dia, max_batch=2).start()
     try:
-        original = BatchDecoder.step
+        original = HostRows.step
         calls = {"n": 0}
 
         def flaky(self, tokens, held=None):
@@ -174,7 +174,7 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_next_ones_run(tiny_
                 raise RuntimeError("the device went away")
             return original(self, tokens, held)
 
-        monkeypatch.setattr(BatchDecoder, "step", flaky)
+        monkeypatch.setattr(HostRows, "step", flaky)
         failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
         with pytest.raises(RuntimeError, match="the device went away"):
             list(failed)
@@ -205,14 +205,14 @@ def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia
     """Both join at one step, so their prefill is one call; it fails whenever it holds the first one's
     rows: that request alone fails."""
     scheduler = Scheduler(tiny_dia, max_batch=3)
-    original = BatchDecoder.prefill
+    original = HostRows.prefill
 
     def failing_with_the_first(self, first, tokens):
         if failed.first_row is not None and first <= failed.first_row < first + len(tokens):
             raise MemoryError("no room for the prefill")
         return original(self, first, tokens)
 
-    monkeypatch.setattr(BatchDecoder, "prefill", failing_with_the_first)
+    monkeypatch.setattr(HostRows, "prefill", failing_with_the_first)
     failed = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
     fine = scheduler.submit(TEXTS[1], temperature=0, max_new_tokens=NEW)
     run(scheduler)
@@ -221,7 +221,7 @@ def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia
     np.testing.assert_array_equal(
         fine.item.rows, solo_rows(tiny_dia, TEXTS[1], temperature=0, max_new_tokens=NEW).rows
     )
-    assert scheduler.batch.rows == 0
+    assert scheduler.decoding.rows.rows == 0
 
 
 def test_requests_joining_at_one_step_share_one_encoder_run_and_a_prefill_per_length(tiny_dia, monkeypatch):
@@ -229,13 +229,13 @@ def test_requests_joining_at_one_step_share_one_encoder_run_and_a_prefill_per_le
     and every request gets the tokens it gets alone."""
     calls = {"add": [], "prefill": []}
     for name in calls:
-        original = getattr(BatchDecoder, name)
+        original = getattr(HostRows, name)
 
         def spy(self, first, tokens, name=name, original=original):
             calls[name].append(len(first) if name == "add" else len(tokens))
             return original(self, first, tokens)
 
-        monkeypatch.setattr(BatchDecoder, name, spy)
+        monkeypatch.setattr(HostRows, name, spy)
     prompt = np.random.default_rng(5).integers(0, 1024, size=(6, TINY.decoder.num_channels))
     prompts = [None, prompt, None, None]
     texts = [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[0] + " Again."]
@@ -255,13 +255,13 @@ def test_a_long_prompt_prefills_in_chunks_between_the_others_steps(tiny_dia, mon
     """A prompt of 150 frames joins a running request: its prefill takes one chunk per step while the
     other request goes on decoding a row per step, and both get the tokens they get alone."""
     chunk_rows = []
-    original = BatchDecoder.prefill
+    original = HostRows.prefill
 
     def spy(self, first, tokens):
         chunk_rows.append(tokens.shape[1])
         return original(self, first, tokens)
 
-    monkeypatch.setattr(BatchDecoder, "prefill", spy)
+    monkeypatch.setattr(HostRows, "prefill", spy)
     prompt = np.random.default_rng(6).integers(0, 1024, size=(150, TINY.decoder.num_channels))
     scheduler = Scheduler(tiny_dia, max_batch=2)
     running = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)

@@ -8,7 +8,7 @@ import pytest
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
 from dia_ort.generation import Step
 from dia_ort.options import GenerationOptions
-from dia_ort.streaming import AudioChunk, stream_generation
+from dia_ort.streaming import AudioChunk
 from export.architecture import TINY
 
 TEXT = "[S1] Hello there. [S2] Hi! How are you?"
@@ -46,11 +46,12 @@ def test_resampled_stream_equals_generate(tiny_dia, rate):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_batch_stream_per_item_with_items_ending_at_different_steps(tiny_dia):
-    """Prompts of different lengths end their items at different rows; each item streams alone."""
+def test_batch_stream_per_item_with_items_ending_at_different_steps(tiny_dia, ends_at_once):
+    """Items that end at different steps each stream alone: a prompt of two prefill chunks ends a step
+    after one of one chunk, and an item that ends at once ends first."""
     rng = np.random.default_rng(4)
     texts = [TEXT, "[S2] Short.", "[S1] A third one, with a longer line of text."]
-    prompts = [rng.integers(0, 1024, size=(12, 9)), None, rng.integers(0, 1024, size=(30, 9))]
+    prompts = [rng.integers(0, 1024, size=(12, 9)), None, rng.integers(0, 1024, size=(70, 9))]
     kwargs = dict(temperature=1.0, seed=9, max_new_tokens=40)
     want = tiny_dia.generate_batch(texts, prompts, **kwargs)
     got: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
@@ -60,8 +61,9 @@ def test_batch_stream_per_item_with_items_ending_at_different_steps(tiny_dia):
         np.testing.assert_array_equal(joined(got[i]), want[i])
 
     generation = tiny_dia.start(texts, prompts, GenerationOptions(**kwargs))
+    ends_at_once.add(generation.items[1])
     ended_at, step = {}, None
-    for event in stream_generation(generation, tiny_dia.codec):
+    for event in generation.stream(tiny_dia.codec):
         if isinstance(event, Step):
             step = event.index
         elif event.last:
@@ -80,7 +82,7 @@ def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames,
     options = GenerationOptions(temperature=0, max_new_tokens=120)
     generation = tiny_dia.start([TEXT], [prompt], options)
     steps = 0
-    for event in stream_generation(generation, tiny_dia.codec, first_chunk_frames=first):
+    for event in generation.stream(tiny_dia.codec, first_chunk_frames=first):
         if isinstance(event, Step):
             steps = event.index
         else:
@@ -92,11 +94,7 @@ def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames,
 def test_an_item_that_ends_early_still_gets_its_last_chunk(tiny_dia):
     """An item shorter than the first chunk comes out whole, at its end, marked last."""
     generation = tiny_dia.start([TEXT], None, GenerationOptions(temperature=0, max_new_tokens=3))
-    chunks = [
-        e
-        for e in stream_generation(generation, tiny_dia.codec, first_chunk_frames=64)
-        if not isinstance(e, Step)
-    ]
+    chunks = [e for e in generation.stream(tiny_dia.codec, first_chunk_frames=64) if not isinstance(e, Step)]
     assert [c.last for c in chunks] == [True] and len(chunks[0].audio) == 3 * 512
 
 
@@ -104,7 +102,7 @@ def test_an_item_with_no_audio_ends_with_an_empty_last_chunk(tiny_dia, ends_at_o
     options = GenerationOptions(temperature=0, max_new_tokens=30)
     generation = tiny_dia.start([TEXT, "[S2] Two."], None, options)
     ends_at_once.add(generation.items[0])
-    chunks = [e for e in stream_generation(generation, tiny_dia.codec) if not isinstance(e, Step)]
+    chunks = [e for e in generation.stream(tiny_dia.codec) if not isinstance(e, Step)]
     assert (chunks[0].item, len(chunks[0].audio), chunks[0].last) == (0, 0, True)
     assert all(c.item == 1 for c in chunks[1:]) and sum(len(c.audio) for c in chunks[1:]) == 30 * 512
     ends_at_once.clear()  # every item from here on
