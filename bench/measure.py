@@ -13,8 +13,9 @@ from typing import Protocol
 import numpy as np
 
 from dia_ort.decoding import Rows, run_at
+from dia_ort.manifest import CodecConfig
 
-FRAMES_PER_SECOND = 44100 / 512  # 86.13 decoder steps make one second of audio
+FRAMES_PER_SECOND = CodecConfig().frame_rate  # 86.13 decoder steps make one second of the DAC's audio
 TEXT = (
     "[S1] Dia is an open weights text to dialogue model. [S2] You get full control over scripts and voices."
 )

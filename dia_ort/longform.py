@@ -4,6 +4,10 @@ The script is split into parts (script.py). Each part after the first is prompte
 part: its generated codes (no codec round trip) as the audio prompt, its text as the transcript at
 the start of the new text, as in Dia's voice cloning, so the speakers keep their voices. The parts'
 audio is joined with a short equal-power crossfade, so the joins do not click.
+
+Each part is a request of the decoding loop, run by whoever drives it (`RunPart`): `Dia` runs it as a
+fixed batch of one, the server submits it to its scheduler, so the parts of a script share the batch
+with the server's other requests.
 """
 
 from __future__ import annotations
@@ -12,19 +16,17 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dia_ort.audio import DAC_SAMPLE_RATE, stream_resampler
-from dia_ort.generation import Generation
+from dia_ort.config import ModelConfig
+from dia_ort.generation import Step
+from dia_ort.item import ItemState
 from dia_ort.options import GenerationOptions
 from dia_ort.progress import report_speed
 from dia_ort.script import LONG_FORM_SECONDS, ScriptPart, estimated_seconds, model_bytes, split_script
 from dia_ort.streaming import AudioChunk
-
-if TYPE_CHECKING:
-    from dia_ort.model import AudioPrompt, Dia
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +113,34 @@ def part_seed(seed: int | None, part: int) -> int | None:
     return int(np.random.SeedSequence([seed, part]).generate_state(1, np.uint64)[0] >> 1)
 
 
+# Runs one part: (text, prompt codes, options) -> the part's item (its codes and end, once the events
+# are spent) and its events: `Step`s and `AudioChunk`s at the codec's rate.
+RunPart = Callable[[str, np.ndarray | None, GenerationOptions], tuple[ItemState, Iterator[Step | AudioChunk]]]
+
+
 class LongFormStream:
     """A script generated part by part: iterate it for float32 audio at `options.sample_rate`.
 
-    The request is checked and split when the object is made, before any audio is asked for.
+    `prompt` is the caller's checked audio prompt (codes), if any. The request is checked and split
+    when the object is made, before any audio is asked for.
     """
 
     def __init__(
         self,
-        dia: Dia,
+        run_part: RunPart,
+        config: ModelConfig,
+        frame_rate: float,
         text: str,
-        audio_prompt: AudioPrompt | None,
+        prompt: np.ndarray | None,
         options: GenerationOptions,
-        first_chunk_frames: int,
-        chunk_frames: int,
         seconds: float = LONG_FORM_SECONDS,
         callback: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.dia, self.callback = dia, callback
+        self.run_part, self.config, self.callback = run_part, config, callback
         self.options = options.validate()
-        self.chunking = (first_chunk_frames, chunk_frames)
-        config = dia.config
         self.room = config.audio_room  # prompt + output frames of one generation
-        self.frame_rate = dia.engine.frame_rate
-        self.prompt = None if audio_prompt is None else dia.prompt_codes(audio_prompt)
+        self.frame_rate = frame_rate
+        self.prompt = prompt
         prompt_frames = 0 if self.prompt is None else len(self.prompt)
         if _fits_one_generation(text, config.text_length, self.room - prompt_frames, self.frame_rate):
             self.parts = [ScriptPart(text, None, continues=False)]  # as a plain request would take it
@@ -159,12 +165,12 @@ class LongFormStream:
         for k, part in enumerate(self.parts):
             if k:
                 previous = _fitting_prompt(
-                    previous, part, self.dia.config.text_length, self.room, self.frame_rate
+                    previous, part, self.config.text_length, self.room, self.frame_rate
                 )
-            generation = self._start(k, part, previous)
+            item, events = self._start(k, part, previous)
             later = len(self.parts) - k - 1  # parts still to come, each at most `room` steps
             last_index = 0
-            for event in generation.stream(self.dia.codec, DAC_SAMPLE_RATE, *self.chunking):
+            for event in events:
                 if isinstance(event, AudioChunk):
                     yield from out(fade.push(event.audio))
                     continue
@@ -172,15 +178,18 @@ class LongFormStream:
                 if self.callback is not None:
                     self.callback(steps_done + event.index, steps_done + event.total + later * self.room)
             steps_done += last_index
-            previous = self._spoken(k, part, generation, previous)
+            previous = self._spoken(k, part, item, previous)
             if later:
                 yield from out(fade.next_part())
         yield from out(fade.finish(), last=True)
         if self.options.verbose:
             report_speed(steps_done, time.perf_counter() - began, self.frame_rate)
 
-    def _start(self, k: int, part: ScriptPart, previous: Spoken | None) -> Generation:
-        """Part k's generation: prompted with `previous`, with seed and frame budget of its own.
+    def _start(
+        self, k: int, part: ScriptPart, previous: Spoken | None
+    ) -> tuple[ItemState, Iterator[Step | AudioChunk]]:
+        """Part k's run: prompted with `previous`, with seed and frame budget of its own, its audio
+        at the codec's rate (the joined audio is resampled once, at the end).
 
         `max_new_tokens` bounds each part; it is clamped to the room the prompt leaves here, so that
         the default 2048 does not warn on every part (`frame_budget` reports a prompt with no room).
@@ -192,16 +201,15 @@ class LongFormStream:
             self.options,
             seed=part_seed(self.options.seed, k),
             max_new_tokens=max(1, min(self.options.max_new_tokens, budget)),
+            sample_rate=DAC_SAMPLE_RATE,
         )
-        return self.dia.start([text], [codes], options)
+        return self.run_part(text, codes, options)
 
-    def _spoken(
-        self, k: int, part: ScriptPart, generation: Generation, previous: Spoken | None
-    ) -> Spoken | None:
+    def _spoken(self, k: int, part: ScriptPart, item: ItemState, previous: Spoken | None) -> Spoken | None:
         """What prompts part k + 1: part k's codes and text (the first part's with the caller's prompt,
         whose transcript starts its text); the older prompt when part k has no audio."""
-        (codes,) = generation.codes()
-        if generation.items[0].eos_row == generation.items[0].last_row:
+        codes = item.codes()
+        if item.eos_row == item.last_row:
             log.warning("part %d of the script reached its frame budget; its speech may be cut short", k + 1)
         if len(codes) == 0:
             log.warning("part %d of the script ended at once, with no audio: %r", k + 1, part.text[:60])

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from dia_ort.codec import Codec
 from dia_ort.engine import Device, Engine
 from dia_ort.generation import Generation, Step
 from dia_ort.hub import resolve_model_folder
+from dia_ort.item import ItemState
 from dia_ort.longform import LongFormStream
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES, Manifest
 from dia_ort.options import DEFAULTS, GenerationOptions
@@ -272,10 +274,12 @@ class Dia:
         check_chunk_frames(first_chunk_frames, chunk_frames)
         opts = GenerationOptions(**options).validate()
         if long_form:
-            stream = LongFormStream(
-                self, text, audio_prompt, opts, first_chunk_frames, chunk_frames, long_form_seconds, callback
+            prompt = None if audio_prompt is None else self.prompt_codes(audio_prompt)
+            run_part = partial(self._run_part, (first_chunk_frames, chunk_frames))
+            parts = LongFormStream(
+                run_part, self.config, self.engine.frame_rate, text, prompt, opts, long_form_seconds, callback
             )
-            return iter(stream)
+            return iter(parts)
         prompts = None if audio_prompt is None else [audio_prompt]
         pairs = self.generate_batch_stream(
             [text],
@@ -308,6 +312,13 @@ class Dia:
         generation = self.start(texts, audio_prompts, opts)
         events = generation.stream(self.codec, opts.sample_rate, first_chunk_frames, chunk_frames)
         return _pairs(events, callback, opts.verbose, self.engine.frame_rate)
+
+    def _run_part(
+        self, chunking: tuple[int, int], text: str, prompt: np.ndarray | None, options: GenerationOptions
+    ) -> tuple[ItemState, Iterator[Step | AudioChunk]]:
+        """One long-form part, as a fixed batch of one: its item and its steps and audio chunks."""
+        generation = self.start([text], [prompt], options)
+        return generation.items[0], generation.stream(self.codec, options.sample_rate, *chunking)
 
     # -- codec --------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia_ort import GenerationOptions, engine
+from dia_ort import engine
 from dia_ort.batching import HostRows
 from dia_ort.item import PREFILL_CHUNK, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
@@ -19,12 +19,10 @@ TEXTS = [
 NEW = 30
 
 
-def solo_rows(dia, text, prompt=None, **options):
-    """The rows `Dia.start` produces for the text alone (checked against transformers elsewhere)."""
-    generation = dia.start([text], None if prompt is None else [prompt], GenerationOptions(**options))
-    for _ in generation:
-        pass
-    return generation.items[0]
+def solo_codes(dia, text, prompt=None, **options):
+    """The codes `generate_codes` gives the text alone (checked against transformers elsewhere)."""
+    (codes,) = dia.generate_codes([text], None if prompt is None else [prompt], **options)
+    return codes
 
 
 def run(scheduler, steps=None):
@@ -44,8 +42,8 @@ def test_a_request_alone_gets_the_tokens_of_generate(dia):
     scheduler = Scheduler(dia, max_batch=4)
     request = scheduler.submit(TEXTS[0], temperature=0, max_new_tokens=NEW)
     run(scheduler)
-    want = solo_rows(dia, TEXTS[0], temperature=0, max_new_tokens=NEW)
-    np.testing.assert_array_equal(request.item.rows, want.rows)
+    want = solo_codes(dia, TEXTS[0], temperature=0, max_new_tokens=NEW)
+    np.testing.assert_array_equal(request.codes(), want)
     assert request.done and scheduler.decoding.rows.rows == 0
 
 
@@ -62,9 +60,8 @@ def test_requests_joining_mid_way_get_their_solo_tokens(dia):
     requests.append(scheduler.submit(TEXTS[2], prompts[2], temperature=0, max_new_tokens=NEW - 10))
     run(scheduler)
     for request, text, prompt, new in zip(requests, TEXTS, prompts, (NEW, NEW + 5, NEW - 10), strict=True):
-        want = solo_rows(dia, text, prompt, temperature=0, max_new_tokens=new)
-        np.testing.assert_array_equal(request.item.rows, want.rows)
-        np.testing.assert_array_equal(request.codes(), want.codes())
+        want = solo_codes(dia, text, prompt, temperature=0, max_new_tokens=new)
+        np.testing.assert_array_equal(request.codes(), want)
 
 
 def test_streamed_audio_equals_generate_with_the_same_seed(tiny_dia):
@@ -113,7 +110,7 @@ def test_a_cancelled_request_frees_its_rows_at_the_next_step(tiny_dia):
     run(scheduler)
     for request, text in ((stays, TEXTS[1]), (also, TEXTS[2])):  # the pair moved into the freed rows
         np.testing.assert_array_equal(
-            request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=NEW).rows
+            request.codes(), solo_codes(tiny_dia, text, temperature=0, max_new_tokens=NEW)
         )
     waiting = scheduler.submit(TEXTS[0])
     waiting.cancel()
@@ -157,7 +154,7 @@ def test_cache_growth_keeps_every_rows_slots(tiny_dia, monkeypatch):
     run(scheduler)
     for request, text in ((first, TEXTS[0]), (second, TEXTS[1])):
         np.testing.assert_array_equal(
-            request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=NEW).rows
+            request.codes(), solo_codes(tiny_dia, text, temperature=0, max_new_tokens=NEW)
         )
     assert TINY.decoder.max_length >= scheduler.decoding.rows.capacity
 
@@ -197,7 +194,7 @@ def test_a_short_text_joining_rows_a_longer_text_left_sees_none_of_it(tiny_dia):
     run(scheduler)
     for request, text, new in ((stays, TEXTS[2], 60), (joins, TEXTS[0], NEW)):
         np.testing.assert_array_equal(
-            request.item.rows, solo_rows(tiny_dia, text, temperature=0, max_new_tokens=new).rows
+            request.codes(), solo_codes(tiny_dia, text, temperature=0, max_new_tokens=new)
         )
 
 
@@ -219,7 +216,7 @@ def test_a_request_that_fails_to_join_gets_its_error_and_the_others_run(tiny_dia
     with pytest.raises(MemoryError, match="no room"):
         list(failed)
     np.testing.assert_array_equal(
-        fine.item.rows, solo_rows(tiny_dia, TEXTS[1], temperature=0, max_new_tokens=NEW).rows
+        fine.codes(), solo_codes(tiny_dia, TEXTS[1], temperature=0, max_new_tokens=NEW)
     )
     assert scheduler.decoding.rows.rows == 0
 
@@ -247,8 +244,8 @@ def test_requests_joining_at_one_step_share_one_encoder_run_and_a_prefill_per_le
     run(scheduler)
     assert calls == {"add": [8], "prefill": [6, 2]}  # rows: three pairs of 1 known row, one pair of 7
     for index, (request, text, prompt) in enumerate(zip(requests, texts, prompts, strict=True)):
-        want = solo_rows(tiny_dia, text, prompt, seed=index, max_new_tokens=NEW)
-        np.testing.assert_array_equal(request.item.rows, want.rows)
+        want = solo_codes(tiny_dia, text, prompt, seed=index, max_new_tokens=NEW)
+        np.testing.assert_array_equal(request.codes(), want)
 
 
 def test_a_long_prompt_prefills_in_chunks_between_the_others_steps(tiny_dia, monkeypatch):
@@ -278,7 +275,7 @@ def test_a_long_prompt_prefills_in_chunks_between_the_others_steps(tiny_dia, mon
     assert running.row == row + steps  # a row each step, the chunks between them
     run(scheduler)
     np.testing.assert_array_equal(
-        running.item.rows, solo_rows(tiny_dia, TEXTS[0], temperature=0, max_new_tokens=NEW).rows
+        running.codes(), solo_codes(tiny_dia, TEXTS[0], temperature=0, max_new_tokens=NEW)
     )
-    want = solo_rows(tiny_dia, TEXTS[1], prompt, seed=1, max_new_tokens=20)
-    np.testing.assert_array_equal(joining.item.rows, want.rows)
+    want = solo_codes(tiny_dia, TEXTS[1], prompt, seed=1, max_new_tokens=20)
+    np.testing.assert_array_equal(joining.codes(), want)

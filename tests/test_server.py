@@ -294,22 +294,28 @@ def test_a_client_that_leaves_frees_its_row(server):
 
 
 def test_a_long_form_client_that_leaves_stops_its_script(server):
-    """The script stops at its next step, so the one long-form slot is free for the next request well
-    before the script's parts would have ended (the slot stays taken until the script stops)."""
+    """Its part leaves the batch and no next part is submitted: far fewer steps run than the first
+    part's 239-frame budget would take, and none once the batch is empty."""
     script = " ".join(f"[S{1 + i % 2}] Line number {i} of a script that goes on and on." for i in range(48))
     body = {"model": "dia", "voice": "alloy", "response_format": "pcm", "long_form": True}
-    url = f"{server.url}/v1/audio/speech"
+    assert server.health()["batch_occupancy"] == 0
+    before = decoder_steps(server)
     with httpx.stream(
-        "POST", url, json={**body, "input": script, "max_new_tokens": 239}, timeout=60
+        "POST",
+        f"{server.url}/v1/audio/speech",
+        json={**body, "input": script, "max_new_tokens": 239},
+        timeout=60,
     ) as response:
         assert response.status_code == 200
         next(response.iter_bytes())  # the first audio: the script is running
-    left = time.monotonic()
-    short = {**body, "input": TEXT, "max_new_tokens": 20}
-    while (answer := httpx.post(url, json=short, timeout=60)).status_code == 429:
-        assert time.monotonic() - left < 5, "the script went on after its client left"
-        time.sleep(0.05)
-    assert answer.status_code == 200 and len(answer.content) > 0
+    deadline = time.monotonic() + 10
+    while server.health()["batch_occupancy"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.health()["batch_occupancy"] == 0
+    stopped = decoder_steps(server)
+    time.sleep(0.5)  # time for a next part to join, were one submitted
+    assert decoder_steps(server) == stopped and server.health()["batch_occupancy"] == 0
+    assert stopped - before < 150  # the first part alone would take 239 + 15 steps
 
 
 @pytest.fixture(scope="module")

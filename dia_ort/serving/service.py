@@ -1,8 +1,9 @@
 """Speech requests -> audio chunks: checks a request, submits it, and hands its audio to the event loop.
 
-A request runs on the continuous-batching scheduler. A long-form request runs part after part in a
-thread of its own beside the scheduler (each part needs the one before it as its prompt); one runs
-at a time, and another gets `QueueFull` meanwhile.
+Every request runs on the continuous-batching scheduler. A long-form request's parts are requests of
+the scheduler too, submitted one after another (each part needs the one before it as its prompt) by a
+thread of the request's own, which only waits for each part's audio: the scheduler's loop is the one
+that runs the model.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, fields
+from functools import partial
+from queue import Empty
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dia_ort.decoding import Request
+from dia_ort.item import ItemState
 from dia_ort.longform import LongFormStream
 from dia_ort.options import GenerationOptions
 from dia_ort.scheduler import QueueFull, Scheduler
@@ -30,6 +35,7 @@ from dia_ort.text import encode_text
 if TYPE_CHECKING:
     from dia_ort.model import Dia
 
+STOP_POLL_SECONDS = 0.05  # how soon a long-form request notices that its client has gone
 # Dia's options a request body carries (the rest of GenerationOptions is the server's to set)
 OPTION_FIELDS = [f.name for f in fields(GenerationOptions) if f.name in SpeechRequest.model_fields]
 
@@ -47,6 +53,22 @@ class Speech:
 
 class _Stopped(Exception):
     """Raised in a long-form request's thread when its client has gone."""
+
+
+def _part_chunks(request: Request, stop: threading.Event) -> Iterator[AudioChunk]:
+    """A long-form part's chunks as the scheduler hands them out; cancels it once the client has gone."""
+    while not stop.is_set():
+        try:
+            chunk = request.chunks.get(timeout=STOP_POLL_SECONDS)
+        except Empty:
+            continue
+        if chunk is None:
+            return
+        if isinstance(chunk, Exception):
+            raise chunk
+        yield chunk
+    request.cancel()
+    raise _Stopped
 
 
 class _LoopSink:
@@ -87,7 +109,6 @@ class SpeechService:
 
     def __init__(self, dia: Dia, scheduler: Scheduler, voices: dict[str, Voice]) -> None:
         self.dia, self.scheduler, self.voices = dia, scheduler, voices
-        self.long_form_slot = threading.BoundedSemaphore(1)
 
     def prepare(self, body: SpeechRequest) -> Speech:
         """Check a request against the model, the voices and the formats; ValueError says what is wrong."""
@@ -123,30 +144,34 @@ class SpeechService:
         if not speech.long_form:
             request = self.scheduler.submit(speech.text, speech.prompt, sink=sink, **vars(speech.options))
             return SpeechStream(queue, request.cancel)
-        if not self.long_form_slot.acquire(blocking=False):
-            raise QueueFull("a long-form request is running; this server runs one at a time")
         stop = threading.Event()
-
-        def stop_when_left(_step: int, _total: int) -> None:  # runs at every decoder step
-            if stop.is_set():
-                raise _Stopped
-
-        try:
-            parts = LongFormStream(
-                self.dia,
-                speech.text,
-                speech.prompt,
-                speech.options,
-                *self.scheduler.chunking,
-                callback=stop_when_left,
-            )
-        except BaseException:
-            self.long_form_slot.release()
-            raise
-        threading.Thread(target=self._run_long_form, args=(parts, sink, stop), daemon=True).start()
+        parts = LongFormStream(
+            partial(self._run_part, stop),
+            self.dia.config,
+            self.dia.engine.frame_rate,
+            speech.text,
+            speech.prompt,
+            speech.options,
+        )
+        threading.Thread(target=self._run_long_form, args=(parts, sink), daemon=True).start()
         return SpeechStream(queue, stop.set)
 
-    def _run_long_form(self, parts: LongFormStream, sink: _LoopSink, stop: threading.Event) -> None:
+    def _run_part(
+        self, stop: threading.Event, text: str, prompt: np.ndarray | None, options: GenerationOptions
+    ) -> tuple[ItemState, Iterator[AudioChunk]]:
+        """Submit a long-form part to the scheduler (waiting for a place in its queue while the client
+        stays); its item, and its chunks as they come."""
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                request = self.scheduler.submit(text, prompt, **vars(options))
+            except QueueFull:
+                time.sleep(STOP_POLL_SECONDS)
+                continue
+            return request.item, _part_chunks(request, stop)
+
+    def _run_long_form(self, parts: LongFormStream, sink: _LoopSink) -> None:
         try:
             for audio in parts:
                 sink.put(AudioChunk(0, audio, last=False))
@@ -155,5 +180,3 @@ class SpeechService:
             sink.put(None)
         except Exception as exc:  # handed to the response, which ends with it
             sink.put(exc)
-        finally:
-            self.long_form_slot.release()
