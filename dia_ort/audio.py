@@ -138,12 +138,38 @@ def stream_resampler(to_rate: int) -> StreamResampler | None:
     return None if to_rate == DAC_SAMPLE_RATE else StreamResampler(to_rate)
 
 
+class _SequentialFile(sf.SoundFile):
+    """A file read front to back without asking libsndfile where it is.
+
+    A header written before the audio's length was known says so: a streamed FLAC's STREAMINFO
+    counts 0 samples, which libsndfile reports as 2**63 - 1 frames and cannot seek in, and a streamed
+    WAV's sizes are 0xFFFFFFFF. soundfile asks for the position around every read of a seekable file;
+    read as if it were not seekable, every such file reads to its end.
+    """
+
+    def seekable(self) -> bool:
+        return False
+
+
+READ_BLOCK_FRAMES = 1 << 16
+
+
+def _read_to_end(source: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """All frames `[N, channels]` float32 of an audio file, read in blocks to its end, and its rate."""
+    with _SequentialFile(source) as file:
+        blocks = []
+        while len(block := file.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+            blocks.append(block)
+        data = np.concatenate(blocks) if blocks else np.zeros((0, file.channels), dtype=np.float32)
+        return data, file.samplerate
+
+
 def _read_file(source: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read an audio file as mono float32 and its rate, with errors that name the file."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"audio file not found: {os.fspath(source)}")
     try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
+        data, rate = _read_to_end(source)
     except RuntimeError as err:  # soundfile's LibsndfileError
         reason = getattr(err, "error_string", err)
         raise ValueError(f"cannot read audio file {os.fspath(source)}: {reason}") from err

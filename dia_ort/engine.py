@@ -14,9 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -176,11 +175,11 @@ class Engine:
         """
         key = (batch, text_length, slots)
         for buffers in self.buffers:
-            if buffers.key == key and not buffers.in_use():
+            if buffers.key == key and not buffers.in_use:
                 self.buffers.remove(buffers)
                 self.buffers.append(buffers)
                 return buffers
-        free = [b for b in self.buffers if not b.in_use()]
+        free = [b for b in self.buffers if not b.in_use]
         for stale in free[: max(0, len(free) - StepBuffers.MAX_FREE_BUFFERS + 1)]:
             self.buffers.remove(stale)
         buffers = StepBuffers.allocate(self, key, next(self.graph_ids))
@@ -231,7 +230,7 @@ class StepBuffers:
     cross: list[ort.OrtValue]
     caches: list[ort.OrtValue]
     logits: ort.OrtValue  # [B, C, V] float32
-    owner: weakref.ReferenceType | None = field(default=None)
+    in_use: bool = False  # taken by a batch, until its `DeviceRows.close`
 
     @classmethod
     def allocate(cls, engine: Engine, key: tuple[int, int, int], graph_id: int) -> StepBuffers:
@@ -251,9 +250,6 @@ class StepBuffers:
             caches=[device.zeros(cache_shape, engine.cache_type) for _ in range(2 * layers)],
             logits=device.zeros((batch, config.num_channels, config.vocab_size), "tensor(float)"),
         )
-
-    def in_use(self) -> bool:
-        return self.owner is not None and self.owner() is not None
 
 
 class DeviceRows:
@@ -300,7 +296,7 @@ class DeviceRows:
             buffers = engine.step_buffers(
                 batch, padded, -(-self.slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
             )
-            buffers.owner = weakref.ref(self)
+            buffers.in_use = True
         encode_rows(engine, text_ids, text_mask, buffers.cross)
         buffers.text_mask.update_inplace(text_mask)
         self.session = engine.step
@@ -322,7 +318,7 @@ class DeviceRows:
     def close(self) -> None:
         """The batch has ended: its buffers are free for the next batch of this shape."""
         if self.buffers is not None:
-            self.buffers.owner = None
+            self.buffers.in_use = False
 
     def prefill(self, first: int, tokens: np.ndarray) -> np.ndarray:
         """Feed rows from `first` their next `[R, S, C]` known rows (every other row held); return their

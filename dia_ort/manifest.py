@@ -204,12 +204,16 @@ class Manifest:
         os.replace(partial, path)
         return path
 
+    def files(self, dtype: str | None = None) -> list[FileEntry]:
+        """The graph files one variant and the codec need (every variant's when None), each once."""
+        variants = self.variants.values() if dtype is None else [self.variants[dtype]]
+        graphs = [*(g for graphs in variants for g in graphs.values()), *self.codec.values()]
+        return list({entry.path: entry for graph in graphs for entry in graph.files()}.values())
+
     def check_files(self, folder: str | Path, dtype: str) -> None:
         """Check sizes and hashes of the files that one variant and the codec need."""
-        graphs = [*self.variants[dtype].values(), *self.codec.values()]
-        for graph in graphs:
-            for entry in graph.files():
-                entry.check(Path(folder))
+        for entry in self.files(dtype):
+            entry.check(Path(folder))
 
 
 def reexport_command(data: dict[str, Any], folder: str | Path) -> str:

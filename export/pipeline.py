@@ -6,6 +6,7 @@ The manifest is written last, so a folder whose export failed half-way is refuse
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -236,4 +237,14 @@ def export_model(
         },
     )
     manifest.save(out)
+    _modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME])
     return manifest
+
+
+def _modes_from_umask(folder: Path, names: list[str]) -> None:
+    """Give the exported files the mode a new file gets here: ONNX writes external data files 0600,
+    which a server running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        (folder / name).chmod(0o666 & ~umask)

@@ -81,6 +81,44 @@ def test_a_stereo_file_is_averaged(tmp_path, ext):
     np.testing.assert_allclose(load_audio(path), -0.25, atol=1e-4)
 
 
+def streamed(container: str, subtype: str, samples: np.ndarray, rate: int) -> bytes:
+    """The bytes of a file as a stream writer sends them: its header as first written, never
+    rewritten (a FLAC's STREAMINFO then counts 0 samples: "unknown")."""
+    from dia_ort.serving.formats import _GrowingFile
+
+    file = _GrowingFile()
+    with soundfile.SoundFile(file, "w", rate, 1, subtype, format=container) as sound:
+        sound.write(samples)
+        sent = file.take()
+    return sent + file.take()  # the header rewrite on close lands in bytes already sent
+
+
+@pytest.mark.parametrize(
+    ("container", "subtype", "ext"), [("FLAC", "PCM_16", "flac"), ("WAV", "PCM_16", "wav")]
+)
+def test_a_file_whose_header_gives_no_length_reads_to_its_end(tmp_path, container, subtype, ext):
+    wave = 0.5 * sine(440, DAC_SAMPLE_RATE, seconds=1.5)
+    path = tmp_path / f"stream.{ext}"
+    if container == "WAV":  # the server's and `speak -o -`'s header: sizes 0xFFFFFFFF
+        path.write_bytes(audio.streaming_wav_header(DAC_SAMPLE_RATE) + audio.pcm16(wave))
+    else:
+        path.write_bytes(streamed(container, subtype, wave, DAC_SAMPLE_RATE))
+        with pytest.raises(ValueError, match="array is too big"):  # what soundfile.read makes of it
+            soundfile.read(path)
+    whole = tmp_path / f"whole.{ext}"
+    soundfile.write(whole, wave, DAC_SAMPLE_RATE, subtype=subtype)
+    np.testing.assert_array_equal(load_audio(path), load_audio(whole))
+    assert len(load_audio(path)) == len(wave)
+
+
+def test_a_cut_stream_names_the_file(tmp_path):
+    path = tmp_path / "cut.flac"
+    data = streamed("FLAC", "PCM_16", 0.5 * sine(440, DAC_SAMPLE_RATE, seconds=1.0), DAC_SAMPLE_RATE)
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=f"cannot read audio file {path}"):
+        load_audio(path)
+
+
 def test_float64_list_and_float16_become_float32():
     assert to_mono_float32([0.0, 0.5, -0.5], 16000).dtype == np.float32
     assert to_mono_float32(np.ones(10, np.float16), 16000).dtype == np.float32

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from bench import kernels
 from bench.accuracy import measure, sweep, with_recipes
-from bench.measure import TEXT
+from bench.measure import TEXT, random_codes, step_ms
 from bench.overhead import step_overhead
 from bench.profile import profile_step
 from bench.report import number
@@ -118,7 +118,21 @@ def test_step_profile_sums_its_operator_types(float32_int8_folder):
     assert "MatMulInteger" in {op["op"] for op in result["ops"]}  # the int8 weights (QGEMM)
 
 
-def test_step_overhead_is_a_positive_time(float32_int8_folder):
+def test_a_step_time_is_one_prefill_then_one_row_per_position():
+    """`step_ms` fills the cache up to the position with one prefill, then times one-row steps there."""
+    fed = []
+
+    class Recording:
+        def step(self, tokens, start):
+            fed.append((tokens.shape[1], start))
+            np.testing.assert_array_equal(tokens, rows[:, start : start + tokens.shape[1]])
+
+    rows = random_codes(2, 30, TINY.decoder.num_channels)
+    assert step_ms(Recording(), rows, position=20, steps=5) >= 0
+    assert fed == [(20, 0)] + [(1, row) for row in range(20, 25)]
+
+
+def test_step_overhead_runs_the_runtimes_rows(float32_int8_folder):
     manifest = Manifest.load(float32_int8_folder)
     assert step_overhead(float32_int8_folder, manifest, "int8", threads=1, steps=3) > 0
 

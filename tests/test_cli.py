@@ -17,6 +17,23 @@ from dia_ort.audio import pcm16
 from dia_ort.cli import main
 
 
+@pytest.mark.parametrize("ext", ["wav", "flac", "ogg", "mp3"])
+def test_speak_writes_files_every_reader_opens_and_that_prompt_a_voice(tiny_folder, tiny_dia, tmp_path, ext):
+    """libsndfile reads each file `speak -o` writes at its length, and it goes back in as a voice."""
+    out = tmp_path / f"a.{ext}"
+    argv = ["speak", "[S1] Hello there.", "--model", str(tiny_folder), "-o", str(out)]
+    assert main([*argv, "--seed", "1", "--max-new-tokens", "6", "--quiet"]) == 0
+    audio, rate = sf.read(out)
+    assert rate == 44100
+    assert (
+        len(audio) == 6 * 512
+        if ext in ("wav", "flac", "ogg")
+        else 6 * 512 <= len(audio) <= 6 * 512 + 2 * 1152
+    )
+    prompt = tiny_dia.encode_audio(str(out))
+    assert prompt.shape[1] == 9 and 6 <= len(prompt) <= 6 + 5
+
+
 def test_speak_from_argument(tiny_folder, tmp_path, capsys):
     out = tmp_path / "a.flac"
     code = main(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import pytest
@@ -52,6 +55,18 @@ def test_manifest_lists_quantized_variants_sharing_the_float32_encoder(quant_fol
         )
         assert errors[f"decoder_step.{dtype}"] == pytest.approx(measured, rel=1e-6)
         assert measured > 100 * errors["decoder_step.float32"]
+
+
+def test_every_exported_file_gets_its_mode_from_the_umask(quant_folder):
+    """ONNX writes external data 0600; a server running as another user must read every file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    manifest = Manifest.load(quant_folder)
+    names = [entry.path for entry in manifest.files()] + ["dia_ort.json"]
+    assert any(name.endswith(".int8.onnx.data") for name in names)
+    assert {name: stat.S_IMODE((quant_folder / name).stat().st_mode) for name in names} == dict.fromkeys(
+        names, 0o666 & ~umask
+    )
 
 
 def test_export_refuses_a_quantized_step_past_its_tolerance(tmp_path, tiny_state, tiny_codec, monkeypatch):

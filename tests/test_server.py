@@ -80,7 +80,10 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
         return np.concatenate(frames), container.streams.audio[0].rate
 
 
-def test_every_format_decodes_to_the_generated_length(client, served_dia):
+def test_every_format_decodes_to_the_generated_length(client, served_dia, tmp_path):
+    """Each body opens with FFmpeg (PyAV) and with libsndfile (`soundfile.read`), at the generated
+    length, and goes back in as a voice prompt; pcm, which has no header, is the plain result's bytes."""
+    frames = GREEDY["max_new_tokens"]  # the random model never ends by itself
     for fmt, rate in (("wav", 44100), ("flac", 44100), ("mp3", 44100), ("opus", 48000), ("pcm", 24000)):
         data = client.audio.speech.create(
             model="dia", voice="alloy", input=TEXT, response_format=fmt, extra_body={"seed": 3, **GREEDY}
@@ -90,14 +93,22 @@ def test_every_format_decodes_to_the_generated_length(client, served_dia):
             assert data == pcm16(want)  # the plain result, sample for sample
             continue
         samples, got_rate = decode(data)
-        assert got_rate == rate
-        if fmt == "mp3":  # MP3 pads to whole frames of 1152 samples, plus the encoder's delay
-            assert len(want) <= len(samples) <= len(want) + 2 * 1152, fmt
-        else:
-            assert len(samples) == len(want), fmt
+        path = tmp_path / f"speech.{'ogg' if fmt == 'opus' else fmt}"
+        path.write_bytes(data)
+        read, read_rate = sf.read(path, dtype="int16")  # libsndfile, what `soundfile` users have
+        assert got_rate == read_rate == rate
+        for decoded in (samples, read):
+            if fmt == "mp3":  # MP3 pads to whole frames of 1152 samples, plus the encoder's delay
+                assert len(want) <= len(decoded) <= len(want) + 2 * 1152, fmt
+            else:
+                assert len(decoded) == len(want), fmt
         if fmt in ("wav", "flac"):  # lossless: the 16-bit samples of the plain result
             assert samples.dtype == np.int16  # FFmpeg hands 16-bit PCM out as it is
             np.testing.assert_array_equal(samples, np.frombuffer(pcm16(want), dtype="<i2"))
+            np.testing.assert_array_equal(read, samples)
+        prompt = served_dia.encode_audio(str(path))
+        extra = 2 * 1152 // 512 + 1 if fmt == "mp3" else 1
+        assert frames <= len(prompt) <= frames + extra, fmt
 
 
 def test_streaming_response_equals_the_whole_response(client):

@@ -2,9 +2,13 @@
 
 wav is a 16-bit WAV whose header says "length unknown" and pcm raw 16-bit little-endian samples
 (both are the bytes `dia-ort speak -o -` writes); mp3 comes from LAME (`lameenc`), which emits
-frames as it goes; flac and opus go through libsndfile's encoders into an in-memory file whose new
-bytes are sent as they appear. A header the encoder rewrites when it closes (FLAC's total sample
-count) keeps its first, valid "unknown" form for the client.
+frames as it goes; opus goes through libsndfile's encoder into an in-memory file whose new bytes are
+sent as they appear (Ogg pages carry their own positions, so readers find the length).
+
+flac is sent whole, when the audio has ended: libsndfile writes the total sample count into FLAC's
+STREAMINFO header only when it closes the file, and a FLAC whose header says "unknown" (0 samples)
+is one libsndfile, and so `soundfile.read`, cannot open (it reports 2**63 - 1 frames). To stream
+audio, use wav, pcm, mp3 or opus.
 """
 
 from __future__ import annotations
@@ -22,18 +26,20 @@ from dia_ort.audio import pcm16, streaming_wav_header
 
 @dataclass(frozen=True)
 class Format:
-    """A response format: its sample rate, MIME type and libsndfile container (None: written here)."""
+    """A response format: its sample rate, MIME type, libsndfile container (None: written here), and
+    whether its bytes go out as they are encoded or all at the end."""
 
     sample_rate: int
     media_type: str
     container: str | None = None
     subtype: str | None = None
+    streams: bool = True
 
 
 FORMATS = {
     "wav": Format(44100, "audio/wav"),
     "pcm": Format(24000, "audio/pcm"),  # OpenAI's pcm: 24 kHz, 16-bit signed little-endian, mono
-    "flac": Format(44100, "audio/flac", "FLAC", "PCM_16"),
+    "flac": Format(44100, "audio/flac", "FLAC", "PCM_16", streams=False),
     "mp3": Format(44100, "audio/mpeg"),
     "opus": Format(48000, "audio/ogg", "OGG", "OPUS"),  # Opus runs at 48 kHz
 }
@@ -94,6 +100,7 @@ class _GrowingFile(io.RawIOBase):
         return self.position
 
     def take(self) -> bytes:
+        """The bytes written past the last take (rewrites of bytes taken before are not sent again)."""
         new = bytes(self.data[self.sent :])
         self.sent = len(self.data)
         return new
@@ -137,7 +144,7 @@ class AudioEncoder:
         if self.sound is None:
             return head + pcm16(audio)
         self.sound.write(np.frombuffer(pcm16(audio), dtype="<i2"))  # the samples wav and pcm carry
-        return head + self.file.take()
+        return head + self.file.take() if self.format.streams else b""
 
     def finish(self) -> bytes:
         head, self.header = self.header, b""
