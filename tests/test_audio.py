@@ -281,7 +281,10 @@ def test_a_soundfile_error_without_a_reason_gives_its_own_text(tmp_path, monkeyp
 
     path = tmp_path / "a.wav"
     soundfile.write(path, np.zeros(10, np.float32), DAC_SAMPLE_RATE)
-    monkeypatch.setattr(audio.sf, "read" if action == "load" else "write", fail)
+    if action == "load":  # the reads of an open file
+        monkeypatch.setattr(audio.sf.SoundFile, "read", fail)
+    else:
+        monkeypatch.setattr(audio.sf, "write", fail)
     with pytest.raises(ValueError, match=r"a\.wav.*: device went away$"):
         load_audio(path) if action == "load" else save_audio(path, np.zeros(10, np.float32))
 
