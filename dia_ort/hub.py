@@ -56,20 +56,54 @@ def no_network_message(model_id: str, exc: Exception) -> str:
     )
 
 
-def download(model_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Snapshot a Hub repo into the cache and return its folder; errors say what to do offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def download(
+    model_id: str,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    variant: str | None = None,
+) -> Path:
+    """Fetch a Hub repo into the cache and return its folder; errors say what to do offline.
 
+    From a repo holding an exported folder, with `variant`, only what running it needs: the manifest,
+    the codec and that variant's graphs (float32's where the repo has no such variant). Anything
+    else (a torch checkpoint, or no `variant`), the whole repo. `HF_HUB_OFFLINE=1` serves from the
+    cache; `revision` pins a branch, tag or commit.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    hub = str(cache_root(cache_dir) / "hub")
     try:
-        folder = snapshot_download(model_id, revision=revision, cache_dir=str(cache_root(cache_dir) / "hub"))
+        patterns = None
+        if variant is not None:
+            try:
+                manifest = Path(hf_hub_download(model_id, MANIFEST_NAME, revision=revision, cache_dir=hub))
+            except EntryNotFoundError:  # a torch checkpoint, or offline with no manifest cached
+                pass
+            else:
+                patterns = [MANIFEST_NAME, *_variant_files(manifest.parent, variant)]
+        folder = snapshot_download(model_id, revision=revision, cache_dir=hub, allow_patterns=patterns)
     except RepositoryNotFoundError as exc:
         raise FileNotFoundError(
             f"{model_id!r} is neither a local folder nor a Hugging Face Hub repository"
         ) from exc
+    except RevisionNotFoundError as exc:
+        raise FileNotFoundError(f"the Hub repository {model_id!r} has no revision {revision!r}") from exc
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ConnectionError(no_network_message(model_id, exc)) from exc
     return Path(folder)
+
+
+def _variant_files(folder: Path, variant: str) -> list[str]:
+    """The graph files of `variant` (float32 where the folder has none) and of the codec."""
+    manifest = Manifest.load(folder)
+    return [entry.path for entry in manifest.files(variant if variant in manifest.variants else "float32")]
 
 
 def exported_cache_folder(model_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -103,7 +137,7 @@ def resolve_model_folder(
     exported = exported_cache_folder(model_id, cache_dir)
     if variant in _exported_variants(exported):
         return exported
-    folder = download(model_id, revision, cache_dir)
+    folder = download(model_id, revision, cache_dir, variant)
     if (folder / MANIFEST_NAME).is_file():
         return folder
     return _export_on_first_use(model_id, folder, cache_dir, variant)

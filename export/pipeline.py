@@ -27,13 +27,16 @@ from export.dac import DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
 from export.dac_weights import load_dac, random_dac
 from export.dia_graphs import calibration_samples, encoder_samples, encoder_spec, step_samples, step_spec
 from export.dia_model import DiaModel
+from export.model_card import write_model_card
 from export.onnx_export import OPSET, GraphSpec, export_graph, feeds, verify_graph
+from export.quant_accuracy import quantization_accuracy
 from export.quantize import ACCURACY_LEVEL, RECIPES, quantize_graph
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "nari-labs/Dia-1.6B-0626"
 DEFAULT_DAC = "descript/dac_44khz"
+CARD_STEPS = 200  # teacher-forced steps of the agreement the model card gives each quantized variant
 # float16 and bfloat16 are for CUDA; the CPU runtime falls back to float32
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_DTYPES = ("float32", *HALF_DTYPES)
@@ -237,7 +240,9 @@ def export_model(
         },
     )
     manifest.save(out)
-    _modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME])
+    agreement = {d: quantization_accuracy(out, d, steps=CARD_STEPS) for d in quantized}
+    card = write_model_card(manifest, out, agreement)
+    _modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME, card.name])
     return manifest
 
 
