@@ -111,6 +111,80 @@ def test_every_format_decodes_to_the_generated_length(client, served_dia, tmp_pa
         assert frames <= len(prompt) <= frames + extra, fmt
 
 
+def clip_bytes(seconds: float, rate: int = 16000, fmt: str = "WAV") -> bytes:
+    """A clip as a client sends it: a file's bytes (a hum, louder at its start)."""
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 180 * t) * np.exp(-t)).astype(np.float32), rate, format=fmt)
+    return buffer.getvalue()
+
+
+def upload(server, **body) -> httpx.Response:
+    url = f"{server.url}/v1/audio/voices"
+    return httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def test_a_voice_uploaded_as_a_clip_speaks_as_that_clip_prompts(server, client, served_dia, tmp_path):
+    """The stored voice is the clip's codes and transcript: a request with it equals `generate` with
+    the clip as audio prompt and the transcript before the text."""
+    data = clip_bytes(1.5, fmt="FLAC")
+    answer = upload(
+        server, name="guest", transcript="[S1] This is my voice.", audio=base64.b64encode(data).decode()
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json() == {
+        "name": "guest",
+        "transcript": "[S1] This is my voice.",
+        "seconds": round(130 / (44100 / 512), 2),
+    }
+    assert any(
+        v["name"] == "guest" and v["prompt"]
+        for v in httpx.get(f"{server.url}/v1/audio/voices").json()["voices"]
+    )
+    spoken = client.audio.speech.create(
+        model="dia", voice="guest", input=TEXT, response_format="pcm", extra_body={"seed": 5, **GREEDY}
+    ).content
+    (tmp_path / "clip.flac").write_bytes(data)
+    want = served_dia.generate(
+        f"[S1] This is my voice. {TEXT}",
+        audio_prompt=str(tmp_path / "clip.flac"),
+        seed=5,
+        sample_rate=24000,
+        **GREEDY,
+    )
+    assert spoken == pcm16(want)
+
+
+def test_a_bad_clip_gets_a_400_in_openais_shape(server):
+    good = base64.b64encode(clip_bytes(1.0)).decode()
+    for body, words in (
+        ({"name": "x", "transcript": "[S1] Hi.", "audio": "not base64!"}, "not base64"),
+        (
+            {"name": "x", "transcript": "[S1] Hi.", "audio": base64.b64encode(b"no audio here").decode()},
+            "cannot read the clip",
+        ),
+        (
+            {
+                "name": "x",
+                "transcript": "[S1] Hi.",
+                "audio": base64.b64encode(clip_bytes(21, rate=8000)).decode(),
+            },
+            "at most 20 s",
+        ),
+        ({"name": "alloy", "transcript": "[S1] Hi.", "audio": good}, "OpenAI"),
+        ({"name": "narrator", "transcript": "[S1] Hi.", "audio": good}, "one of the server's own"),
+        ({"name": "../x", "transcript": "[S1] Hi.", "audio": good}, "a voice name has letters"),
+        ({"name": "x", "transcript": "  ", "audio": good}, "transcript is empty"),
+        ({"name": "x", "transcript": "[S1] Hi."}, "audio"),
+    ):
+        answer = upload(server, **body)
+        assert answer.status_code == 400, (body["name"], answer.text)
+        error = answer.json()["error"]
+        assert words in error["message"] and error["type"] == "invalid_request_error", error
+        assert "/tmp" not in error["message"]  # where the server put the clip is its own business
+    assert "x" not in {v["name"] for v in httpx.get(f"{server.url}/v1/audio/voices").json()["voices"]}
+
+
 def test_streaming_response_equals_the_whole_response(client):
     body = dict(model="dia", voice="alloy", input=TEXT, response_format="wav", extra_body=GREEDY)
     whole = client.audio.speech.create(**body).content
@@ -340,6 +414,10 @@ def test_the_api_key_guards_every_route_but_health_and_the_page(guarded_server):
     url = guarded_server.url
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/").status_code == 200
+    refused = httpx.post(
+        f"{url}/v1/audio/voices", json={"name": "x", "transcript": "[S1] Hi.", "audio": "AAAA"}
+    )
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     for route in ("/v1/models", "/v1/audio/voices", "/metrics"):
         response = httpx.get(f"{url}{route}", headers={"Authorization": "Bearer wrong"})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
@@ -445,3 +523,65 @@ def test_the_page_plays_audio_while_it_is_generated(server):
             page.screenshot(path=str(ARTIFACTS / "page.png"))
         finally:
             browser.close()
+
+
+def test_the_page_clones_voices_from_a_file_and_the_microphone_and_stops(server, tmp_path):
+    """Chromium (its fake microphone plays a beep): a clip from a file and one recorded become voices;
+    a request with one draws its waveform as it streams; Stop cancels it, and the server frees its rows."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(clip_bytes(2.0))
+    media = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", *media],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.wait_for_function("document.getElementById('server').textContent.includes('batch')")
+            assert page.inner_text("#server").endswith("variant float32 · batch of up to 4 requests")
+            page.set_input_files("#voice_file", str(clip))
+            page.fill("#voice_name", "from-file")
+            page.fill("#voice_text", "[S1] A clip from a file.")
+            page.click("#save_voice")
+            page.wait_for_function("document.getElementById('voice').value === 'from-file'", timeout=60_000)
+            assert page.inner_text("#clip") == "saved as from-file (2.0 s)"
+            page.click("#record")
+            page.wait_for_timeout(1500)
+            page.click("#record")
+            page.wait_for_function("document.getElementById('clip').textContent === 'recording'")
+            page.fill("#voice_name", "from-mic")
+            page.fill("#voice_text", "[S1] A clip from the microphone.")
+            page.click("#save_voice")
+            page.wait_for_function("document.getElementById('voice').value === 'from-mic'", timeout=60_000)
+            assert (
+                page.inner_text("#clip").startswith("saved as from-mic") and page.inner_text("#error") == ""
+            )
+            page.screenshot(path=str(ARTIFACTS / "page-voice.png"), full_page=True)
+            page.fill("#script", "[S2] Now I speak with it.")  # within the tiny model's text window
+            page.fill("#seed", "2")
+            page.click("#play")
+            page.wait_for_function(
+                "Number(document.getElementById('wave').dataset.samples || 0) > 0", timeout=60_000
+            )
+            page.screenshot(path=str(ARTIFACTS / "page-wave.png"), full_page=True)
+            page.click("#stop")
+            page.wait_for_function(
+                "document.getElementById('played').textContent === 'stopped'", timeout=10_000
+            )
+            assert page.inner_text("#error") == ""
+        finally:
+            browser.close()
+    deadline = time.monotonic() + 10
+    while server.health()["batch_occupancy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["batch_occupancy"] == 0
+    voices = {v["name"]: v for v in httpx.get(f"{server.url}/v1/audio/voices").json()["voices"]}
+    assert (
+        voices["from-mic"]["prompt"]
+        and voices["from-mic"]["transcript"] == "[S1] A clip from the microphone."
+    )

@@ -8,6 +8,7 @@ client sends makes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -29,9 +30,9 @@ from dia_ort.serving.errors import ApiError, api_error
 from dia_ort.serving.formats import FORMATS, AudioEncoder, available_formats
 from dia_ort.serving.limits import BodyLimit, RequestRate
 from dia_ort.serving.metrics import Metrics
-from dia_ort.serving.schemas import SpeechRequest
+from dia_ort.serving.schemas import SpeechRequest, VoiceUpload
 from dia_ort.serving.service import SpeechService, SpeechStream
-from dia_ort.serving.voices import Voice
+from dia_ort.serving.voices import Voice, upload_voice
 
 if TYPE_CHECKING:
     from dia_ort.model import Dia
@@ -163,6 +164,19 @@ def _add_routes(
             "formats": available_formats(),
         }
 
+    @app.post("/v1/audio/voices", dependencies=guarded, status_code=201)
+    async def add_voice(body: VoiceUpload) -> dict:
+        """Clone a voice from a clip (the page's upload and recording): stored beside the startup voices."""
+        dia = service.dia
+        try:
+            voice = await asyncio.to_thread(
+                upload_voice, dia, service.voices, body.name, body.transcript, body.audio
+            )
+        except (ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", "invalid_voice") from exc
+        seconds = len(voice.codes) / dia.engine.frame_rate
+        return {"name": voice.name, "transcript": voice.transcript, "seconds": round(seconds, 2)}
+
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "dia-ort"}]}
@@ -176,6 +190,7 @@ def _add_routes(
             "max_queue": scheduler.max_queue,
             "batch_occupancy": scheduler.occupancy,
             "max_batch": scheduler.max_batch,
+            "model": service.dia.folder.name,
             "compute_dtype": service.dia.compute_dtype,
         }
 

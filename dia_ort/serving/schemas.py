@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dia_ort.options import OPTIONS
 
 MAX_INPUT_CHARS = 100_000  # a long-form script; without long_form the model's text window applies
+MAX_VOICE_BASE64 = 2_000_000  # the request body's bound (limits.MAX_BODY_BYTES) leaves room for no more
 
 
 def option_field(name: str) -> Any:
@@ -39,6 +40,16 @@ class SpeechRequest(BaseModel):
     cfg_filter_top_k: int | None = option_field("cfg_filter_top_k")
     max_new_tokens: int = option_field("max_new_tokens")
     long_form: bool = False
+
+
+class VoiceUpload(BaseModel):
+    """`POST /v1/audio/voices`: a clip to clone a voice from, and the words it speaks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    transcript: str = Field(min_length=1, max_length=4096)
+    audio: str = Field(min_length=1, max_length=MAX_VOICE_BASE64)  # base64 of a file libsndfile reads
 
 
 class ErrorDetail(BaseModel):

@@ -1,19 +1,25 @@
-"""Named voices for the server: `NAME.wav|flac|mp3` with `NAME.txt` (its transcript) in a folder.
+"""Named voices for the server: `NAME.wav|flac|mp3` with `NAME.txt` (its transcript) in a folder, and
+voices uploaded by clients (`POST /v1/audio/voices`, the page's voice cloning).
 
-Each voice is encoded once at startup and kept as codes. A request names a voice; the name is only
+Each voice is encoded once, at startup or when uploaded, and kept as codes. A request names a voice; the name is only
 ever a key into this table, never part of a path. OpenAI's built-in voice names mean "no prompt"
 unless the folder has a voice of that name.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from dia_ort.audio import DAC_SAMPLE_RATE, load_audio
 
 if TYPE_CHECKING:
     from dia_ort.model import Dia
@@ -25,6 +31,8 @@ OPENAI_VOICES = (
     "alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage", "shimmer", "verse"
 )  # fmt: skip
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_UPLOAD_SECONDS = 20.0  # a voice prompt this long leaves the model room for 15 s of speech
+MAX_UPLOADED_VOICES = 64  # uploaded voices kept (the oldest goes); each is about 21 KB of codes a second
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Voice:
     name: str
     codes: np.ndarray | None  # None: no prompt (an OpenAI name the folder does not define)
     transcript: str = ""
+    uploaded: bool = False  # sent by a client, not read from the voices folder
 
 
 def load_voices(dia: Dia, folder: str | Path | None, strict: bool = False) -> dict[str, Voice]:
@@ -70,3 +79,42 @@ def _load_voice(dia: Dia, folder: Path, audio: Path) -> Voice:
     codes = dia.encode_audio(str(audio))
     log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / dia.engine.frame_rate)
     return Voice(audio.stem, codes, transcript)
+
+
+def upload_voice(dia: Dia, voices: dict[str, Voice], name: str, transcript: str, audio: str) -> Voice:
+    """Encode a clip sent as base64 (any format libsndfile reads, at most MAX_UPLOAD_SECONDS) as the
+    voice `name`, beside the startup voices (whose names it may not take); ValueError says what is
+    wrong. Runs the codec: call it off the event loop."""
+    if not _NAME.fullmatch(name) or name in OPENAI_VOICES:
+        raise ValueError(
+            f"a voice name has letters, digits, '_', '.' and '-' only, at most 64, and is not one of OpenAI's; got {name!r}"
+        )
+    if name in voices and not voices[name].uploaded:
+        raise ValueError(f"voice {name!r} is one of the server's own; choose another name")
+    transcript = transcript.strip()
+    if not transcript:
+        raise ValueError(
+            "the voice's transcript is empty: give the words the clip speaks, with [S1]/[S2] tags"
+        )
+    try:
+        data = base64.b64decode(audio, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"audio is not base64: {exc}") from exc
+    with tempfile.NamedTemporaryFile(prefix="voice-", suffix=".audio") as file:
+        file.write(data)
+        file.flush()
+        try:
+            wave = load_audio(file.name)
+        except ValueError as exc:  # say what is wrong with the clip, not where the server put it
+            raise ValueError(str(exc).replace(f"audio file {file.name}", "the clip")) from exc
+    seconds = len(wave) / DAC_SAMPLE_RATE
+    if seconds > MAX_UPLOAD_SECONDS:
+        raise ValueError(f"the clip is {seconds:.1f} s; a voice takes at most {MAX_UPLOAD_SECONDS:g} s")
+    voice = Voice(name, dia.encode_audio((wave, DAC_SAMPLE_RATE)), transcript, uploaded=True)
+    uploaded = [n for n, v in voices.items() if v.uploaded and n != name]
+    for oldest in uploaded[: max(0, len(uploaded) - MAX_UPLOADED_VOICES + 1)]:
+        del voices[oldest]
+    voices.pop(name, None)
+    voices[name] = voice
+    log.info("voice %s uploaded: %.1f s of audio", name, seconds)
+    return voice

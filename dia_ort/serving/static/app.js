@@ -1,5 +1,7 @@
 // The page's client: asks /v1/audio/speech for 24 kHz 16-bit PCM and plays each chunk as it arrives
-// through the Web Audio API, so the audio starts while the rest is still being generated.
+// through the Web Audio API, so the audio starts while the rest is still being generated, drawing
+// its waveform as it comes. A voice is cloned from a clip (a file, or a recording from the
+// microphone), sent to /v1/audio/voices as a 24 kHz WAV.
 "use strict";
 
 const RATE = 24000; // the server's pcm format
@@ -9,6 +11,100 @@ function headers() {
   const key = $("api_key").value.trim();
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
+
+async function loadHealth() {
+  const health = await (await fetch("/health")).json();
+  $("server").textContent =
+    `model ${health.model} · variant ${health.compute_dtype} · batch of up to ${health.max_batch} requests`;
+}
+
+// -- cloning a voice -----------------------------------------------------------------------------
+
+let clip = null; // the clip to clone a voice from: a Blob
+let recorder = null; // the MediaRecorder while recording
+
+function showClip(label) {
+  $("clip").textContent = clip ? label : "no clip yet";
+  $("save_voice").disabled = !clip;
+}
+
+$("voice_file").addEventListener("change", () => {
+  const file = $("voice_file").files[0];
+  clip = file || null;
+  showClip(file ? `file ${file.name}` : "");
+});
+
+$("record").addEventListener("click", async () => {
+  if (recorder) {
+    recorder.stop();
+    return;
+  }
+  $("error").textContent = "";
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const parts = [];
+    recorder = new MediaRecorder(stream);
+    recorder.ondataavailable = (event) => parts.push(event.data);
+    recorder.onstop = () => {
+      stream.getTracks().forEach((track) => track.stop());
+      clip = new Blob(parts, { type: recorder.mimeType });
+      recorder = null;
+      $("record").textContent = "Record";
+      showClip("recording");
+    };
+    recorder.start();
+    $("record").textContent = "Stop recording";
+  } catch (error) {
+    $("error").textContent = `microphone: ${error.message}`;
+  }
+});
+
+async function wavOf(blob) {
+  // any clip the browser decodes (wav, flac, mp3, ogg, a MediaRecorder's webm) -> 24 kHz mono WAV
+  const decoded = await new AudioContext().decodeAudioData(await blob.arrayBuffer());
+  const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
+  const source = offline.createBufferSource();
+  source.buffer = decoded;
+  source.connect(offline.destination);
+  source.start();
+  const mono = (await offline.startRendering()).getChannelData(0);
+  return wav([Int16Array.from(mono, (s) => Math.max(-32768, Math.min(32767, Math.round(s * 32767))))]);
+}
+
+function base64(buffer) {
+  const bytes = new Uint8Array(buffer);
+  let text = "";
+  for (let at = 0; at < bytes.length; at += 0x8000) text += String.fromCharCode(...bytes.subarray(at, at + 0x8000));
+  return btoa(text);
+}
+
+$("save_voice").addEventListener("click", async () => {
+  $("error").textContent = "";
+  $("save_voice").disabled = true;
+  try {
+    const body = {
+      name: $("voice_name").value.trim(),
+      transcript: $("voice_text").value.trim(),
+      audio: base64(await (await wavOf(clip)).arrayBuffer()),
+    };
+    const response = await fetch("/v1/audio/voices", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...headers() },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) throw new Error((await response.json()).error.message);
+    const saved = await response.json();
+    await loadVoices();
+    $("voice").value = saved.name;
+    $("clip").textContent = `saved as ${saved.name} (${saved.seconds.toFixed(1)} s)`;
+  } catch (error) {
+    $("error").textContent = `voice: ${error.message}`;
+  } finally {
+    $("save_voice").disabled = !clip;
+  }
+});
+
+// -- speaking ------------------------------------------------------------------------------------
 
 async function loadVoices() {
   const select = $("voice");
@@ -47,6 +143,24 @@ function request() {
   return body;
 }
 
+function drawWave(chunks, samples) {
+  // the waveform of everything received so far: each column the peak of its share of the samples
+  const canvas = $("wave");
+  const draw = canvas.getContext("2d");
+  draw.clearRect(0, 0, canvas.width, canvas.height);
+  draw.fillStyle = "#1f5fbf";
+  const all = new Int16Array(samples);
+  chunks.reduce((at, c) => (all.set(c, at), at + c.length), 0);
+  const step = Math.max(1, Math.ceil(all.length / canvas.width));
+  for (let x = 0; x * step < all.length; x++) {
+    let peak = 0;
+    for (let i = x * step; i < Math.min(all.length, (x + 1) * step); i++) peak = Math.max(peak, Math.abs(all[i]));
+    const height = Math.max(1, (peak / 32768) * canvas.height);
+    draw.fillRect(x, (canvas.height - height) / 2, 1, height);
+  }
+  canvas.dataset.samples = String(all.length);
+}
+
 function wav(chunks) {
   // 16-bit mono WAV of everything received, for the download link
   const samples = new Int16Array(chunks.reduce((n, c) => n + c.length, 0));
@@ -61,11 +175,19 @@ function wav(chunks) {
   return new Blob([bytes], { type: "audio/wav" });
 }
 
+let stopping = null; // aborts the request that is playing
+
 async function play() {
   $("error").textContent = "";
   $("play").disabled = true;
+  $("stop").disabled = false;
   $("download").hidden = true;
+  const controller = new AbortController();
   const context = new AudioContext({ sampleRate: RATE });
+  stopping = () => {
+    controller.abort(); // the server sees the client leave and frees the request's rows
+    context.close();
+  };
   const began = performance.now();
   let startAt = 0; // when the audio starts on the context's clock
   let scheduled = 0; // seconds of audio scheduled so far
@@ -80,6 +202,7 @@ async function play() {
       method: "POST",
       headers: { "Content-Type": "application/json", ...headers() },
       body: JSON.stringify(request()),
+      signal: controller.signal,
     });
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader();
@@ -104,17 +227,27 @@ async function play() {
       source.start(startAt + scheduled);
       scheduled += pcm.length / RATE;
       $("received").textContent = scheduled.toFixed(2);
+      drawWave(all, Math.round(scheduled * RATE));
     }
     const link = $("download");
     link.href = URL.createObjectURL(wav(all));
     link.hidden = false;
   } catch (error) {
-    $("error").textContent = error.message;
+    if (!controller.signal.aborted) $("error").textContent = error.message;
   } finally {
     $("play").disabled = false;
-    setTimeout(() => clearInterval(timer), (scheduled + 1) * 1000);
+    $("stop").disabled = true;
+    stopping = null;
+    if (controller.signal.aborted) {
+      clearInterval(timer);
+      $("played").textContent = "stopped";
+    } else {
+      setTimeout(() => clearInterval(timer), (scheduled + 1) * 1000);
+    }
   }
 }
 
 $("play").addEventListener("click", play);
+$("stop").addEventListener("click", () => stopping && stopping());
+loadHealth();
 loadVoices();
