@@ -585,3 +585,61 @@ def test_the_page_clones_voices_from_a_file_and_the_microphone_and_stops(server,
         voices["from-mic"]["prompt"]
         and voices["from-mic"]["transcript"] == "[S1] A clip from the microphone."
     )
+
+
+AUDIO_DURATION = """async ([source, type]) => {
+    const bytes = Uint8Array.from(atob(source), (c) => c.charCodeAt(0));
+    const audio = new Audio(URL.createObjectURL(new Blob([bytes], { type })));
+    await new Promise((loaded, failed) => {
+        audio.onloadedmetadata = loaded;
+        audio.onerror = () => failed(new Error(`cannot open: ${audio.error && audio.error.message}`));
+    });
+    if (!Number.isFinite(audio.duration)) {  // a stream's length is known once it was read through
+        audio.currentTime = 1e9;
+        await new Promise((seeked) => (audio.onseeked = seeked));
+    }
+    return audio.duration;
+}"""
+
+
+def test_chromium_opens_every_format_the_server_and_speak_write(server, client, tiny_folder, tmp_path):
+    """Each body the server sends and each file `speak -o` writes opens in Chromium's <audio> with its
+    length: exact for wav and flac (a streamed wav too), within the encoder's padding for the lossy
+    ones (two 1152-sample frames for a streamed mp3; Chromium counts Opus's and Vorbis's priming too)."""
+    from playwright.sync_api import sync_playwright
+
+    from dia_ort.cli import main
+    from dia_ort.serving.formats import FORMATS
+
+    seconds = GREEDY["max_new_tokens"] * 512 / 44100
+    clips = {}
+    for fmt in ("wav", "flac", "mp3", "opus"):
+        body = client.audio.speech.create(
+            model="dia", voice="alloy", input=TEXT, response_format=fmt, extra_body=GREEDY
+        ).content
+        clips[f"server {fmt}"] = (body, FORMATS[fmt].media_type)
+    for ext, media_type in (
+        ("wav", "audio/wav"),
+        ("flac", "audio/flac"),
+        ("ogg", "audio/ogg"),
+        ("mp3", "audio/mpeg"),
+    ):
+        out = tmp_path / f"speak.{ext}"
+        argv = ["speak", "[S1] Hello there.", "--model", str(tiny_folder), "-o", str(out), "--quiet"]
+        assert main([*argv, "--seed", "1", "--max-new-tokens", str(GREEDY["max_new_tokens"])]) == 0
+        clips[f"speak {ext}"] = (out.read_bytes(), media_type)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            durations = {
+                name: page.evaluate(AUDIO_DURATION, [base64.b64encode(data).decode(), media_type])
+                for name, (data, media_type) in clips.items()
+            }
+        finally:
+            browser.close()
+    for name, duration in durations.items():
+        lossless = name.endswith(("wav", "flac"))
+        slack = 1e-5 if lossless else 2 * 1152 / 44100 if name.endswith("mp3") else 0.02
+        assert seconds - 1e-5 <= duration <= seconds + slack, (name, duration)
