@@ -30,6 +30,7 @@ REFERENCE_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}  # tra
 BATCHES = (1, 4, 16)
 BATCH_STEPS = {"tiny": 200, "mid": 100, "full": 30}  # full: enough for a steady state, few enough to finish
 STREAM_FRAMES = {"tiny": 200, "mid": 258, "full": 258}  # frames of the streaming run (full: 3 s of audio)
+PROMPT_SECONDS = {"tiny": 0.3, "mid": 10.0, "full": 10.0}  # its voice prompt (the tiny window holds 0.4 s)
 ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
 DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -130,6 +131,8 @@ def bench_variant(
     argv += [
         "--stream-frames",
         str(0 if args.skip_stream else args.stream_frames or STREAM_FRAMES[result.size]),
+        "--prompt-seconds",
+        str(PROMPT_SECONDS[result.size]),
     ]
     measured = run_child(argv, f"dia-ort {variant} on {args.device} ({result.folder})").result
     engine = EngineResult.from_dict(measured["engine"])

@@ -112,18 +112,43 @@ def batch_throughput(dia: Dia, batch: int, steps: int, cuda_graph: bool) -> dict
     }
 
 
-def stream_speed(dia: Dia, frames: int, repeats: int = 3) -> dict:
-    """Time to first audio of `generate_stream` (median of `repeats` streams stopped at their first
-    chunk, after one warm-up), and the realtime factor of a whole stream and of `generate`."""
-    options = dict(seed=SEED, max_new_tokens=frames)
+def first_audio(dia: Dia, repeats: int, **request: object) -> tuple[float, int, int]:
+    """Seconds from the call to the first chunk of `generate_stream` (median of `repeats` streams stopped
+    there, after one warm-up), and the steps and samples of that chunk's stream."""
     firsts = []
     for _ in range(repeats + 1):
         steps: list[int] = []
         began = time.perf_counter()
-        stream = dia.generate_stream(TEXT, callback=lambda i, n, steps=steps: steps.append(i), **options)
+        stream = dia.generate_stream(TEXT, callback=lambda i, n, steps=steps: steps.append(i), **request)
         chunk = next(stream)
         firsts.append((time.perf_counter() - began, len(steps), len(chunk)))
         stream.close()
+    return statistics.median(t for t, _, _ in firsts[1:]), firsts[-1][1], firsts[-1][2]
+
+
+def prompt_speed(dia: Dia, frames: int, seconds: float, repeats: int = 3) -> dict:
+    """Time to first audio with a voice prompt of `seconds` given as a waveform (the codec encodes it,
+    then its frames are prefilled), and how much of it the encoding alone takes (medians)."""
+    t = np.arange(round(seconds * 44100)) / 44100
+    wave = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    encoded = []
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        dia.encode_audio(wave)
+        encoded.append(time.perf_counter() - began)
+    first_s, _, _ = first_audio(dia, repeats, audio_prompt=wave, seed=SEED, max_new_tokens=frames)
+    return {
+        "prompt_seconds": seconds,
+        "first_audio_prompt_s": first_s,
+        "prompt_encode_s": statistics.median(encoded[1:]),
+    }
+
+
+def stream_speed(dia: Dia, frames: int, prompt_seconds: float = 0.0, repeats: int = 3) -> dict:
+    """Time to first audio of `generate_stream`, without and (`prompt_seconds` > 0) with a voice prompt,
+    and the realtime factor of a whole stream and of `generate`."""
+    options = dict(seed=SEED, max_new_tokens=frames)
+    first_s, first_steps, first_samples = first_audio(dia, repeats, **options)
     began = time.perf_counter()
     samples = sum(len(chunk) for chunk in dia.generate_stream(TEXT, **options))
     stream_s = time.perf_counter() - began
@@ -133,12 +158,12 @@ def stream_speed(dia: Dia, frames: int, repeats: int = 3) -> dict:
     seconds = samples / 44100
     return {
         "frames": frames,
-        "first_chunk_frames": firsts[-1][2] // 512,
-        "steps_to_first_audio": firsts[-1][1],
-        "first_audio_s": statistics.median(t for t, _, _ in firsts[1:]),
+        "first_chunk_frames": first_samples // 512,
+        "steps_to_first_audio": first_steps,
+        "first_audio_s": first_s,
         "stream_rtf": seconds / stream_s,
         "generate_rtf": len(plain) / 44100 / plain_s,
-    }
+    } | (prompt_speed(dia, frames, prompt_seconds, repeats) if prompt_seconds else {})
 
 
 def main() -> None:
@@ -152,6 +177,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes for generate_codes")
     parser.add_argument("--batch-steps", type=int, default=30, help="max_new_tokens of each batch run")
     parser.add_argument("--stream-frames", type=int, default=0, help="frames of the streaming run (0: none)")
+    parser.add_argument(
+        "--prompt-seconds",
+        type=float,
+        default=0.0,
+        help="voice prompt of the streaming run's second part (0: none)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.cuda_graph and args.device != "cuda":
@@ -160,7 +191,7 @@ def main() -> None:
     name = f"dia-ort {args.variant}" + (" + CUDA graph" if args.cuda_graph else "")
     engine, logits = single_request(dia, name, args.threads, load_s, args.steps, args.cuda_graph)
     batches = [batch_throughput(dia, b, args.batch_steps, args.cuda_graph) for b in args.batches]
-    stream = stream_speed(dia, args.stream_frames) if args.stream_frames else None
+    stream = stream_speed(dia, args.stream_frames, args.prompt_seconds) if args.stream_frames else None
     result = {"engine": asdict(engine), "batches": batches, "stream": stream, "logits": logits.tolist()}
     args.out.write_text(json.dumps(result))
 

@@ -154,6 +154,10 @@ def stream_table(streams: dict[str, dict]) -> str:
         "time to first audio s",
         "stream RTF",
         "generate RTF",
+        "voice prompt s",
+        "time to first audio with it s",
+        "its encoding s",
+        "with / without",
     ]
     rows = [
         [
@@ -164,6 +168,12 @@ def stream_table(streams: dict[str, dict]) -> str:
             number(s["first_audio_s"]),
             number(s["stream_rtf"]),
             number(s["generate_rtf"]),
+            *(
+                [number(s["prompt_seconds"]), number(s["first_audio_prompt_s"]), number(s["prompt_encode_s"])]
+                + [number(s["first_audio_prompt_s"] / s["first_audio_s"])]
+                if "prompt_seconds" in s
+                else ["–"] * 4
+            ),
         ]
         for name, s in streams.items()
     ]
@@ -230,7 +240,9 @@ def size_section(result: SizeResult) -> str:
             "Streaming: `generate_stream` with the default chunks. Time to first audio runs from the call "
             "(text, encoder, prefill included) to the first chunk, median of 3 after a warm-up; the first "
             "chunk needs max_delay + its frames + the codec's 10-frame right context in steps. RTF is audio "
-            "seconds over wall seconds for the whole request, for the stream and for a plain `generate`.",
+            "seconds over wall seconds for the whole request, for the stream and for a plain `generate`. "
+            "With a voice prompt given as a waveform, the codec encodes it and its frames are prefilled "
+            "(PREFILL_CHUNK rows a call) before the first step; its encoding is timed alone too.",
             stream_table(result.streams),
         ]
     return "\n\n".join(parts + result.sections + result.notes)

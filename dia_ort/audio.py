@@ -154,22 +154,26 @@ class _SequentialFile(sf.SoundFile):
 READ_BLOCK_FRAMES = 1 << 16
 
 
-def _read_to_end(source: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """All frames `[N, channels]` float32 of an audio file, read in blocks to its end, and its rate."""
+def _read_to_end(source: str | os.PathLike, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """All frames `[N, channels]` float32 of an audio file, read in blocks to its end, and its rate;
+    past `max_seconds` a ValueError, before more is decoded (a small file can hold hours of silence)."""
     with _SequentialFile(source) as file:
-        blocks = []
+        blocks, frames = [], 0
         while len(block := file.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)):
             blocks.append(block)
+            frames += len(block)
+            if max_seconds is not None and frames > max_seconds * file.samplerate:
+                raise ValueError(f"audio file {os.fspath(source)} lasts more than {max_seconds:g} s")
         data = np.concatenate(blocks) if blocks else np.zeros((0, file.channels), dtype=np.float32)
         return data, file.samplerate
 
 
-def _read_file(source: str | os.PathLike) -> tuple[np.ndarray, int]:
+def _read_file(source: str | os.PathLike, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Read an audio file as mono float32 and its rate, with errors that name the file."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"audio file not found: {os.fspath(source)}")
     try:
-        data, rate = _read_to_end(source)
+        data, rate = _read_to_end(source, max_seconds)
     except RuntimeError as err:  # soundfile's LibsndfileError
         reason = getattr(err, "error_string", err)
         raise ValueError(f"cannot read audio file {os.fspath(source)}: {reason}") from err
@@ -179,15 +183,16 @@ def _read_file(source: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise ValueError(f"audio file {os.fspath(source)}: {err}") from err
 
 
-def load_audio(source: Any, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(source: Any, sample_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Load a waveform as mono float32 at 44.1 kHz, the rate the DAC codec works at.
 
     ``source`` is a path (any format libsndfile reads: wav, flac, ogg, mp3, ...; its own rate is used and
     ``sample_rate`` is ignored), a tuple ``(array, rate)``, or a waveform accepted by
-    ``to_mono_float32`` at ``sample_rate`` (default 44100).
+    ``to_mono_float32`` at ``sample_rate`` (default 44100). A file longer than ``max_seconds`` is
+    refused while it is read.
     """
     if isinstance(source, (str, os.PathLike)):
-        audio, rate = _read_file(source)
+        audio, rate = _read_file(source, max_seconds)
     else:
         if isinstance(source, tuple):
             if len(source) != 2:

@@ -180,8 +180,12 @@ class Decoding:
             for request in requests:
                 self._leave(request)
             raise
-        for request, pair in zip(requests, logits, strict=True):
-            self._prefilled(request, pair)
+        for request, pair in zip(requests, logits, strict=True):  # admitted: each fails alone from here
+            try:
+                self._prefilled(request, pair)
+            except Exception as exc:
+                self._leave(request)
+                self.fail(request, exc)
 
     def retire(self, request: Request) -> None:
         """Free the request's rows and end its chunks."""

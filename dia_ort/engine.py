@@ -297,6 +297,7 @@ class DeviceRows:
                 batch, padded, -(-self.slots // self.SLOT_BUCKET) * self.SLOT_BUCKET
             )
             buffers.in_use = True
+        self.buffers = buffers  # `close` frees them, also when encoding fails
         encode_rows(engine, text_ids, text_mask, buffers.cross)
         buffers.text_mask.update_inplace(text_mask)
         self.session = engine.step
@@ -306,7 +307,7 @@ class DeviceRows:
         for name, value in zip(cross_names(config.decoder_layers), buffers.cross, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         bind_caches(self.binding, buffers.caches, config.decoder_layers)
-        self.buffers, self.rows = buffers, batch
+        self.rows = batch
         self.replay = graph_run_options(str(buffers.graph_id) if self.graph else NO_GRAPH)
         self.prefilled = True  # the fixed one-row inputs are bound at the first one-row step
         return 0

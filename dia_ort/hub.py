@@ -88,6 +88,7 @@ def download(
                 pass
             else:
                 patterns = [MANIFEST_NAME, *_variant_files(manifest.parent, variant)]
+                revision = manifest.parent.name  # the commit the manifest came from, should a branch move
         folder = snapshot_download(model_id, revision=revision, cache_dir=hub, allow_patterns=patterns)
     except RepositoryNotFoundError as exc:
         raise FileNotFoundError(

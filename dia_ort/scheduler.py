@@ -93,17 +93,23 @@ class Scheduler:
         with self.work:
             if self.closed:
                 raise SchedulerClosed("the scheduler is closed")
-            # requests that free rows will take at the next step are not queued beyond the batch: a burst
-            # that arrives during one step fills the batch first (Ray's proxy counts on it)
-            free_rows = self.max_batch - len(self.running)
-            if len(self.waiting) >= self.max_queue + free_rows:
-                raise QueueFull(
-                    f"the batch is full and {len(self.waiting) - free_rows} requests are waiting "
-                    "(the most this server queues)"
-                )
+            self.check_room()
             self.waiting.append(request)
             self.work.notify()
         return request
+
+    def check_room(self) -> None:
+        """Raise QueueFull when one more request would pass the queue's bound.
+
+        Requests that free rows will take at the next step are not queued beyond the batch: a burst
+        that arrives during one step fills the batch first (Ray's proxy counts on it).
+        """
+        free_rows = self.max_batch - len(self.running)
+        if len(self.waiting) >= self.max_queue + free_rows:
+            raise QueueFull(
+                f"the batch is full and {len(self.waiting) - free_rows} requests are waiting "
+                "(the most this server queues)"
+            )
 
     def start(self) -> Scheduler:
         """Run `step()` in a background thread whenever there is work."""
@@ -162,7 +168,12 @@ class Scheduler:
             while self.waiting and len(self.running) + len(admitted) < self.max_batch:
                 admitted.append(self.waiting.popleft())
         steps = self.decoding.steps
-        self.decoding.step()
+        try:
+            self.decoding.step()
+        except Exception:  # the running requests fail (`_loop`); the admitted ones wait for the next step
+            with self.work:
+                self.waiting.extendleft(reversed(admitted))
+            raise
         if admitted:
             self._join(admitted)
         if self.decoding.steps != steps:
@@ -171,7 +182,7 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def _join(self, requests: list[Request]) -> None:
-        """Run a step with `requests` joining; where their joint admission fails, each joins alone."""
+        """Admit `requests` together; where their joint admission fails, each joins alone."""
         try:
             self.decoding.join(requests)
         except Exception as exc:

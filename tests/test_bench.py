@@ -16,6 +16,7 @@ from conftest import export_tiny
 from onnx import numpy_helper
 
 from bench import kernels
+from bench.__main__ import PROMPT_SECONDS
 from bench.accuracy import measure, sweep, with_recipes
 from bench.measure import TEXT, random_codes, step_ms
 from bench.overhead import step_overhead
@@ -86,6 +87,7 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     assert [row[0] for row in streams] == names[:2]
     first_steps = max(TINY.delay_pattern) + 8 + DECODE_CONTEXT_FRAMES  # max_delay + chunk + right context
     assert all(row[1:4] == ["40", "8", str(first_steps)] and _positive(row[4:]) for row in streams), streams
+    assert all(row[7] == number(PROMPT_SECONDS["tiny"]) for row in streams), streams  # with a voice prompt
 
     error = float(re.search(r"differ by at most (\S+) of their scale", markdown).group(1))
     assert error < 1e-3, "the reference did not run the exported weights"

@@ -169,7 +169,7 @@ def test_a_bad_clip_gets_a_400_in_openais_shape(server):
                 "transcript": "[S1] Hi.",
                 "audio": base64.b64encode(clip_bytes(21, rate=8000)).decode(),
             },
-            "at most 20 s",
+            "the clip lasts more than 20 s",
         ),
         ({"name": "alloy", "transcript": "[S1] Hi.", "audio": good}, "OpenAI"),
         ({"name": "narrator", "transcript": "[S1] Hi.", "audio": good}, "one of the server's own"),

@@ -56,19 +56,22 @@ class _Stopped(Exception):
 
 
 def _part_chunks(request: Request, stop: threading.Event) -> Iterator[AudioChunk]:
-    """A long-form part's chunks as the scheduler hands them out; cancels it once the client has gone."""
-    while not stop.is_set():
-        try:
-            chunk = request.chunks.get(timeout=STOP_POLL_SECONDS)
-        except Empty:
-            continue
-        if chunk is None:
-            return
-        if isinstance(chunk, Exception):
-            raise chunk
-        yield chunk
-    request.cancel()
-    raise _Stopped
+    """A long-form part's chunks as the scheduler hands them out; cancels it once the client has gone, or
+    when whoever reads them stops (a no-op once the part has ended)."""
+    try:
+        while not stop.is_set():
+            try:
+                chunk = request.chunks.get(timeout=STOP_POLL_SECONDS)
+            except Empty:
+                continue
+            if chunk is None:
+                return
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield chunk
+        raise _Stopped
+    finally:
+        request.cancel()
 
 
 class _LoopSink:
@@ -144,6 +147,7 @@ class SpeechService:
         if not speech.long_form:
             request = self.scheduler.submit(speech.text, speech.prompt, sink=sink, **vars(speech.options))
             return SpeechStream(queue, request.cancel)
+        self.scheduler.check_room()  # a script's first part queues like any request
         stop = threading.Event()
         parts = LongFormStream(
             partial(self._run_part, stop),

@@ -13,6 +13,7 @@ import binascii
 import logging
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ OPENAI_VOICES = (
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_UPLOAD_SECONDS = 20.0  # a voice prompt this long leaves the model room for 15 s of speech
 MAX_UPLOADED_VOICES = 64  # uploaded voices kept (the oldest goes); each is about 21 KB of codes a second
+_UPLOADS = threading.Lock()  # held while an upload changes the table
 
 
 @dataclass(frozen=True)
@@ -104,17 +106,16 @@ def upload_voice(dia: Dia, voices: dict[str, Voice], name: str, transcript: str,
         file.write(data)
         file.flush()
         try:
-            wave = load_audio(file.name)
+            wave = load_audio(file.name, max_seconds=MAX_UPLOAD_SECONDS)
         except ValueError as exc:  # say what is wrong with the clip, not where the server put it
             raise ValueError(str(exc).replace(f"audio file {file.name}", "the clip")) from exc
     seconds = len(wave) / DAC_SAMPLE_RATE
-    if seconds > MAX_UPLOAD_SECONDS:
-        raise ValueError(f"the clip is {seconds:.1f} s; a voice takes at most {MAX_UPLOAD_SECONDS:g} s")
     voice = Voice(name, dia.encode_audio((wave, DAC_SAMPLE_RATE)), transcript, uploaded=True)
-    uploaded = [n for n, v in voices.items() if v.uploaded and n != name]
-    for oldest in uploaded[: max(0, len(uploaded) - MAX_UPLOADED_VOICES + 1)]:
-        del voices[oldest]
-    voices.pop(name, None)
-    voices[name] = voice
+    with _UPLOADS:  # uploads run on worker threads
+        uploaded = [n for n, v in voices.items() if v.uploaded and n != name]
+        for oldest in uploaded[: max(0, len(uploaded) - MAX_UPLOADED_VOICES + 1)]:
+            del voices[oldest]
+        voices.pop(name, None)
+        voices[name] = voice
     log.info("voice %s uploaded: %.1f s of audio", name, seconds)
     return voice
