@@ -34,6 +34,7 @@ from dia_ort import Dia, GenerationOptions
 from dia_ort.decoding import encoded_rows
 from dia_ort.generation import Generation
 from dia_ort.item import cfg_text_rows
+from dia_ort.progress import steady_step_seconds
 from dia_ort.text import encode_text
 
 
@@ -93,19 +94,12 @@ def single_request(
 
 def batch_throughput(dia: Dia, batch: int, steps: int, cuda_graph: bool) -> dict:
     """Steady-state speed of `generate_codes` on `batch` texts: the median time between steps."""
-    stamps: list[float] = []
     reset_peak_rss()
-    dia.generate_codes(
-        [TEXT] * batch,
-        max_new_tokens=steps,
-        seed=SEED,
-        use_torch_compile=cuda_graph,
-        callback=lambda i, n: stamps.append(time.perf_counter()),
-    )
-    step_s = statistics.median(np.diff(stamps))
+    request = dict(max_new_tokens=steps, seed=SEED, use_torch_compile=cuda_graph)
+    step_s = steady_step_seconds(dia.generate_codes, [TEXT] * batch, **request)
     return {
         "batch": batch,
-        "steps": len(stamps),
+        "max_new_tokens": steps,
         "step_ms": 1000 * step_s,
         "audio_per_wall": batch / (FRAMES_PER_SECOND * step_s),
         "peak_rss": peak_rss(),

@@ -128,12 +128,12 @@ def engine_table(result: SizeResult) -> str:
 
 def batch_table(batches: dict[str, list[dict]]) -> str:
     """One row per engine and batch size: steady-state step time and audio seconds per wall second."""
-    header = ["engine", "batch", "steps", "step ms", "audio s / wall s", "peak GB"]
+    header = ["engine", "batch", "max_new_tokens", "step ms", "audio s / wall s", "peak GB"]
     rows = [
         [
             name,
             str(b["batch"]),
-            str(b["steps"]),
+            str(b["max_new_tokens"]),
             number(b["step_ms"]),
             number(b["audio_per_wall"]),
             _gb(b["peak_rss"]),

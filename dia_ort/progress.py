@@ -1,8 +1,14 @@
-"""The seed API's `verbose`: one report of speed and realtime factor, through the package logger."""
+"""How fast generation runs: the seed API's `verbose` report through the package logger, and the
+steady step time that the benchmark and the model card measure."""
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
 
 
 def report_speed(steps: int, seconds: float, frame_rate: float) -> None:
@@ -20,3 +26,11 @@ def report_speed(steps: int, seconds: float, frame_rate: float) -> None:
         rate,
         rate / frame_rate,
     )
+
+
+def steady_step_seconds(generate_codes: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """The median time between the decoder steps of a `Dia.generate_codes` call (its callback stamps
+    each step): the steady speed, without the encoder and the prefill."""
+    stamps: list[float] = []
+    generate_codes(*args, callback=lambda step, total: stamps.append(time.perf_counter()), **kwargs)
+    return float(statistics.median(np.diff(stamps)))

@@ -77,8 +77,10 @@ def test_the_folder_carries_a_model_card_for_the_hub(exported):
     for dtype in ("float32", "int8"):
         size = sum((exported / entry.path).stat().st_size for entry in manifest.files(dtype))
         assert f"| `{dtype}` | {size / 1e9:.2f} GB |" in card
-    agreement = float(re.search(r"\| `int8` \|[^|]*\|[^|]*\| ([0-9.]+) \|", card).group(1))
-    assert 0.5 < agreement <= 1
+    int8 = re.search(r"\| `int8` \|[^|]*\|[^|]*\| ([0-9.]+) \| ([0-9.]+) \(([0-9.]+)x real time\) \|", card)
+    agreement, steps, realtime = map(float, int8.groups())
+    assert 0.5 < agreement <= 1 and steps > 0 and realtime == pytest.approx(steps / (44100 / 512), abs=0.01)
+    assert "on the exporting CPU" in card and "Speeds: one greedy request" in card
     assert "hf upload ORG/NAME DIR" in card
 
 
