@@ -270,7 +270,7 @@ def render(machine: Machine, command: str, results: list[SizeResult], sections: 
         f"/ {FRAMES_PER_SECOND:.2f} (above 1 is faster than real time). Each step is a CFG pair (2 rows). "
         "floor = the bytes a step must read / read bandwidth: the decoder weights (one row of each "
         "embedding table per token), the text's cross-attention K/V and the cache up to the position, for "
-        "both CFG rows. dia-ort's encoder time is `engine.start` "
+        "both CFG rows. dia-ort's encoder time is `decoding.encoded_rows` "
         "(encoder, cross-attention K/V and cache allocation); transformers computes its cross K/V in "
         "the first decoder step. Load time includes hashing the files; run peak RSS counts from the "
         "end of loading.",
