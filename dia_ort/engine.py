@@ -277,7 +277,6 @@ class DeviceRows:
         self.rows = 0
         self.positions = np.zeros(max_rows, dtype=np.int64)  # the next position of each row
         self.buffers: StepBuffers | None = None
-        self.replay = graph_run_options(NO_GRAPH)
         self.uncaptured = graph_run_options(NO_GRAPH)
 
     def add(self, text_ids: np.ndarray, text_mask: np.ndarray) -> int:
