@@ -85,6 +85,15 @@ class Linear(nn.Module):
         return torch.matmul(x, self.weight)
 
 
+def assign_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """`model` on `state`'s own tensors (no copy), with a strict key check: the stored `[out, in]`
+    kernels of its `Linear`s become `[in, out]` views."""
+    kernels = {name for name, module in model.named_modules() if isinstance(module, Linear)}
+    state = {k: v.T if k.removesuffix(".weight") in kernels else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -201,19 +210,24 @@ def additive(allowed: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE with timescale_i = min * (max/min) ** (2i/D), in float32.
+    """Rotate-half RoPE by the cos and sin tables `[P x D/2]` of every position below P.
 
-    The cos and sin of every position below `positions` are tables computed once at export, with the
-    float32 arithmetic the model uses (angle = position / timescale). They are plain attributes, not
-    buffers: `.half()` must not round them (at position 3000 a float16 angle would move by a radian).
+    The tables are computed once at export with the float32 arithmetic the model uses. They are plain
+    attributes, not buffers: `.half()` must not round them (at position 3000 a float16 angle would move
+    by a radian).
     """
 
-    def __init__(self, head_dim: int, min_timescale: float, max_timescale: float, positions: int) -> None:
+    def __init__(self, cos: Tensor, sin: Tensor) -> None:
         super().__init__()
+        self.cos, self.sin = cos, sin
+
+    @classmethod
+    def dia(cls, head_dim: int, min_timescale: float, max_timescale: float, positions: int) -> Rotary:
+        """Dia's tables: timescale_i = min * (max/min) ** (2i/D), angle = position / timescale."""
         fraction = 2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim
         timescale = (min_timescale * (max_timescale / min_timescale) ** fraction).float()
         angle = torch.arange(positions, dtype=torch.float32)[:, None] / timescale
-        self.cos, self.sin = torch.cos(angle), torch.sin(angle)
+        return cls(torch.cos(angle), torch.sin(angle))
 
     def rotate(self, x: Tensor, positions: Tensor, heads: int, fused: bool) -> Tensor:
         """x Tensor[B x S x heads*D] rotated at positions Tensor[B x S] (int64)."""
@@ -292,10 +306,10 @@ class DiaModel(nn.Module):
         self.logits_dense = Linear(d.hidden, d.num_channels * d.vocab_size)
         scales = (arch.rope_min_timescale, arch.rope_max_timescale)
         text, audio = arch.encoder.max_length, d.max_length
-        self.rotary_encoder = Rotary(arch.encoder.head_dim, *scales, positions=text)
-        self.rotary_decoder = Rotary(d.head_dim, *scales, positions=audio)
+        self.rotary_encoder = Rotary.dia(arch.encoder.head_dim, *scales, positions=text)
+        self.rotary_decoder = Rotary.dia(d.head_dim, *scales, positions=audio)
         # v0.1 rotates cross-attention keys at text positions and queries at audio positions
-        self.rotary_cross = Rotary(d.cross_head_dim, *scales, positions=max(text, audio))
+        self.rotary_cross = Rotary.dia(d.cross_head_dim, *scales, positions=max(text, audio))
 
     @property
     def fused_ops(self) -> bool:
@@ -311,11 +325,7 @@ class DiaModel(nn.Module):
     @classmethod
     def from_state(cls, arch: DiaArchitecture, state: dict[str, Tensor]) -> DiaModel:
         """Build the model on `state`'s own tensors (no copy): HF `[out, in]` kernels become views."""
-        model = cls(arch)
-        kernels = {name for name, module in model.named_modules() if isinstance(module, Linear)}
-        state = {k: v.T if k.removesuffix(".weight") in kernels else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        return assign_state(cls(arch), state)
 
 
 class CacheWrite(torch.autograd.Function):
