@@ -104,6 +104,10 @@ class Dia2Config:
         """Depformer logits cover ids below this (the reference cuts off pad and BOS)."""
         return min(self.audio_pad_id, self.audio_bos_id)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json tree it was read from (what a manifest keeps)."""
+        return self.tree
+
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Dia2Config:
         """Read a published `config.json` tree; ValueError names what is missing or wrong."""

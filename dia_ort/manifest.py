@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dia_ort.config import ModelConfig
+from dia_ort.dia2_config import Dia2Config
 from dia_ort.verified import has_sha256, sha256_of
 
 MANIFEST_NAME = "dia_ort.json"
@@ -24,6 +25,13 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # exported with `python -m ex
 QUANTIZED_DTYPES = ("int8", "int4", "int4-plain")  # ... and with `--quantize`, from the float32 graphs
 DIA_GRAPHS = ("encoder", "decoder_step")
 CODEC_GRAPHS = ("dac_decoder", "dac_encoder")
+DIA2_GRAPHS = ("backbone_step", "depformer_stage")
+MIMI_GRAPHS = ("mimi_decoder", "mimi_encoder")
+# family -> (each variant's graphs, the codec's graphs, how its model config is read)
+FAMILIES = {
+    "dia": (DIA_GRAPHS, CODEC_GRAPHS, ModelConfig.from_dict),
+    "dia2": (DIA2_GRAPHS, MIMI_GRAPHS, Dia2Config.from_tree),
+}
 REEXPORT_HINT = "re-export the model with `python -m export --out DIR` (see README)"
 
 
@@ -97,7 +105,8 @@ class GraphEntry:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """The DAC codec's shape: one frame of codes per `hop_length` samples at `sample_rate`."""
+    """The codec's shape (DAC for Dia, Mimi for Dia2): one frame of codes per `hop_length` samples at
+    `sample_rate`."""
 
     sample_rate: int = 44100
     hop_length: int = 512
@@ -114,17 +123,19 @@ class CodecConfig:
 class Manifest:
     """Everything the runtime needs to know about an exported folder."""
 
-    model: ModelConfig
-    variants: dict[str, dict[str, GraphEntry]]  # dtype -> {"encoder": ..., "decoder_step": ...}
+    model: ModelConfig | Dia2Config  # by family
+    variants: dict[str, dict[str, GraphEntry]]  # dtype -> {"encoder": ..., "decoder_step": ...} (FAMILIES)
     codec: dict[str, GraphEntry]  # {"dac_decoder": ..., "dac_encoder": ...}, float32
     codec_config: CodecConfig = CodecConfig()
     source: dict[str, Any] = field(default_factory=dict)  # model id, revision, weight file hashes
     tools: dict[str, Any] = field(default_factory=dict)  # versions and opset used
     format_version: int = FORMAT_VERSION
+    family: str = "dia"  # "dia" (Dia 1.6B) or "dia2"; a manifest without one is Dia's
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
+            "family": self.family,
             "model": self.model.to_dict(),
             "variants": {
                 dtype: {name: g.to_dict() for name, g in graphs.items()}
@@ -152,13 +163,21 @@ class Manifest:
                     else f"re-export it with `{reexport_command(data, folder)}`"
                 )
             )
+        family = data.get("family", "dia")
+        if family not in FAMILIES:
+            raise ValueError(
+                f"{MANIFEST_NAME} in {folder} holds a model of family {family!r}, which this dia_ort does not "
+                f"know (it runs {sorted(FAMILIES)}); upgrade dia-ort to read it"
+            )
+        graph_names, codec_names, read_config = FAMILIES[family]
         try:
             variants = {
                 dtype: {name: GraphEntry.from_dict(g) for name, g in graphs.items()}
                 for dtype, graphs in data["variants"].items()
             }
             manifest = cls(
-                model=ModelConfig.from_dict(data["model"]),
+                family=family,
+                model=read_config(data["model"]),
                 variants=variants,
                 codec={name: GraphEntry.from_dict(g) for name, g in data["codec"].items()},
                 codec_config=CodecConfig(**data.get("codec_config", {})),
@@ -170,12 +189,12 @@ class Manifest:
                 f"{MANIFEST_NAME} in {folder} is incomplete or malformed ({exc!r}); {REEXPORT_HINT}"
             ) from exc
         for dtype, graphs in variants.items():
-            missing = set(DIA_GRAPHS) - set(graphs)
+            missing = set(graph_names) - set(graphs)
             if missing:
                 raise ValueError(
                     f"{MANIFEST_NAME}: variant {dtype} lacks graphs {sorted(missing)}; {REEXPORT_HINT}"
                 )
-        if set(CODEC_GRAPHS) - set(manifest.codec):
+        if set(codec_names) - set(manifest.codec):
             raise ValueError(f"{MANIFEST_NAME}: codec graphs missing; {REEXPORT_HINT}")
         return manifest
 

@@ -93,6 +93,11 @@ class Dia:
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
+        if self.manifest.family != "dia":
+            raise ValueError(
+                f"{self.folder} holds a {self.manifest.family} model, which dia_ort.Dia cannot run: Dia "
+                "runs Dia 1.6B folders (the Dia2 runtime is not in this version of dia-ort)"
+            )
         self.device = Device.parse(device, threads)
         self.compute_dtype = _choose_dtype(self.manifest, compute_dtype, self.device)
         self.manifest.check_files(self.folder, self.compute_dtype)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from export.architecture import PRESETS
-from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, checkpoint_sources, export_model, random_sources
+from export.dia2_checkpoint import PRESETS as DIA2_PRESETS
+from export.dia2_pipeline import dia2_random_sources, export_dia2
+from export.families import export_checkpoint_folder
+from export.pipeline import DEFAULT_DAC, DEFAULT_MODEL, export_model, random_sources
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,7 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local checkpoint folder")
     parser.add_argument("--revision", default=None, help="Hub revision of --model")
-    parser.add_argument("--dac", default=DEFAULT_DAC, help="Hub id, HF-layout folder or descript .pth file")
+    parser.add_argument(
+        "--dac", default=DEFAULT_DAC, help="Dia's codec: Hub id, HF-layout folder or descript .pth file"
+    )
+    parser.add_argument(
+        "--mimi", help="Dia2's codec: Hub id or folder (default: the checkpoint's, else kyutai/mimi)"
+    )
     parser.add_argument("--out", help="output model folder (default: models/<name of --model>)")
     parser.add_argument(
         "--dtype", nargs="+", default=["float32"], choices=FLOAT_DTYPES, help="precision variants"
@@ -30,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--random-init",
-        metavar="{" + ",".join(PRESETS) + ",CONFIG.json}",
+        metavar="{" + ",".join([*PRESETS, *DIA2_PRESETS]) + ",CONFIG.json}",
         help="random weights of this architecture instead of a checkpoint (offline tests and benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
@@ -56,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     began = time.perf_counter()
     try:
-        if args.random_init:
+        dtypes = tuple(args.dtype) + tuple(args.quantize)
+        if args.random_init in DIA2_PRESETS:
+            export_dia2(dia2_random_sources(args.random_init, args.seed), args.out, dtypes)
+        elif args.random_init:
             sources = random_sources(args.random_init, args.seed, outlier_channels=args.outlier_channels)
+            export_model(sources, args.out, dtypes)
         else:
-            sources = checkpoint_sources(args.model, args.dac, args.revision)
-        export_model(sources, args.out, dtypes=tuple(args.dtype) + tuple(args.quantize))
+            export_checkpoint_folder(args.model, args.revision, args.mimi, args.dac, args.out, dtypes)
     except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

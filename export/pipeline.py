@@ -76,7 +76,8 @@ def random_sources(
     )
 
 
-def _local(ident: str, revision: str | None) -> Path:
+def local_folder(ident: str, revision: str | None) -> Path:
+    """A local path as it is; a Hub id downloaded into the cache."""
     path = Path(ident).expanduser()
     if path.exists():
         return path
@@ -85,12 +86,15 @@ def _local(ident: str, revision: str | None) -> Path:
     return download(ident, revision)
 
 
-def checkpoint_sources(model: str, dac: str, revision: str | None = None) -> Sources:
-    """A Dia checkpoint (folder or Hub id) and a DAC (descript .pth, HF folder or Hub id)."""
-    folder = _local(model, revision)
+def checkpoint_sources(
+    model: str, dac: str, revision: str | None = None, folder: Path | None = None
+) -> Sources:
+    """A Dia checkpoint (folder or Hub id; `folder` where it is already at hand) and a DAC (descript
+    .pth, HF folder or Hub id)."""
+    folder = folder or local_folder(model, revision)
     log.info("loading Dia checkpoint from %s", folder)
     arch, state = load_checkpoint(folder)
-    dac_path = _local(dac, None)
+    dac_path = local_folder(dac, None)
     log.info("loading DAC from %s", dac_path)
     return Sources(
         arch=arch,
@@ -105,7 +109,7 @@ def checkpoint_sources(model: str, dac: str, revision: str | None = None) -> Sou
     )
 
 
-def _export_verified(
+def export_verified(
     spec: GraphSpec,
     samples: list,
     folder: Path,
@@ -166,14 +170,22 @@ def _quantized_variant(
         calibration = [feeds(spec.inputs, sample) for sample in calibration_samples(float32_step.module)]
     source = folder / float32["decoder_step"].file.path
     make = partial(quantize_graph, source, folder, spec.name, recipe, calibration)
-    step, error = _export_verified(spec, samples, folder, QUANTIZED_TOLERANCE[recipe.bits], make)
+    step, error = export_verified(spec, samples, folder, QUANTIZED_TOLERANCE[recipe.bits], make)
     return {"encoder": float32["encoder"], "decoder_step": step}, error
 
 
-def export_checkpoint(checkpoint: str, out: str | Path, dtypes: tuple[str, ...]) -> Manifest:
-    """Export a Dia checkpoint (folder or Hub id) with the default DAC: the `dia_ort.exporters` entry
-    point, through which the runtime exports a checkpoint on first use."""
-    return export_model(checkpoint_sources(checkpoint, DEFAULT_DAC), out, dtypes)
+def tools_record(errors: dict[str, float], quantization: dict) -> dict:
+    """The manifest's `tools`: versions, opset, graph revision, each graph's error against torch."""
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "opset": OPSET,
+        "graph_revision": GRAPH_REVISION,
+        "python": platform.python_version(),
+        "verification_error": errors,
+        "quantization": quantization,
+    }
 
 
 def export_model(
@@ -206,7 +218,7 @@ def export_model(
         graphs = {}
         step = (step_spec(dia, f"decoder_step.{dtype}"), step_samples(dia))
         for spec, samples in ((encoder_spec(dia, f"encoder.{dtype}"), encoder_samples(dia)), step):
-            graphs[spec.name.split(".")[0]], errors[spec.name] = _export_verified(
+            graphs[spec.name.split(".")[0]], errors[spec.name] = export_verified(
                 spec, samples, out, TOLERANCE[dtype]
             )
         variants[dtype] = graphs
@@ -215,7 +227,7 @@ def export_model(
                 variants[name], errors[f"decoder_step.{name}"] = _quantized_variant(*step, graphs, out, name)
     codec = {}
     for spec, samples in _codec_specs(sources.codec):
-        codec[spec.name], errors[spec.name] = _export_verified(spec, samples, out, TOLERANCE["float32"])
+        codec[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
     arch = sources.codec.arch
     manifest = Manifest(
         model=sources.arch.model_config(),
@@ -228,25 +240,18 @@ def export_model(
             codebook_size=arch.codebook_size,
         ),
         source=sources.provenance,
-        tools={
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "opset": OPSET,
-            "graph_revision": GRAPH_REVISION,
-            "python": platform.python_version(),
-            "verification_error": errors,
-            "quantization": {d: {**asdict(RECIPES[d]), "accuracy_level": ACCURACY_LEVEL} for d in quantized},
-        },
+        tools=tools_record(
+            errors, {d: {**asdict(RECIPES[d]), "accuracy_level": ACCURACY_LEVEL} for d in quantized}
+        ),
     )
     manifest.save(out)
     agreement = {d: quantization_accuracy(out, d, steps=CARD_STEPS) for d in quantized}
     card = write_model_card(manifest, out, agreement)
-    _modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME, card.name])
+    modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME, card.name])
     return manifest
 
 
-def _modes_from_umask(folder: Path, names: list[str]) -> None:
+def modes_from_umask(folder: Path, names: list[str]) -> None:
     """Give the exported files the mode a new file gets here: ONNX writes external data files 0600,
     which a server running as another user could not read."""
     umask = os.umask(0)

@@ -206,3 +206,27 @@ def test_modules_equal_the_reference(tmp_path):
             logits, *caches = stage(torch.tensor([s]), previous, hidden, text, *caches)
             torch.testing.assert_close(want[:, 0, 0], logits, rtol=0, atol=1e-5)
             previous = logits.argmax(-1)
+
+
+def test_export_writes_a_dia2_folder_from_random_weights_or_a_checkpoint(tmp_path):
+    """`--random-init dia2-tiny` and the same weights as a published checkpoint and Mimi folder give the
+    same graphs, in a folder whose manifest names the family; dia_ort.Dia refuses it by name."""
+    from dia_ort import Dia
+    from dia_ort.manifest import Manifest
+    from export.__main__ import main
+    from export.dia2_pipeline import dia2_random_sources
+    from export.mimi_weights import save_mimi
+
+    assert main(["--random-init", "dia2-tiny", "--seed", "2", "--out", str(tmp_path / "random")]) == 0
+    sources = dia2_random_sources("dia2-tiny", seed=2)
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", sources.config, sources.state)
+    mimi = save_mimi(sources.codec, tmp_path / "mimi")
+    argv = ["--model", str(checkpoint), "--mimi", str(mimi), "--out", str(tmp_path / "published")]
+    assert main(argv) == 0
+    random, published = Manifest.load(tmp_path / "random"), Manifest.load(tmp_path / "published")
+    assert random.family == published.family == "dia2"
+    assert published.model == sources.config and published.source["mimi"] == str(mimi)
+    assert random.files() == published.files()  # the same bytes, file by file
+    with pytest.raises(ValueError, match="holds a dia2 model, which dia_ort.Dia cannot run"):
+        Dia.from_pretrained(tmp_path / "published")
+    assert main(["--random-init", "dia2-tiny", "--quantize", "int8", "--out", str(tmp_path / "q")]) == 2

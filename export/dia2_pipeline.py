@@ -1,0 +1,142 @@
+"""A Dia2 checkpoint + Mimi -> an exported model folder of family "dia2": graphs verified, then the manifest.
+
+The graphs: the backbone step and the depformer stage (export/dia2_graphs.py), and Mimi's streaming
+decoder and clip encoder (export/mimi.py). Float32 only so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from dia_ort.dia2_config import Dia2Config
+from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
+from export.dia2_checkpoint import load_checkpoint, preset_config, random_state
+from export.dia2_graphs import stage_samples, stage_spec, step_samples, step_spec
+from export.dia2_model import Dia2Model
+from export.mimi import MIMI, TINY_MIMI, MimiCodec, MimiDecodeGraph, MimiEncodeGraph, stream_names
+from export.mimi_weights import DEFAULT_MIMI, load_mimi, random_mimi
+from export.onnx_export import GraphSpec
+from export.pipeline import (
+    TOLERANCE,
+    checkpoint_files,
+    export_verified,
+    local_folder,
+    modes_from_umask,
+    tools_record,
+)
+
+log = logging.getLogger(__name__)
+
+RANDOM_MIMI = {"dia2-tiny": TINY_MIMI}  # presets' codecs; the others get Mimi's real shape
+
+
+@dataclass(frozen=True)
+class Dia2Sources:
+    """The weights to export and where they came from (recorded in the manifest)."""
+
+    config: Dia2Config
+    state: dict[str, torch.Tensor]
+    codec: MimiCodec
+    provenance: dict
+
+
+def dia2_random_sources(preset: str, seed: int) -> Dia2Sources:
+    """A preset of `export.dia2_checkpoint.PRESETS` -> random weights, with a random Mimi of its codes."""
+    config = preset_config(preset)
+    arch = replace(
+        RANDOM_MIMI.get(preset, MIMI), num_quantizers=config.codebooks, codebook_size=config.audio_vocab_limit
+    )
+    return Dia2Sources(
+        config, random_state(config, seed), random_mimi(arch, seed), {"random_init": preset, "seed": seed}
+    )
+
+
+def dia2_checkpoint_sources(folder: Path, model: str, revision: str | None, mimi: str | None) -> Dia2Sources:
+    """A Dia2 checkpoint folder (`model` names it: a Hub id or the folder) and Mimi (a Hub id or folder;
+    by default the one the checkpoint names, else kyutai/mimi)."""
+    config, state = load_checkpoint(folder)
+    mimi = mimi or config.mimi or DEFAULT_MIMI
+    log.info("loading Mimi from %s", mimi)
+    provenance = {"model": model, "revision": revision, "files": checkpoint_files(folder), "mimi": mimi}
+    return Dia2Sources(config, state, load_mimi(local_folder(mimi, None)), provenance)
+
+
+def mimi_specs(codec: MimiCodec, codebooks: int) -> list[tuple[GraphSpec, list]]:
+    decode, encode = MimiDecodeGraph(codec), MimiEncodeGraph(codec, codebooks)
+    size, hop = codec.arch.codebook_size, codec.arch.hop_length
+    g = torch.Generator().manual_seed(0)
+    past, present = stream_names(codec, "past"), stream_names(codec, "present")
+
+    def decode_sample(batch: int, frames: int, offset: int) -> tuple[torch.Tensor, ...]:
+        states = [s + 0.1 * torch.randn(s.shape, generator=g) for s in decode.initial_state(batch)]
+        codes = torch.randint(0, size, (batch, codebooks, frames), generator=g)
+        return (codes, torch.tensor([offset]), *states)
+
+    axes = {"codes": {0: "batch", 2: "frames"}, "waveform": {0: "batch", 1: "samples"}}
+    decoder = GraphSpec(
+        name="mimi_decoder",
+        module=decode,
+        example=decode_sample(1, 2, 0),
+        inputs=("codes", "offset", *past),
+        outputs=("waveform", *present),
+        dynamic_axes=axes | {n: {0: "batch"} for n in (*past, *present)},
+    )
+    encoder = GraphSpec(
+        name="mimi_encoder",
+        module=encode,
+        example=(0.3 * torch.randn(1, 2 * hop, generator=g),),
+        inputs=("waveform",),
+        outputs=("codes",),
+        dynamic_axes={"waveform": {0: "batch", 1: "samples"}, "codes": {0: "batch", 2: "frames"}},
+    )
+    decode_samples = [decode_sample(1, 1, 0), decode_sample(2, 5, 8), decode_sample(1, 3, 300)]
+    encode_samples = [
+        (0.3 * torch.randn(b, n, generator=g),) for b, n in ((1, hop), (2, 2 * hop + 7), (1, 333))
+    ]
+    return [(decoder, decode_samples), (encoder, encode_samples)]
+
+
+def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] = ("float32",)) -> Manifest:
+    """Write and verify Dia2's graphs and Mimi's into `out`, then the manifest (family "dia2")."""
+    if set(dtypes) != {"float32"}:
+        raise ValueError(f"Dia2 exports float32 only so far; asked for {list(dtypes)}")
+    config, codec = sources.config, sources.codec
+    if (codec.arch.codebook_size, codec.arch.num_quantizers) < (config.audio_vocab_limit, config.codebooks):
+        raise ValueError(
+            f"Mimi has {codec.arch.num_quantizers} codebooks of {codec.arch.codebook_size} codes; this Dia2 needs "
+            f"{config.codebooks} of {config.audio_vocab_limit}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # a folder re-exported half-way must not look finished
+    model = Dia2Model.from_state(config, sources.state)
+    errors: dict[str, float] = {}
+    graphs: dict[str, GraphEntry] = {}
+    specs = [
+        (step_spec(model, "backbone_step.float32"), step_samples(model)),
+        (stage_spec(model, "depformer_stage.float32"), stage_samples(model)),
+    ]
+    for spec, samples in specs:
+        graphs[spec.name.split(".")[0]], errors[spec.name] = export_verified(
+            spec, samples, out, TOLERANCE["float32"]
+        )
+    mimi = {}
+    for spec, samples in mimi_specs(codec, config.codebooks):
+        mimi[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
+    arch = codec.arch
+    manifest = Manifest(
+        family="dia2",
+        model=config,
+        variants={"float32": graphs},
+        codec=mimi,
+        codec_config=CodecConfig(arch.sampling_rate, arch.hop_length, config.codebooks, arch.codebook_size),
+        source=sources.provenance,
+        tools=tools_record(errors, {}),
+    )
+    manifest.save(out)
+    modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME])
+    return manifest
