@@ -1,5 +1,6 @@
-"""Dia text-to-dialogue on ONNX Runtime, without torch."""
+"""Dia and Dia2 text-to-dialogue on ONNX Runtime, without torch."""
 
+from dia_ort.dia2 import Dia2
 from dia_ort.engine import _get_default_device
 from dia_ort.model import DEFAULT_SAMPLE_RATE, SAMPLE_RATE_RATIO, Dia
 from dia_ort.options import GenerationOptions
@@ -9,6 +10,7 @@ __all__ = [
     "DEFAULT_SAMPLE_RATE",
     "SAMPLE_RATE_RATIO",
     "Dia",
+    "Dia2",
     "GenerationOptions",
     "_get_default_device",
     "_sample_next_token",

@@ -131,6 +131,9 @@ class Manifest:
     tools: dict[str, Any] = field(default_factory=dict)  # versions and opset used
     format_version: int = FORMAT_VERSION
     family: str = "dia"  # "dia" (Dia 1.6B) or "dia2"; a manifest without one is Dia's
+    assets: dict[str, FileEntry] = field(
+        default_factory=dict
+    )  # other files the runtime reads (Dia2's tokenizer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +146,7 @@ class Manifest:
             },
             "codec": {name: g.to_dict() for name, g in self.codec.items()},
             "codec_config": vars(self.codec_config),
+            "assets": {name: vars(entry) for name, entry in self.assets.items()},
             "source": self.source,
             "tools": self.tools,
         }
@@ -181,6 +185,7 @@ class Manifest:
                 variants=variants,
                 codec={name: GraphEntry.from_dict(g) for name, g in data["codec"].items()},
                 codec_config=CodecConfig(**data.get("codec_config", {})),
+                assets={name: FileEntry(**entry) for name, entry in data.get("assets", {}).items()},
                 source=data.get("source", {}),
                 tools=data.get("tools", {}),
             )
@@ -224,10 +229,11 @@ class Manifest:
         return path
 
     def files(self, dtype: str | None = None) -> list[FileEntry]:
-        """The graph files one variant and the codec need (every variant's when None), each once."""
+        """The files one variant, the codec and the assets need (every variant's when None), each once."""
         variants = self.variants.values() if dtype is None else [self.variants[dtype]]
         graphs = [*(g for graphs in variants for g in graphs.values()), *self.codec.values()]
-        return list({entry.path: entry for graph in graphs for entry in graph.files()}.values())
+        entries = [*(entry for graph in graphs for entry in graph.files()), *self.assets.values()]
+        return list({entry.path: entry for entry in entries}.values())
 
     def check_files(self, folder: str | Path, dtype: str) -> None:
         """Check sizes and hashes of the files that one variant and the codec need."""

@@ -34,7 +34,7 @@ TINY_TREE: dict[str, Any] = {
         "text_zero_token_id": 7,
         "action_pad_token_id": 0,
         "action_new_word_token_id": 1,
-        "delay_pattern": [0, 1, 2, 3],
+        "delay_pattern": [1, 2, 2, 3],
         "first_word_min_start": 0,
         "max_pad": 6,
         "second_stream_ahead": 2,
@@ -72,7 +72,7 @@ CONVERSION_DEFAULT_TREE: dict[str, Any] = {
         "channels": 34,
         "text_vocab_size": 49280,
         "audio_vocab_size": 2050,
-        "delay_pattern": [0] + [1] * 31,
+        "delay_pattern": [1] + [2] * 31,  # assumed: every codebook must read audio at frame 0
     },
     "model": {
         **TINY_TREE["model"],

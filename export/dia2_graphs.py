@@ -10,7 +10,7 @@ from export.onnx_export import GraphSpec
 
 STEP_INPUTS = ("tokens", "positions")
 STEP_OUTPUTS = ("hidden", "action_logits", "cb0_logits")
-STAGE_INPUTS = ("stage", "previous", "hidden", "text")
+STAGE_INPUTS = ("stage", "previous", "hidden")  # then "text" where the depformer embeds text
 FUSED_OPSETS = {"com.microsoft": 1}
 
 
@@ -48,7 +48,7 @@ def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) ->
         torch.tensor([stage]),
         torch.randint(0, config.audio_vocab_size - 2, (batch,), generator=g),
         torch.randn(batch, config.decoder.hidden, generator=g).to(dtype),
-        text,
+        *([text] if config.depformer_text_embedding else []),
         *past,
     )
 
@@ -79,7 +79,7 @@ def stage_spec(model: Dia2Model, name: str) -> GraphSpec:
         name=name,
         module=DepformerStageGraph(model),
         example=stage_inputs(model, stage=1),
-        inputs=(*STAGE_INPUTS, *past),
+        inputs=(*STAGE_INPUTS, *(["text"] if model.config.depformer_text_embedding else []), *past),
         outputs=("logits", *present),
         dynamic_axes=axes,
         custom_opsets=FUSED_OPSETS if model.fused_ops else {},

@@ -249,7 +249,8 @@ class DepformerStageGraph(nn.Module):
 
     Inputs: stage Tensor[1] (int64, 0..depth-1), previous Tensor[B] (int64: the id just sampled for
     codebook `stage`), hidden Tensor[B x E] (the backbone's), text Tensor[B x 2] (int64: the frame's
-    main and second text tokens, read at stage 0 only), then per layer past_key_i, past_value_i
+    main and second text tokens, read at stage 0; only where the depformer embeds text), then per
+    layer past_key_i, past_value_i
     Tensor[B x H x depth x D]. Outputs: logits Tensor[B x V'] (float32, V' = the audio vocabulary less
     pad and BOS), then the caches with this stage written at slot `stage`.
 
@@ -275,11 +276,10 @@ class DepformerStageGraph(nn.Module):
         self.audio_embeds = nn.Parameter(torch.stack([t.weight.detach() for t in dep.audio_embeds]), False)
         self.logits = nn.Parameter(torch.stack([head.weight.detach() for head in dep.logits]), False)
 
-    def forward(
-        self, stage: Tensor, previous: Tensor, hidden: Tensor, text: Tensor, *past: Tensor
-    ) -> tuple[Tensor, ...]:
+    def forward(self, stage: Tensor, previous: Tensor, hidden: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         m, fused = self.model, self.model.fused_ops
         config, dep, p = m.config, m.depformer, m.config.depformer
+        text, past = (inputs[0], inputs[1:]) if config.depformer_text_embedding else (None, inputs)
         batch = previous.shape[0]
         group = self.schedule[stage]  # [1]
         positions = stage.expand(batch)[:, None]  # [B, 1]

@@ -7,16 +7,19 @@ decoder and clip encoder (export/mimi.py). Float32 only so far.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from dia_ort.dia2_config import Dia2Config
-from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
+from dia_ort.manifest import MANIFEST_NAME, CodecConfig, FileEntry, GraphEntry, Manifest
 from export.dia2_checkpoint import load_checkpoint, preset_config, random_state
 from export.dia2_graphs import stage_samples, stage_spec, step_samples, step_spec
 from export.dia2_model import Dia2Model
+from export.dia2_tokenizer import write_tokenizer
 from export.mimi import MIMI, TINY_MIMI, MimiCodec, MimiDecodeGraph, MimiEncodeGraph, stream_names
 from export.mimi_weights import DEFAULT_MIMI, load_mimi, random_mimi
 from export.onnx_export import GraphSpec
@@ -34,14 +37,36 @@ log = logging.getLogger(__name__)
 RANDOM_MIMI = {"dia2-tiny": TINY_MIMI}  # presets' codecs; the others get Mimi's real shape
 
 
+TOKENIZER_FILES = (  # a published repo's tokenizer; the runtime reads the first two
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
 @dataclass(frozen=True)
 class Dia2Sources:
-    """The weights to export and where they came from (recorded in the manifest)."""
+    """The weights and tokenizer to export and where they came from (recorded in the manifest)."""
 
     config: Dia2Config
     state: dict[str, torch.Tensor]
     codec: MimiCodec
     provenance: dict
+    tokenizer: Path  # a folder holding tokenizer.json
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    """The tokenizer's files copied from `source` into `out`; their names."""
+    if not (source / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {source}: dia_ort.Dia2 reads the tokenizer from it")
+    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in names:
+        if (source / name).resolve() != (out / name).resolve():
+            shutil.copyfile(source / name, out / name)
+    return names
 
 
 def dia2_random_sources(preset: str, seed: int) -> Dia2Sources:
@@ -50,9 +75,10 @@ def dia2_random_sources(preset: str, seed: int) -> Dia2Sources:
     arch = replace(
         RANDOM_MIMI.get(preset, MIMI), num_quantizers=config.codebooks, codebook_size=config.audio_vocab_limit
     )
-    return Dia2Sources(
-        config, random_state(config, seed), random_mimi(arch, seed), {"random_init": preset, "seed": seed}
-    )
+    tokenizer = Path(tempfile.mkdtemp(prefix="dia2-tokenizer-"))
+    write_tokenizer(tokenizer, config)
+    provenance = {"random_init": preset, "seed": seed}
+    return Dia2Sources(config, random_state(config, seed), random_mimi(arch, seed), provenance, tokenizer)
 
 
 def dia2_checkpoint_sources(folder: Path, model: str, revision: str | None, mimi: str | None) -> Dia2Sources:
@@ -62,7 +88,8 @@ def dia2_checkpoint_sources(folder: Path, model: str, revision: str | None, mimi
     mimi = mimi or config.mimi or DEFAULT_MIMI
     log.info("loading Mimi from %s", mimi)
     provenance = {"model": model, "revision": revision, "files": checkpoint_files(folder), "mimi": mimi}
-    return Dia2Sources(config, state, load_mimi(local_folder(mimi, None)), provenance)
+    tokenizer = local_folder(config.tokenizer, None) if config.tokenizer else folder
+    return Dia2Sources(config, state, load_mimi(local_folder(mimi, None)), provenance, tokenizer)
 
 
 def mimi_specs(codec: MimiCodec, codebooks: int) -> list[tuple[GraphSpec, list]]:
@@ -127,9 +154,11 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
     mimi = {}
     for spec, samples in mimi_specs(codec, config.codebooks):
         mimi[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
+    assets = {name: FileEntry.of(out, name) for name in copy_tokenizer(sources.tokenizer, out)}
     arch = codec.arch
     manifest = Manifest(
         family="dia2",
+        assets=assets,
         model=config,
         variants={"float32": graphs},
         codec=mimi,

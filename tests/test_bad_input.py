@@ -218,7 +218,7 @@ def test_manifest_of_another_format_is_refused(folder_copy):
 
 def test_torch_checkpoint_without_export_extra_names_the_command(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
-    monkeypatch.setitem(__import__("sys").modules, "export.pipeline", None)
+    monkeypatch.setitem(__import__("sys").modules, "export.families", None)  # the entry point's module
     with pytest.raises(ValueError, match="python -m export --model .* --dtype float32 --quantize int8$"):
         Dia.from_pretrained(tmp_path, compute_dtype="int8", device="cpu", cache_dir=tmp_path / "cache")
 

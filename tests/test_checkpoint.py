@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import export.pipeline
+import export.families
 from dia_ort import Dia
 from dia_ort.manifest import Manifest
 from export.architecture import FULL, TINY, DiaArchitecture
@@ -271,7 +271,7 @@ def test_from_pretrained_exports_a_checkpoint_with_the_variant_asked(
 ):
     """A torch checkpoint is exported on first use with the variant asked for, which a later call adds to."""
     save_hf_folder(tiny_codec, tmp_path / "dac", "folded")
-    monkeypatch.setattr(export.pipeline, "DEFAULT_DAC", str(tmp_path / "dac"))  # the real one is on the Hub
+    monkeypatch.setattr(export.families, "DEFAULT_DAC", str(tmp_path / "dac"))  # the real one is on the Hub
     checkpoint = save_checkpoint(TINY, tiny_state, tmp_path / "ckpt", layout="nari", fmt="safetensors")
     cache = tmp_path / "cache"
     dia = Dia.from_pretrained(checkpoint, compute_dtype="float16", device="cpu", cache_dir=cache)
