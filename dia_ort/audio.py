@@ -122,11 +122,11 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
 
 class StreamResampler:
-    """`resample` from the codec's rate for audio that comes in pieces: the same samples as
-    resampling the whole, clipped alike."""
+    """`resample` from a codec's rate (DAC's by default) for audio that comes in pieces: the same
+    samples as resampling the whole, clipped alike."""
 
-    def __init__(self, to_rate: int) -> None:
-        self.stream = soxr.ResampleStream(DAC_SAMPLE_RATE, to_rate, 1, dtype="float32", quality="VHQ")
+    def __init__(self, to_rate: int, from_rate: int = DAC_SAMPLE_RATE) -> None:
+        self.stream = soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality="VHQ")
 
     def resample_chunk(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
         return _full_scale(self.stream.resample_chunk(audio, last=last))

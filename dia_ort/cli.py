@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from dia_ort.audio import check_output_path, pcm16, save_audio, streaming_wav_header
+from dia_ort.audio import StreamResampler, check_output_path, pcm16, save_audio, streaming_wav_header
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from dia_ort.options import OPTIONS, GenerationOptions
 from dia_ort.script import LONG_FORM_SECONDS
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         option = OPTIONS[name]
         kind = float if "float" in option.type else int
         flag = "--" + name.replace("_", "-")
-        speak.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"])
+        help_text = f"{option.metadata['help']} (default: {option.default}; Dia2: see docs/dia2.md)"
+        speak.add_argument(flag, type=kind, default=None, help=help_text)
     speak.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: best available)")
     speak.add_argument("--dtype", default="float32", help=f"one of {', '.join(PRECISIONS)}")
     speak.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -139,7 +141,10 @@ def speak(args: argparse.Namespace) -> None:
         check_output_path(args.output)
         if args.format != "wav":
             raise ValueError("--format pcm is for -o - (stdout); a file's format comes from its extension")
-    options = GenerationOptions(**{name: getattr(args, name) for name in SPEAK_OPTIONS}).validate()
+    if model_family(args.model) == "dia2":
+        return speak_dia2(args, text)
+    given = {name: getattr(args, name) for name in SPEAK_OPTIONS if getattr(args, name) is not None}
+    options = GenerationOptions(**given).validate()
     long_form = args.file is not None if args.long_form is None else args.long_form
     model = Dia.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
     with tqdm(desc="speaking", unit="step", disable=args.quiet) as bar:
@@ -169,6 +174,69 @@ def speak(args: argparse.Namespace) -> None:
         f"wrote {'stdout' if to_stdout else args.output} ({seconds:.2f} s)",
         file=sys.stderr if to_stdout else sys.stdout,
     )
+
+
+def model_family(model: str) -> str:
+    """ "dia2" for a local Dia2 folder (exported, or a checkpoint to export on first use); else "dia"."""
+    from dia_ort.manifest import MANIFEST_NAME, Manifest
+
+    folder = Path(model).expanduser()
+    if (folder / MANIFEST_NAME).is_file():
+        return Manifest.load(folder).family
+    config = folder / "config.json"
+    if config.is_file():
+        tree = json.loads(config.read_text())
+        return "dia2" if isinstance(tree, dict) and {"data", "model", "runtime"} <= set(tree) else "dia"
+    return "dia"
+
+
+DIA2_SPEAK_OPTIONS = ("seed", "cfg_scale", "cfg_filter_top_k", "sample_rate")  # the rest are Dia 1.6B's
+
+
+def speak_dia2(args: argparse.Namespace, text: str) -> None:
+    """`speak` with a Dia2 folder: the reference's sampling defaults; audio at 24 kHz unless --sample-rate."""
+    from dia_ort.dia2 import Dia2, GenerationConfig
+
+    refused = [
+        name for name in SPEAK_OPTIONS if getattr(args, name) is not None and name not in DIA2_SPEAK_OPTIONS
+    ]
+    refused += (
+        ["voice"] * bool(args.voice)
+        + ["long_form"] * bool(args.long_form)
+        + ["dtype"] * (args.dtype != "float32")
+    )
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        raise ValueError(
+            f"{flags}: not options of Dia2 in dia-ort speak; it takes --seed, --cfg-scale, "
+            "--cfg-filter-top-k and --sample-rate (Python's Dia2.generate takes the rest)"
+        )
+    model = Dia2.from_pretrained(args.model, device=args.device)
+    overrides = {"cfg_scale": args.cfg_scale, "cfg_filter_k": args.cfg_filter_top_k}
+    config = GenerationConfig(**{k: v for k, v in overrides.items() if v is not None})
+    rate = args.sample_rate or model.sample_rate
+    resampler = StreamResampler(rate, model.sample_rate) if rate != model.sample_rate else None
+    chunks = model.stream(text, config, seed=args.seed)
+    with tqdm(desc="speaking", unit="chunk", disable=args.quiet) as bar:
+        pieces = (resampler.resample_chunk(c) if resampler else c for c in bar_iter(chunks, bar))
+        if args.output == STDOUT:
+            seconds = write_stream(sys.stdout.buffer, pieces, rate, args.format)
+        else:
+            audio = np.concatenate([np.zeros(0, dtype=np.float32), *pieces])
+            if resampler:
+                audio = np.concatenate([audio, resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
+            seconds = len(audio) / rate
+    if not seconds:
+        raise ValueError("the model ended the audio at once; nothing to write (try another --seed)")
+    if args.output != STDOUT:
+        save_audio(args.output, audio, rate)
+    print(f"wrote {args.output if args.output != STDOUT else 'stdout'} ({seconds:.2f} s)", file=sys.stderr)
+
+
+def bar_iter(chunks: Iterable[np.ndarray], bar: tqdm) -> Iterable[np.ndarray]:
+    for chunk in chunks:
+        bar.update(1)
+        yield chunk
 
 
 def write_stream(out: BinaryIO, chunks: Iterable[np.ndarray], sample_rate: int, fmt: str) -> float:

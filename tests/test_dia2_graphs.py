@@ -215,6 +215,7 @@ def test_export_writes_a_dia2_folder_from_random_weights_or_a_checkpoint(tmp_pat
     from dia_ort.manifest import Manifest
     from export.__main__ import main
     from export.dia2_pipeline import dia2_random_sources
+    from export.dia2_tokenizer import write_tokenizer
     from export.mimi_weights import save_mimi
 
     assert main(["--random-init", "dia2-tiny", "--seed", "2", "--out", str(tmp_path / "random")]) == 0
@@ -222,6 +223,9 @@ def test_export_writes_a_dia2_folder_from_random_weights_or_a_checkpoint(tmp_pat
     checkpoint = write_checkpoint(tmp_path / "checkpoint", sources.config, sources.state)
     mimi = save_mimi(sources.codec, tmp_path / "mimi")
     argv = ["--model", str(checkpoint), "--mimi", str(mimi), "--out", str(tmp_path / "published")]
+    assert main(argv) == 2  # no tokenizer.json: refused
+    assert not (tmp_path / "published" / "dia_ort.json").exists()
+    write_tokenizer(checkpoint, sources.config)
     assert main(argv) == 0
     random, published = Manifest.load(tmp_path / "random"), Manifest.load(tmp_path / "published")
     assert random.family == published.family == "dia2"

@@ -131,6 +131,20 @@ def test_the_second_stream_runs_ahead_by_words():
     assert machine.process(1, state, 0) == (IDS.pad, 21)  # the next word's tokens on the second stream
 
 
+def test_a_script_in_pieces_gives_the_entries_of_the_whole():
+    """Cut anywhere (mid-word, mid-tag, mid-space), the reader gives the whole script's entries."""
+    from dia_ort.dia2.script import ScriptReader
+
+    def encode(text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    whole = parse_script(SCRIPT, encode, IDS, 12.5)
+    for size in (1, 2, 3, 7, 11):
+        reader = ScriptReader(encode, IDS, 12.5)
+        entries = [e for i in range(0, len(SCRIPT), size) for e in reader.feed(SCRIPT[i : i + size])]
+        assert entries + reader.close() == whole, size
+
+
 # -- the sampler ---------------------------------------------------------------------------------
 
 
@@ -236,16 +250,68 @@ def record_reference(roots: dict[str, Path]) -> None:
     GOLDEN.write_text(json.dumps(record) + "\n")
 
 
+# -- streaming -----------------------------------------------------------------------------------
+
+
+def test_a_stream_is_generate_chunk_by_chunk(dia2_case):
+    model = Dia2(dia2_case[1] / "exported")
+    plain = model.generate(SCRIPT, seed=5)
+    stream = model.stream(SCRIPT, seed=5, chunk_frames=3)
+    chunks = list(stream)
+    hop = model.manifest.codec_config.hop_length
+    assert [len(c) for c in chunks[:-1]] == [3 * hop] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= 3 * hop
+    assert np.array_equal(np.concatenate(chunks), stream.result.waveform)
+    np.testing.assert_array_equal(stream.result.audio_tokens, plain.audio_tokens)
+    assert stream.result.timestamps == plain.timestamps
+    # generate joins chunks of CHUNK_FRAMES: bit for bit the same samples as a stream of that size
+    assert np.array_equal(plain.waveform, np.concatenate(list(model.stream(SCRIPT, seed=5))))
+    np.testing.assert_allclose(np.concatenate(chunks), plain.waveform, rtol=0, atol=1e-5)
+
+
+def test_text_in_pieces_speaks_as_the_whole_script(dia2_case):
+    """An iterator of pieces, cut mid-word and mid-tag, gives the whole script's codes and samples."""
+    model = Dia2(dia2_case[1] / "exported")
+    whole = model.generate(SCRIPT, seed=6)
+    pieces = model.generate((SCRIPT[i : i + 5] for i in range(0, len(SCRIPT), 5)), seed=6)
+    np.testing.assert_array_equal(pieces.audio_tokens, whole.audio_tokens)
+    assert np.array_equal(pieces.waveform, whole.waveform) and pieces.timestamps == whole.timestamps
+
+
+def test_audio_comes_before_the_text_has_all_arrived(dia2_case):
+    """Streaming both ways: the first chunk is out while most of a long script is still to come."""
+    model = Dia2(dia2_case[1] / "exported")
+    words = ("[S1] hello there how are you today " * 6).split(" ")
+    read = []
+
+    def pieces():
+        for word in words:
+            read.append(word)
+            yield word + " "
+
+    stream = model.stream(pieces(), seed=1)
+    next(stream)
+    at_first_audio = len(read)
+    assert at_first_audio < len(words) / 4
+    assert list(stream) and len(read) > at_first_audio  # the rest was read while audio came out
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("script", "error", "message"),
-    [("", ValueError, "script is empty"), ("  ", ValueError, "script is empty"), (5, TypeError, "string")],
+    [
+        ("", ValueError, "script is empty"),
+        ("  ", ValueError, "script is empty"),
+        (5, TypeError, "string"),
+        (["[S1] hi", 3], TypeError, "lines must be strings"),
+        (lambda: iter(["[S1] hi", b"x"]), TypeError, "pieces must be strings"),
+        (lambda: iter([" ", ""]), ValueError, "script is empty"),
+    ],
 )
 def test_bad_scripts_are_refused(dia2_case, script, error, message):
     with pytest.raises(error, match=message):
-        Dia2(dia2_case[1] / "exported").generate(script)
+        Dia2(dia2_case[1] / "exported").generate(script() if callable(script) else script)
 
 
 @pytest.mark.parametrize(
@@ -277,3 +343,84 @@ def test_a_dia2_folder_runs_without_torch(dia2_case, tmp_path):
     )
     here = Dia2(folder).generate(SCRIPT, seed=3)
     assert json.loads(run.stdout) == here.audio_tokens.tolist()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_speak_runs_a_dia2_folder(dia2_case, tmp_path, capsysbinary):
+    """`dia-ort speak` reads the family from the folder: Dia2's audio at 24 kHz (or --sample-rate), the
+    same samples as `generate`; Dia's own options are refused by name."""
+    import soundfile as sf
+
+    from dia_ort.audio import pcm16
+    from dia_ort.cli import main
+
+    folder = dia2_case[1] / "exported"
+    want = Dia2(folder).generate(SCRIPT, seed=4, cfg_scale=3.0)
+    out = tmp_path / "out.wav"
+    assert (
+        main(
+            [
+                "speak",
+                SCRIPT,
+                "--model",
+                str(folder),
+                "-o",
+                str(out),
+                "--seed",
+                "4",
+                "--cfg-scale",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    audio, rate = sf.read(out, dtype="int16")
+    assert rate == 24000 and np.array_equal(audio.tobytes(), pcm16(want.waveform))
+    capsysbinary.readouterr()
+    assert (
+        main(
+            [
+                "speak",
+                SCRIPT,
+                "--model",
+                str(folder),
+                "-o",
+                "-",
+                "--format",
+                "pcm",
+                "--seed",
+                "4",
+                "--cfg-scale",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert capsysbinary.readouterr().out == pcm16(want.waveform)
+    assert (
+        main(
+            [
+                "speak",
+                SCRIPT,
+                "--model",
+                str(folder),
+                "-o",
+                str(tmp_path / "b.wav"),
+                "--sample-rate",
+                "16000",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert sf.info(tmp_path / "b.wav").samplerate == 16000
+    assert (
+        main(["speak", SCRIPT, "--model", str(folder), "-o", str(tmp_path / "c.wav"), "--temperature", "0.5"])
+        == 2
+    )
+    assert "--temperature: not options of Dia2" in capsysbinary.readouterr().err.decode()
+    assert not (tmp_path / "c.wav").exists()

@@ -3,31 +3,32 @@
 `generate(script, config=GenerationConfig(...))` runs nari-labs/dia2's generation loop
 (`runtime/generator.py` at 8687268; docs/dia2.md section 5) on the exported graphs: per frame the
 backbone step for the conditional and unconditional rows, the text action through the state machine,
-codebook 0, then each depformer stage; the codes are undelayed, cropped at the first word and decoded
-by Mimi's streaming decoder.
+codebook 0, then each depformer stage (`frames.FrameLoop`); the codes are undelayed, cropped at the first
+word and decoded by Mimi's streaming decoder in chunks as they become final (`stream`), which
+`generate` joins.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from dia_ort.dia2.sampling import Draw, SamplingConfig, guide, mask_ids, random_draw, sample
-from dia_ort.dia2.script import parse_script
-from dia_ort.dia2.state_machine import StateMachine, TokenIds
+from dia_ort.dia2.frames import FrameLoop
+from dia_ort.dia2.sampling import Draw, SamplingConfig, random_draw
+from dia_ort.dia2.script import ScriptReader
+from dia_ort.dia2.state_machine import TokenIds
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.engine import Device, open_sessions
 from dia_ort.hub import resolve_model_folder
-from dia_ort.manifest import Manifest, cache_names
+from dia_ort.manifest import Manifest
 
-UNGENERATED = -2
-MAX_PADDING = 6  # the reference's state machine: pads a word may wait before a new word is forced
+CHUNK_FRAMES = 4  # frames a stream decodes at once (320 ms); `generate` joins the same chunks
 
 
 @dataclass(frozen=True)
@@ -151,143 +152,145 @@ class Dia2:
 
     def generate(
         self,
-        script: str | Sequence[str],
+        script: str | Iterable[str],
         config: GenerationConfig | None = None,
         *,
         seed: int | None = None,
         draw: Draw | None = None,
         **overrides: float | int,
     ) -> GenerationResult:
-        """Speak `script` ([S1]/[S2] tags, `<break time="1.5s"/>` pauses). `overrides` are the reference's:
-        temp_text, topk_text, temp_audio, topk_audio, cfg_scale, cfg_filter_k, initial_padding. `draw`
-        picks an id from a sampler's probabilities (default: inverse CDF on a generator seeded by `seed`)."""
+        """Speak `script`: text with [S1]/[S2] tags and `<break time="1.5s"/>` pauses, a list of lines (the
+        reference joins them), or an iterator of pieces as a language model writes them. `overrides`
+        are the reference's: temp_text, topk_text, temp_audio, topk_audio, cfg_scale, cfg_filter_k,
+        initial_padding. `draw` picks an id from a sampler's probabilities (default: inverse CDF on a
+        generator seeded by `seed`). The waveform is `stream`'s chunks, joined."""
+        stream = self.stream(script, config, seed=seed, draw=draw, **overrides)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        script: str | Iterable[str],
+        config: GenerationConfig | None = None,
+        *,
+        seed: int | None = None,
+        draw: Draw | None = None,
+        chunk_frames: int = CHUNK_FRAMES,
+        **overrides: float | int,
+    ) -> AudioStream:
+        """`generate`'s audio as it is made: chunks of `chunk_frames` frames (80 ms each) from the first
+        word on, each as soon as its frames are final; the result (codes, timestamps) once it ends."""
         config = _merged(config or GenerationConfig(), overrides)
-        text = _normalized(script)
-        entries = parse_script(text, self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
+        pieces = _pieces(script)
+        reader = ScriptReader(self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
+        sampling = (config.text, config.audio, config.cfg_scale, config.cfg_filter_k, config.initial_padding)
         draw = draw or random_draw(np.random.default_rng(seed))
-        tokens, first_word, transcript = self._frames(entries, config, draw)
-        crop = max(first_word, 0)
-        if crop >= tokens.shape[-1]:
-            crop = 0
-        tokens = tokens[:, crop:]
-        waveform = np.clip(self.decode(tokens), -1.0, 1.0)
-        stamps = [(word, (step - crop) / self.frame_rate) for word, step in transcript if step - crop >= 0]
-        return GenerationResult(tokens, waveform, self.sample_rate, stamps)
+        sessions = (self.backbone, self.depformer)
+        loop = FrameLoop(self.config, sessions, self.tokenizer.ids, reader, pieces, sampling, draw)
+        return AudioStream(self, loop, chunk_frames)
+
+    def decoder(self) -> MimiDecoder:
+        """A fresh streaming decoder on this model's Mimi."""
+        return MimiDecoder(self.mimi)
+
+
+class MimiDecoder:
+    """Mimi's streaming decoder: codes in chunks -> their audio; the state is carried between chunks."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session, self.frames = session, 0
+        self.state = {v.name: np.zeros([1, *v.shape[1:]], np.float32) for v in session.get_inputs()[2:]}
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes `[K, T]` -> the waveform `[T x hop]` (one call of the streaming decoder from its start)."""
-        if codes.shape[-1] == 0:
-            return np.zeros(0, np.float32)
-        feeds = {"codes": codes[None].astype(np.int64), "offset": np.zeros(1, np.int64)}
-        for value in self.mimi.get_inputs()[2:]:
-            feeds[value.name] = np.zeros([1, *value.shape[1:]], np.float32)
-        return self.mimi.run(["waveform"], feeds)[0][0]
-
-    def _frames(
-        self, entries: list, config: GenerationConfig, draw: Draw
-    ) -> tuple[np.ndarray, int, list[tuple[str, int]]]:
-        """The reference's loop: -> the codes undelayed `[K, T]`, the first word's frame less the initial
-        padding, and each word's start frame."""
-        c, ids = self.config, self.tokenizer.ids
-        machine = StateMachine(ids, c.second_stream_ahead, MAX_PADDING, config.initial_padding)
-        state = machine.new_state(entries)
-        limit, codebooks = c.max_context_steps, c.codebooks
-        audio = np.full((codebooks, limit + 1), UNGENERATED, np.int64)
-        delays = np.array(c.delay_pattern)
-        frame = np.full((2, c.channels), ids.pad, np.int64)
-        frame[0, 0], frame[1, 0] = ids.bos, ids.zero
-        backbone = _Caches(self.backbone, c.decoder.layers, (2, c.decoder.kv_heads, 0, c.decoder.head_dim))
-        stages = _Caches(
-            self.depformer, c.depformer.layers, (2, c.depformer.heads, max(c.depth, 1), c.depformer.head_dim)
-        )
-        first_word, end, last = None, None, -1
-        for t in range(limit):
-            if end is not None and t >= end:
-                break
-            frame[:, 2:] = np.where(delays > t, c.audio_bos_id, audio[:, t])
-            frame[1, :2] = ids.zero, ids.pad
-            backbone.grow(t + 1, limit)
-            hidden, action_logits, cb0_logits = backbone.run(
-                {"tokens": frame[:, None], "positions": np.full((2, 1), t, np.int64)},
-                ("hidden", "action_logits", "cb0_logits"),
-            )
-            action = sample(guide(action_logits, config.cfg_scale, config.cfg_filter_k), config.text, draw)
-            main, second = machine.process(t, state, action)
-            second = ids.pad if second == -1 else second
-            if first_word is None and main == ids.new_word:
-                first_word = t - config.initial_padding
-            frame[:, 0], frame[:, 1] = main, second
-            cb0 = mask_ids(
-                guide(cb0_logits, config.cfg_scale, config.cfg_filter_k), (c.audio_pad_id, c.audio_bos_id)
-            )
-            audio[0, t + 1] = code = sample(cb0, config.audio, draw)
-            text = {"text": np.array([[main, second]] * 2)} if c.depformer_text_embedding else {}
-            for s in range(c.depth):
-                feeds = {"stage": np.array([s]), "previous": np.array([code, code]), "hidden": hidden} | text
-                (logits,) = stages.run(feeds, ("logits",))
-                audio[s + 1, t + 1] = code = sample(
-                    guide(logits, config.cfg_scale, config.cfg_filter_k), config.audio, draw
-                )
-            last = t
-            if end is None and state.end_step is not None:
-                end = state.end_step + int(delays.max()) + MAX_PADDING
-        audio = audio[:, : min(last + 2, audio.shape[-1])]
-        audio[audio == UNGENERATED] = c.audio_pad_id
-        frames = max(0, audio.shape[-1] - int(delays.max()))
-        undelayed = np.stack([audio[k, d : d + frames] for k, d in enumerate(delays)])
-        return undelayed, 0 if first_word is None else first_word, state.transcript
+        """Codes `[K, F]` that follow the ones decoded so far -> `[F x hop]` samples, clamped to [-1, 1]
+        as the reference clamps them."""
+        feeds = {"codes": codes[None].astype(np.int64), "offset": np.array([2 * self.frames])} | self.state
+        waveform, *state = self.session.run(None, feeds)
+        self.state = dict(zip(self.state, state, strict=True))
+        self.frames += codes.shape[-1]
+        return np.clip(waveform[0], -1.0, 1.0)
 
 
-class _Caches:
-    """One graph's self-attention caches, bound as its `past_*` inputs and `present_*` outputs (updated
-    in place); the backbone's grow by `CACHE_GROWTH` frames as the generation needs them."""
+class AudioStream(Iterator[np.ndarray]):
+    """The chunks of one generation; `result` holds it whole (codes, timestamps, the chunks joined)
+    once the stream is exhausted."""
 
-    GROWTH = 256
+    def __init__(self, model: Dia2, loop: FrameLoop, chunk_frames: int) -> None:
+        self.model, self.loop, self.chunk = model, loop, chunk_frames
+        self.decoder: MimiDecoder | None = None
+        self.crop = self.sent = 0  # the first frame spoken, and the frames decoded
+        self.ended = False
+        self.chunks: list[np.ndarray] = []
+        self.result: GenerationResult | None = None
+        if loop.config.second_stream_ahead:
+            # The reference crops at the first frame whose main text token is the new-word id, which the
+            # second stream moves off the main one: only a word whose first token is that id could
+            # bring it back. So the audio starts at frame 0, and is spoken as soon as it is final.
+            self._start(0)
 
-    def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple[int, ...]) -> None:
-        self.session, self.layers = session, layers
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]
+    def __next__(self) -> np.ndarray:
+        while not self.ended:
+            if self.decoder is not None and self.loop.final_frames - self.sent >= self.chunk:
+                return self._decode(self.chunk)
+            if not self.loop.step():
+                self._end()
+            elif self.decoder is None and self.loop.first_word is not None:
+                self._start(max(self.loop.first_word, 0))
+        total = self.loop.final_frames
+        if self.sent < total:
+            return self._decode(min(self.chunk, total - self.sent))
+        if self.result is None:
+            self.result = self._result()
+        raise StopIteration
 
-    def grow(self, needed: int, limit: int) -> None:
-        slots = self.buffers[0].shape[2]
-        if needed <= slots:
-            return
-        wanted = min(limit, -(-needed // self.GROWTH) * self.GROWTH)
-        grown = []
-        for buffer in self.buffers:
-            bigger = np.zeros((*buffer.shape[:2], wanted, buffer.shape[3]), np.float32)
-            bigger[:, :, :slots] = buffer
-            grown.append(bigger)
-        self.buffers = grown
+    def _start(self, crop: int) -> None:
+        self.decoder, self.crop, self.sent = self.model.decoder(), crop, crop
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in outputs:  # first: the outputs come back in the order they are bound
-            binding.bind_output(name)
-        names = zip(
-            cache_names("past", self.layers), cache_names("present", self.layers), self.buffers, strict=True
-        )
-        for past, present, buffer in names:
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[: len(outputs)]
+    def _end(self) -> None:
+        """The reference's crop: at the first word; at frame 0 where there was none or none came after it."""
+        self.ended = True
+        if self.decoder is None or self.crop >= self.loop.final_frames:
+            self._start(0)
+
+    def _decode(self, frames: int) -> np.ndarray:
+        assert self.decoder is not None
+        codes = self.loop.aligned(self.sent, self.sent + frames)
+        self.sent += frames
+        self.chunks.append(self.decoder.decode(codes))
+        return self.chunks[-1]
+
+    def _result(self) -> GenerationResult:
+        rate = self.model.frame_rate
+        stamps = [
+            (word, (step - self.crop) / rate)
+            for word, step in self.loop.state.transcript
+            if step >= self.crop
+        ]
+        waveform = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        codes = self.loop.aligned(self.crop, self.loop.final_frames)
+        return GenerationResult(codes, waveform, self.model.sample_rate, stamps)
 
 
-def _normalized(script: str | Sequence[str]) -> str:
-    """The reference's `normalize_script`: a string stripped, or lines stripped and joined by newlines."""
+def _pieces(script: str | Iterable[str]) -> Iterator[str]:
+    """The script as pieces of text: a string, or lines joined by newlines (the reference's
+    `normalize_script`, whose stripping changes no word), or any other iterable's strings."""
     if isinstance(script, str):
-        text = script.strip()
-    elif isinstance(script, Sequence) and all(isinstance(line, str) for line in script):
-        text = "\n".join(line.strip() for line in script)
-    else:
-        raise TypeError(f"script must be a string or a sequence of strings, got {type(script).__name__}")
-    if not text:
-        raise ValueError("script is empty: give the text to speak, e.g. '[S1] Hello there.'")
-    return text
+        if not script.strip():
+            raise ValueError("script is empty: give the text to speak, e.g. '[S1] Hello there.'")
+        return iter([script])
+    if isinstance(script, Sequence):
+        if not all(isinstance(line, str) for line in script):
+            raise TypeError("script lines must be strings")
+        return _pieces("\n".join(line.strip() for line in script))
+    if isinstance(script, Iterable):
+        return iter(script)
+    raise TypeError(
+        f"script must be a string, a list of lines or an iterable of strings, got {type(script).__name__}"
+    )
 
 
 OVERRIDES = {

@@ -62,7 +62,8 @@ def sample(logits: np.ndarray, config: SamplingConfig, draw: Draw) -> int:
     logits = logits.astype(np.float32)
     if config.temperature <= 0.0:
         return int(np.argmax(logits))
-    scaled = logits / np.float32(max(config.temperature, 1e-6))
+    with np.errstate(over="ignore"):  # float32's minimum (a masked id) / T < 1 is -inf, as in torch
+        scaled = logits / np.float32(max(config.temperature, 1e-6))
     exp = np.exp(scaled - scaled.max())
     probs = np.nan_to_num(exp / exp.sum(), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
     total = probs.sum()
