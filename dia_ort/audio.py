@@ -183,8 +183,13 @@ def _read_file(source: str | os.PathLike, max_seconds: float | None = None) -> t
         raise ValueError(f"audio file {os.fspath(source)}: {err}") from err
 
 
-def load_audio(source: Any, sample_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
-    """Load a waveform as mono float32 at 44.1 kHz, the rate the DAC codec works at.
+def load_audio(
+    source: Any,
+    sample_rate: int | None = None,
+    max_seconds: float | None = None,
+    to_rate: int = DAC_SAMPLE_RATE,
+) -> np.ndarray:
+    """Load a waveform as mono float32 at `to_rate`: 44.1 kHz by default, the rate the DAC codec works at.
 
     ``source`` is a path (any format libsndfile reads: wav, flac, ogg, mp3, ...; its own rate is used and
     ``sample_rate`` is ignored), a tuple ``(array, rate)``, or a waveform accepted by
@@ -200,7 +205,7 @@ def load_audio(source: Any, sample_rate: int | None = None, max_seconds: float |
             source, sample_rate = source
         rate = DAC_SAMPLE_RATE if sample_rate is None else sample_rate
         audio = to_mono_float32(source, rate)
-    return resample(audio, rate, DAC_SAMPLE_RATE)
+    return resample(audio, rate, to_rate)
 
 
 def check_output_path(path: str | os.PathLike) -> None:

@@ -8,17 +8,18 @@ from dia_ort.manifest import cache_names
 from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model
 from export.onnx_export import GraphSpec
 
-STEP_INPUTS = ("tokens", "positions")
+STEP_INPUTS = ("tokens", "positions", "slots")
 STEP_OUTPUTS = ("hidden", "action_logits", "cb0_logits")
 STAGE_INPUTS = ("stage", "previous", "hidden")  # then "text" where the depformer embeds text
 FUSED_OPSETS = {"com.microsoft": 1}
 
 
 def step_inputs(
-    model: Dia2Model, rows: int, start: int, cache_slots: int, seed: int = 0, batch: int = 2
+    model: Dia2Model, rows: int, start: int, cache_slots: int, seed: int = 0, batch: int = 2, shift: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """Backbone inputs for `rows` frames from `start`, random caches; batch row b starts at start + b % 3
-    (rows at different positions share a step). Text ids include pad on the second stream."""
+    """Backbone inputs for `rows` frames from `start`, written `shift` slots past their positions, random
+    caches; batch row b starts at start + b % 3 (rows at different positions share a step). Text ids
+    include pad on the second stream."""
     config, d = model.config, model.config.decoder
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(0, config.text_vocab_size, (batch, rows, 2), generator=g)
@@ -30,7 +31,7 @@ def step_inputs(
         torch.randn(batch, d.kv_heads, cache_slots, d.head_dim, generator=g).to(dtype)
         for _ in range(2 * d.layers)
     ]
-    return (torch.cat([text, audio], dim=-1), positions, *past)
+    return (torch.cat([text, audio], dim=-1), positions, positions + shift, *past)
 
 
 def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -56,7 +57,7 @@ def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) ->
 def step_spec(model: Dia2Model, name: str) -> GraphSpec:
     layers = model.config.decoder.layers
     past, present = cache_names("past", layers), cache_names("present", layers)
-    axes = {"tokens": {0: "batch", 1: "rows"}, "positions": {0: "batch", 1: "rows"}}
+    axes = {name: {0: "batch", 1: "rows"} for name in STEP_INPUTS}
     axes |= {n: {0: "batch"} for n in STEP_OUTPUTS}
     axes |= {n: {0: "batch", 2: "slots"} for n in (*past, *present)}
     return GraphSpec(
@@ -93,6 +94,7 @@ def step_samples(model: Dia2Model) -> list[tuple[torch.Tensor, ...]]:
         step_inputs(model, rows=3, start=5, cache_slots=20, seed=2),
         step_inputs(model, rows=1, start=0, cache_slots=4, seed=3),
         step_inputs(model, rows=1, start=18, cache_slots=20, seed=4),
+        step_inputs(model, rows=2, start=9, cache_slots=20, seed=5, shift=1),
     ]
 
 

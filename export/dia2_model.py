@@ -197,8 +197,10 @@ class BackboneStepGraph(nn.Module):
     normed hidden state and logits.
 
     Inputs: tokens Tensor[B x S x C] (int64: main text, second text, codebook 0..C-3), positions
-    Tensor[B x S] (int64, consecutive along S), then per layer past_key_i, past_value_i
-    Tensor[B x Hkv x T x D] (slots after a row's positions may hold any finite values: they are masked).
+    Tensor[B x S] (int64, consecutive along S: the RoPE positions), slots Tensor[B x S] (int64: the
+    cache slots the frames are written to and attend up to; the positions, but one more after a
+    prefix, where the reference feeds the prefix's last frame twice), then per layer past_key_i,
+    past_value_i Tensor[B x Hkv x T x D] (slots after a row's may hold any finite values: they are masked).
     Outputs: hidden Tensor[B x E], action_logits Tensor[B x A], cb0_logits Tensor[B x V] (float32) of
     the last frame, then present_key_i, present_value_i: the buffers with this step's frames written
     at `positions`.
@@ -211,13 +213,12 @@ class BackboneStepGraph(nn.Module):
             FusedSelfAttention(layer.attn) for layer in model.transformer.layers
         )
 
-    def forward(self, tokens: Tensor, positions: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         m, fused = self.model, self.model.fused_ops
         net, d = m.transformer, m.config.decoder
         groups = d.heads // d.kv_heads
-        indices = cache_indices(tokens.shape[0], d.kv_heads, positions)
-        slots = torch.arange(past[0].shape[2])
-        causal = additive(slots[None, None, :] <= positions[:, :, None])  # [B, S, T]
+        indices = cache_indices(tokens.shape[0], d.kv_heads, slots)
+        causal = additive(torch.arange(past[0].shape[2])[None, None, :] <= slots[:, :, None])  # [B, S, T]
         bias = reshape(torch.stack([causal] * groups, dim=2), 0, 1, -1, 0)  # [B, 1, S*G, T]
 
         x = net.text_embed(tokens[..., 0], tokens[..., 1])

@@ -136,14 +136,15 @@ def test_backbone_prefill_equals_its_single_steps(dia2_model, dia2_graphs):
     """S frames in one call give the caches and last outputs of S calls of one frame each."""
     spec, path = dia2_graphs["step"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    tokens, _, *past = step_inputs(dia2_model, rows=5, start=0, cache_slots=8, seed=9)
+    tokens, _, _, *past = step_inputs(dia2_model, rows=5, start=0, cache_slots=8, seed=9)
     positions = torch.arange(5).expand(2, 5)
-    whole = session.run(None, feeds(spec.inputs, (tokens, positions, *past)))
+    whole = session.run(None, feeds(spec.inputs, (tokens, positions, positions, *past)))
     caches = [p.numpy() for p in past]
     for row in range(5):
         names = spec.inputs
-        inputs = {names[0]: tokens[:, row : row + 1].numpy(), names[1]: positions[:, row : row + 1].numpy()}
-        single = session.run(None, inputs | dict(zip(names[2:], caches, strict=True)))
+        at = positions[:, row : row + 1].numpy()
+        inputs = {"tokens": tokens[:, row : row + 1].numpy(), "positions": at, "slots": at}
+        single = session.run(None, inputs | dict(zip(names[3:], caches, strict=True)))
         caches = single[3:]
     for a, b in zip(whole, single, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
@@ -186,14 +187,14 @@ def test_modules_equal_the_reference(tmp_path):
     reference.eval()
     ours = Dia2Model.from_state(config, dict(state))
     step, stage = BackboneStepGraph(ours), DepformerStageGraph(ours)
-    tokens, _, *past = step_inputs(ours, rows=6, start=0, cache_slots=10, seed=2)
+    tokens, _, _, *past = step_inputs(ours, rows=6, start=0, cache_slots=10, seed=2)
     past = [torch.zeros_like(p) for p in past]
     decode = reference.init_state(2, torch.device("cpu"), 10)
     with torch.no_grad():
         for t in range(6):
             position = torch.full((2, 1), t)
             want = reference.step_text(tokens[:, t, :, None], position, decode)
-            hidden, action, cb0, *past = step(tokens[:, t : t + 1], position, *past)
+            hidden, action, cb0, *past = step(tokens[:, t : t + 1], position, position, *past)
             for a, b in zip(want, (hidden, action, cb0), strict=True):
                 torch.testing.assert_close(a[:, 0], b, rtol=0, atol=1e-5)
         p = config.depformer

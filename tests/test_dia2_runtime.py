@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dia_ort.dia2 import Dia2, GenerationConfig, SamplingConfig
+from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
 from dia_ort.dia2.script import parse_script
 from dia_ort.dia2.state_machine import Entry, StateMachine, TokenIds
@@ -32,7 +32,29 @@ GOLDEN = Path(__file__).parent / "data" / "dia2_reference.json"
 IDS = TokenIds(new_word=4, pad=3, bos=1, zero=7, spk1=5, spk2=6)
 GREEDY = GenerationConfig(text=SamplingConfig(0.0, 50), audio=SamplingConfig(0.0, 50))
 SAMPLED = GenerationConfig(text=SamplingConfig(0.9, 3), audio=SamplingConfig(0.8, 5))
-CONFIGS = {"greedy": GREEDY, "sampled": SAMPLED}
+# a case: its settings, and for a prefix of both speakers' clips whether the output keeps their audio
+CASES = {
+    "greedy": (GREEDY, None),
+    "sampled": (SAMPLED, None),
+    "prefix": (GREEDY, False),
+    "prefix-kept": (SAMPLED, True),
+}
+CLIP_WORDS = {  # what "Whisper" hears in each speaker's clip
+    1: [Word("hello", 0.1, 0.3), Word("there,", 0.35, 0.7)],
+    2: [Word("how", 0.05, 0.2), Word("are", 0.25, 0.55)],
+}
+
+
+def write_clips(root: Path) -> dict[int, Path]:
+    """Both speakers' clips: 24 kHz 16-bit WAVs of smoothed noise, 0.9 and 0.7 s."""
+    import soundfile as sf
+
+    rng, clips = np.random.default_rng(0), {}
+    for speaker, seconds in ((1, 0.9), (2, 0.7)):
+        noise = rng.standard_normal(int(24000 * seconds))
+        clips[speaker] = root / f"speaker{speaker}.wav"
+        sf.write(clips[speaker], 0.3 * np.convolve(noise, np.ones(8) / 8, "same"), 24000, subtype="PCM_16")
+    return clips
 
 
 class QuantileDraw:
@@ -85,6 +107,7 @@ def dia2_case(request, tmp_path_factory) -> tuple[str, Path, Dia2Sources]:
     checkpoint = write_checkpoint(root / "checkpoint", sources.config, sources.state)
     write_tokenizer(checkpoint, sources.config)
     save_mimi(sources.codec, root / "mimi")
+    write_clips(root)
     return request.param, root, sources
 
 
@@ -170,11 +193,18 @@ def test_sampling_is_argmax_at_temperature_zero_and_draws_among_the_top_k():
 # -- generation against the reference ------------------------------------------------------------
 
 
-def _ours(folder: Path, config: GenerationConfig):
-    return Dia2(folder / "exported", device="cpu").generate(SCRIPT, config=config, draw=QuantileDraw())
+def _ours(root: Path, case: str):
+    config, include = CASES[case]
+    prefix = None
+    if include is not None:
+        speakers = [Speaker(root / f"speaker{i}.wav", CLIP_WORDS[i]) for i in (1, 2)]
+        prefix = PrefixConfig(*speakers, include_audio=include)
+    return Dia2(root / "exported", device="cpu").generate(
+        SCRIPT, config=config, draw=QuantileDraw(), prefix=prefix
+    )
 
 
-def _reference_result(root: Path, config: GenerationConfig):
+def _reference_result(root: Path, case: str):
     """nari-labs/dia2's own `generate` on the checkpoint folder (CPU, float32), from $DIA2_REFERENCE."""
     folder = os.environ.get("DIA2_REFERENCE")
     if not folder:
@@ -182,10 +212,18 @@ def _reference_result(root: Path, config: GenerationConfig):
     sys.path.insert(0, folder)
     try:
         import dia2
+        import dia2.runtime.voice_clone as voice_clone
         import torch
         from dia2.audio.codec import MimiCodec
     finally:
         sys.path.remove(folder)
+    config, include = CASES[case]
+
+    def transcribe(path, device):  # noqa: ARG001
+        speaker = 1 if Path(path).name == "speaker1.wav" else 2
+        return [voice_clone.WhisperWord(w.text, w.start, w.end) for w in CLIP_WORDS[speaker]]
+
+    voice_clone.transcribe_words = transcribe
 
     def decode(self, codes):  # transformers 5 returns a 1-tuple where the reference unpacks two values
         with torch.inference_mode():
@@ -210,27 +248,31 @@ def _reference_result(root: Path, config: GenerationConfig):
     )
     torch.multinomial = lambda probs, num_samples: torch.tensor([[draw(probs.reshape(-1).double().numpy())]])
     try:
-        result = model.generate(SCRIPT, config=reference_config)
+        if include is None:
+            result = model.generate(SCRIPT, config=reference_config)
+        else:
+            clips = {f"prefix_speaker_{i}": str(root / f"speaker{i}.wav") for i in (1, 2)}
+            result = model.generate(SCRIPT, config=reference_config, include_prefix=include, **clips)
     finally:
         torch.multinomial = multinomial
     return result.audio_tokens[0].numpy(), result.waveform.numpy(), result.timestamps
 
 
-@pytest.mark.parametrize("sampling", sorted(CONFIGS))
-def test_generation_equals_the_recorded_reference(dia2_case, sampling):
-    """Greedy, and sampled with the same draws substituted on both sides."""
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_generation_equals_the_recorded_reference(dia2_case, case):
+    """Greedy, and sampled with the same draws substituted on both sides; with and without a prefix."""
     name, root, _ = dia2_case
-    golden = json.loads(GOLDEN.read_text())[name][sampling]
-    ours = _ours(root, CONFIGS[sampling])
+    golden = json.loads(GOLDEN.read_text())[name][case]
+    ours = _ours(root, case)
     np.testing.assert_array_equal(ours.audio_tokens, np.array(golden["audio_tokens"]))
     assert [(w, round(s, 6)) for w, s in ours.timestamps] == [(w, s) for w, s in golden["timestamps"]]
 
 
-@pytest.mark.parametrize("sampling", sorted(CONFIGS))
-def test_generation_equals_the_reference_run_here(dia2_case, sampling):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_generation_equals_the_reference_run_here(dia2_case, case):
     name, root, _ = dia2_case
-    tokens, waveform, timestamps = _reference_result(root, CONFIGS[sampling])
-    ours = _ours(root, CONFIGS[sampling])
+    tokens, waveform, timestamps = _reference_result(root, case)
+    ours = _ours(root, case)
     np.testing.assert_array_equal(ours.audio_tokens, tokens)
     assert [w for w, _ in ours.timestamps] == [w for w, _ in timestamps]
     assert [s for _, s in ours.timestamps] == pytest.approx([s for _, s in timestamps])
@@ -242,10 +284,10 @@ def record_reference(roots: dict[str, Path]) -> None:
     """Write tests/data/dia2_reference.json from the reference's runs (by hand, with $DIA2_REFERENCE)."""
     record: dict[str, dict] = {}
     for name, root in roots.items():
-        for sampling, config in CONFIGS.items():
-            tokens, _, timestamps = _reference_result(root, config)
+        for case in CASES:
+            tokens, _, timestamps = _reference_result(root, case)
             stamps = [[word, round(second, 6)] for word, second in timestamps]
-            record.setdefault(name, {})[sampling] = {"audio_tokens": tokens.tolist(), "timestamps": stamps}
+            record.setdefault(name, {})[case] = {"audio_tokens": tokens.tolist(), "timestamps": stamps}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(record) + "\n")
 
@@ -424,3 +466,24 @@ def test_speak_runs_a_dia2_folder(dia2_case, tmp_path, capsysbinary):
     )
     assert "--temperature: not options of Dia2" in capsysbinary.readouterr().err.decode()
     assert not (tmp_path / "c.wav").exists()
+
+
+# -- prefixes ------------------------------------------------------------------------------------
+
+
+def test_prefix_speakers_need_their_words(dia2_case, monkeypatch):
+    """Without words and without Whisper, the error names both ways; a transcript without times is
+    spread over the clip; a clip must hold audio."""
+    root = dia2_case[1]
+    model = Dia2(root / "exported")
+    monkeypatch.setitem(sys.modules, "whisper_timestamped", None)
+    with pytest.raises(ValueError, match="pip install whisper-timestamped.*words="):
+        model.generate("[S1] hi", prefix=PrefixConfig(Speaker(root / "speaker1.wav")))
+    result = model.generate(
+        "[S1] hi", prefix=PrefixConfig(Speaker(root / "speaker1.wav", "hello there")), seed=1
+    )
+    assert result.audio_tokens.shape[0] == model.config.codebooks
+    with pytest.raises(ValueError, match="audio is empty"):
+        model.generate("[S1] hi", prefix=PrefixConfig(Speaker(np.zeros(0, np.float32), "hello")))
+    with pytest.raises(TypeError, match="PrefixConfig"):
+        model.generate("[S1] hi", prefix=str(root / "speaker1.wav"))

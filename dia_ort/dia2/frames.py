@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnxruntime as ort
 
+from dia_ort.dia2.prefix import PrefixPlan
 from dia_ort.dia2.sampling import Draw, SamplingConfig, guide, mask_ids, sample
 from dia_ort.dia2.script import ScriptReader
 from dia_ort.dia2.state_machine import StateMachine, TokenIds
@@ -25,6 +26,7 @@ from dia_ort.manifest import cache_names
 
 UNGENERATED = -2
 MAX_PADDING = 6  # the reference's state machine: pads a word may wait before a new word is forced
+PREFILL_FRAMES = 64  # prefix frames per backbone call
 
 
 class FrameLoop:
@@ -39,35 +41,51 @@ class FrameLoop:
         pieces: Iterator[str],
         sampling: tuple[SamplingConfig, SamplingConfig, float, int, int],
         draw: Draw,
+        prefix: PrefixPlan | None = None,
     ) -> None:
         c = self.config = config
         self.ids, self.reader, self.pieces, self.draw = ids, reader, pieces, draw
         self.text, self.audio_sampling, self.cfg_scale, self.cfg_filter_k, self.initial_padding = sampling
         self.machine = StateMachine(ids, c.second_stream_ahead, MAX_PADDING, self.initial_padding)
-        self.state = self.machine.new_state([])
+        self.state = self.machine.new_state(prefix.entries if prefix else [])
+        self.prefix_words = len(prefix.entries) if prefix else 0
         self.reading = True
         self.delays = np.array(c.delay_pattern)
-        self.codes = np.full((c.codebooks, c.max_context_steps + 1), UNGENERATED, np.int64)  # delayed
+        frames = prefix.codes.shape[-1] if prefix else 0
+        held = frames + int(self.delays.max()) if prefix else 0  # the prefix's delayed columns
+        self.codes = np.full((c.codebooks, c.max_context_steps + held + 1), UNGENERATED, np.int64)  # delayed
         self.frame = np.full((2, c.channels), ids.pad, np.int64)
         self.frame[0, 0], self.frame[1, 0] = ids.bos, ids.zero
         d, p = c.decoder, c.depformer
         self.backbone = _Caches(sessions[0], d.layers, (2, d.kv_heads, 0, d.head_dim))
         self.stages = _Caches(sessions[1], p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
-        self.t, self.end, self.last = 0, None, -1
+        self.start = max(frames - 1, 0)  # the reference feeds the prefix's last frame again, a slot later
+        self.shift = 1 if frames else 0
+        self.t, self.end, self.last = self.start, None, self.start - 1
         self.first_word: int | None = None  # the first word's frame less the initial padding
+        if prefix is not None and frames:
+            self.codes[:, :held] = c.audio_pad_id
+            for k, delay in enumerate(self.delays):
+                self.codes[k, delay : delay + frames] = prefix.codes[k]
+            self._feed_prefix(prefix)
 
     def step(self) -> bool:
+        """The next frame; False at the end: past the script (and its delays), or at the model's window
+        (the reference runs max_context_steps frames after the prefix, but its RoPE ends there)."""
         c, ids, t = self.config, self.ids, self.t
-        if t >= c.max_context_steps or (self.end is not None and t >= self.end):
+        if t >= min(self.start + c.max_context_steps, c.max_context_steps) or (
+            self.end is not None and t >= self.end
+        ):
             return False
         self._read()
         frame = self.frame
         frame[:, 2:] = np.where(self.delays > t, c.audio_bos_id, self.codes[:, t])
         frame[1, :2] = ids.zero, ids.pad
-        self.backbone.grow(t + 1, c.max_context_steps)
+        slot = t + self.shift
+        self.backbone.grow(slot + 1, c.max_context_steps + self.shift)
+        feeds = {"tokens": frame[:, None], "positions": np.full((2, 1), t), "slots": np.full((2, 1), slot)}
         hidden, action_logits, cb0_logits = self.backbone.run(
-            {"tokens": frame[:, None], "positions": np.full((2, 1), t, np.int64)},
-            ("hidden", "action_logits", "cb0_logits"),
+            feeds, ("hidden", "action_logits", "cb0_logits")
         )
         main, second = self.machine.process(
             t, self.state, sample(self._guide(action_logits), self.text, self.draw)
@@ -97,6 +115,27 @@ class FrameLoop:
         """The codes of frames start..stop-1, undelayed `[K, stop - start]`; ungenerated ones are pad."""
         columns = np.stack([self.codes[k, start + d : stop + d] for k, d in enumerate(self.delays)])
         return np.where(columns == UNGENERATED, self.config.audio_pad_id, columns)
+
+    def _feed_prefix(self, prefix: PrefixPlan) -> None:
+        """The prefix's frames through the backbone, the machine forced to its words' frames: each frame's
+        audio is the clip's (BOS before a codebook's delay), its text what the machine gave the frame
+        before. The frames are known in advance, so they run in calls of PREFILL_FRAMES."""
+        c, ids, frames = self.config, self.ids, prefix.codes.shape[-1]
+        rows = np.empty((2, frames, c.channels), np.int64)
+        for t in range(frames):
+            for k, delay in enumerate(self.delays):
+                self.frame[:, 2 + k] = prefix.codes[k, t - delay] if t >= delay else c.audio_bos_id
+            rows[:, t] = self.frame
+            self._read()  # a prefix word's start looks ahead into the script, as any word's does
+            action = ids.new_word if t in prefix.new_word_steps else ids.pad
+            main, second = self.machine.process(t, self.state, action, forced=True)
+            self.frame[0, :2] = main, ids.pad if second == -1 else second
+            self.frame[1, :2] = ids.zero, ids.pad
+        self.backbone.grow(frames, c.max_context_steps + self.shift)
+        for start in range(0, frames, PREFILL_FRAMES):
+            chunk = rows[:, start : start + PREFILL_FRAMES]
+            at = np.broadcast_to(np.arange(start, start + chunk.shape[1]), (2, chunk.shape[1]))
+            self.backbone.run({"tokens": chunk, "positions": at, "slots": at}, ("hidden",))
 
     def _guide(self, logits: np.ndarray) -> np.ndarray:
         return guide(logits, self.cfg_scale, self.cfg_filter_k)

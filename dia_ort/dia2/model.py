@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dia_ort.audio import load_audio
 from dia_ort.dia2.frames import FrameLoop
+from dia_ort.dia2.prefix import PrefixConfig, PrefixPlan, build_plan
 from dia_ort.dia2.sampling import Draw, SamplingConfig, random_draw
 from dia_ort.dia2.script import ScriptReader
 from dia_ort.dia2.state_machine import TokenIds
@@ -94,6 +96,10 @@ class Tokenizer:
             found = self.backend.token_to_id(name)
             return config.text_new_word_id if found is None else found
 
+        # the tag written before a prefix speaker's first word, by the speaker's id ([S1] wins a tie)
+        self.tags = {
+            id_: name for name in ("[S2]", "[S1]") if (id_ := self.backend.token_to_id(name)) is not None
+        }
         self.ids = TokenIds(
             new_word=config.text_new_word_id,
             pad=config.text_pad_id,
@@ -133,10 +139,9 @@ class Dia2:
         self.frame_rate = self.sample_rate / self.manifest.codec_config.hop_length
         graphs = self.manifest.variants["float32"]
         paths = [graphs["backbone_step"].file.path, graphs["depformer_stage"].file.path]
-        paths += [self.manifest.codec["mimi_decoder"].file.path]
-        self.backbone, self.depformer, self.mimi = open_sessions(
-            [self.folder / p for p in paths], self.device
-        )
+        paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
+        sessions = open_sessions([self.folder / p for p in paths], self.device)
+        self.backbone, self.depformer, self.mimi, self.mimi_encoder = sessions
 
     @classmethod
     def from_pretrained(
@@ -157,14 +162,16 @@ class Dia2:
         *,
         seed: int | None = None,
         draw: Draw | None = None,
+        prefix: PrefixConfig | None = None,
         **overrides: float | int,
     ) -> GenerationResult:
         """Speak `script`: text with [S1]/[S2] tags and `<break time="1.5s"/>` pauses, a list of lines (the
         reference joins them), or an iterator of pieces as a language model writes them. `overrides`
         are the reference's: temp_text, topk_text, temp_audio, topk_audio, cfg_scale, cfg_filter_k,
         initial_padding. `draw` picks an id from a sampler's probabilities (default: inverse CDF on a
-        generator seeded by `seed`). The waveform is `stream`'s chunks, joined."""
-        stream = self.stream(script, config, seed=seed, draw=draw, **overrides)
+        generator seeded by `seed`). `prefix`: speakers' clips to continue from (voice cloning). The
+        waveform is `stream`'s chunks, joined."""
+        stream = self.stream(script, config, seed=seed, draw=draw, prefix=prefix, **overrides)
         for _ in stream:
             pass
         assert stream.result is not None
@@ -177,6 +184,7 @@ class Dia2:
         *,
         seed: int | None = None,
         draw: Draw | None = None,
+        prefix: PrefixConfig | None = None,
         chunk_frames: int = CHUNK_FRAMES,
         **overrides: float | int,
     ) -> AudioStream:
@@ -189,9 +197,27 @@ class Dia2:
         reader = ScriptReader(self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
         sampling = (config.text, config.audio, config.cfg_scale, config.cfg_filter_k, config.initial_padding)
         draw = draw or random_draw(np.random.default_rng(seed))
+        plan = self._plan(prefix) if prefix is not None else None
         sessions = (self.backbone, self.depformer)
-        loop = FrameLoop(self.config, sessions, self.tokenizer.ids, reader, pieces, sampling, draw)
-        return AudioStream(self, loop, chunk_frames)
+        loop = FrameLoop(self.config, sessions, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
+        return AudioStream(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
+
+    def encode(self, waveform: np.ndarray) -> np.ndarray:
+        """A clip at the model's rate `[N]` -> its codes `[K, ceil(N / hop)]` (Mimi's encoder)."""
+        return self.mimi_encoder.run(["codes"], {"waveform": np.asarray(waveform, np.float32)[None]})[0][0]
+
+    def _plan(self, prefix: PrefixConfig) -> PrefixPlan:
+        if not isinstance(prefix, PrefixConfig):
+            raise TypeError(f"prefix must be a PrefixConfig, got {type(prefix).__name__}")
+        rate = self.sample_rate
+
+        def load(audio: object) -> np.ndarray:
+            return load_audio(audio if not isinstance(audio, np.ndarray) else (audio, rate), to_rate=rate)
+
+        tokenizer = self.tokenizer
+        return build_plan(
+            prefix, tokenizer.ids, tokenizer.encode, tokenizer.tags, load, self.encode, self.frame_rate, rate
+        )
 
     def decoder(self) -> MimiDecoder:
         """A fresh streaming decoder on this model's Mimi."""
@@ -219,18 +245,22 @@ class AudioStream(Iterator[np.ndarray]):
     """The chunks of one generation; `result` holds it whole (codes, timestamps, the chunks joined)
     once the stream is exhausted."""
 
-    def __init__(self, model: Dia2, loop: FrameLoop, chunk_frames: int) -> None:
+    def __init__(self, model: Dia2, loop: FrameLoop, chunk_frames: int, include_prefix: bool) -> None:
         self.model, self.loop, self.chunk = model, loop, chunk_frames
         self.decoder: MimiDecoder | None = None
         self.crop = self.sent = 0  # the first frame spoken, and the frames decoded
+        self.include_prefix = include_prefix
         self.ended = False
         self.chunks: list[np.ndarray] = []
         self.result: GenerationResult | None = None
-        if loop.config.second_stream_ahead:
+        if include_prefix:
+            self._start(0)
+        elif loop.config.second_stream_ahead:
             # The reference crops at the first frame whose main text token is the new-word id, which the
             # second stream moves off the main one: only a word whose first token is that id could
-            # bring it back. So the audio starts at frame 0, and is spoken as soon as it is final.
-            self._start(0)
+            # bring it back. So the audio starts where the generation does (after a prefix's frames),
+            # and is spoken as soon as it is final.
+            self._start(loop.start)
 
     def __next__(self) -> np.ndarray:
         while not self.ended:
@@ -251,9 +281,12 @@ class AudioStream(Iterator[np.ndarray]):
         self.decoder, self.crop, self.sent = self.model.decoder(), crop, crop
 
     def _end(self) -> None:
-        """The reference's crop: at the first word; at frame 0 where there was none or none came after it."""
+        """The reference's crop: at the first word, else where the generation started; at frame 0 where
+        no frame comes after it."""
         self.ended = True
-        if self.decoder is None or self.crop >= self.loop.final_frames:
+        if self.decoder is None:
+            self._start(self.loop.start)
+        if self.crop >= self.loop.final_frames:
             self._start(0)
 
     def _decode(self, frames: int) -> np.ndarray:
@@ -264,12 +297,10 @@ class AudioStream(Iterator[np.ndarray]):
         return self.chunks[-1]
 
     def _result(self) -> GenerationResult:
-        rate = self.model.frame_rate
-        stamps = [
-            (word, (step - self.crop) / rate)
-            for word, step in self.loop.state.transcript
-            if step >= self.crop
-        ]
+        rate, transcript = self.model.frame_rate, self.loop.state.transcript
+        if self.loop.prefix_words and not self.include_prefix:  # the prefix's words are not the output's
+            transcript = transcript[self.loop.prefix_words :]
+        stamps = [(word, (step - self.crop) / rate) for word, step in transcript if step >= self.crop]
         waveform = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
         codes = self.loop.aligned(self.crop, self.loop.final_frames)
         return GenerationResult(codes, waveform, self.model.sample_rate, stamps)
