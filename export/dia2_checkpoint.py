@@ -96,7 +96,16 @@ CONVERSION_DEFAULT_TREE: dict[str, Any] = {
     "runtime": {"weights_schedule": list(range(31)), "max_context_steps": 1500},
 }
 
-PRESETS = {"dia2-tiny": TINY_TREE, "dia2-conversion-default": CONVERSION_DEFAULT_TREE}
+# For benchmarks on a 24 GB machine, which cannot export the 2.5 B conversion shape: its depformer, Mimi
+# and vocabularies, and 8 of its 28 backbone layers.
+BENCH_TREE: dict[str, Any] = copy.deepcopy(CONVERSION_DEFAULT_TREE)
+BENCH_TREE["model"]["decoder"]["n_layer"] = 8
+
+PRESETS = {
+    "dia2-tiny": TINY_TREE,
+    "dia2-conversion-default": CONVERSION_DEFAULT_TREE,
+    "dia2-bench": BENCH_TREE,
+}
 
 
 def preset_config(name: str) -> Dia2Config:

@@ -274,7 +274,8 @@ class DepformerStageGraph(nn.Module):
         self.depformer_in = stacked(dep.depformer_in)
         self.in_proj = nn.ParameterList(stacked(layer.self_attention.in_proj) for layer in dep.layers)
         self.out_proj = nn.ParameterList(stacked(layer.self_attention.out_proj) for layer in dep.layers)
-        self.audio_embeds = nn.Parameter(torch.stack([t.weight.detach() for t in dep.audio_embeds]), False)
+        # one table of every stage's rows: a stage reads its token's row, not a copy of its whole table
+        self.audio_embeds = nn.Parameter(torch.cat([t.weight.detach() for t in dep.audio_embeds]), False)
         self.logits = nn.Parameter(torch.stack([head.weight.detach() for head in dep.logits]), False)
 
     def forward(self, stage: Tensor, previous: Tensor, hidden: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
@@ -288,7 +289,7 @@ class DepformerStageGraph(nn.Module):
         slots = torch.arange(past[0].shape[2])
         bias = additive(slots[None, None, None, :] <= stage)  # [1, 1, 1, T]: the stages so far
 
-        token = self.audio_embeds[stage][0][previous]  # [B, E']
+        token = self.audio_embeds[stage * config.audio_vocab_size + previous]  # [B, E']
         if config.depformer_text_embedding:
             text_part = dep.text_embed(text[:, 0], text[:, 1])
             token = token + torch.where(stage == 0, text_part, torch.zeros_like(text_part))

@@ -487,3 +487,21 @@ def test_prefix_speakers_need_their_words(dia2_case, monkeypatch):
         model.generate("[S1] hi", prefix=PrefixConfig(Speaker(np.zeros(0, np.float32), "hello")))
     with pytest.raises(TypeError, match="PrefixConfig"):
         model.generate("[S1] hi", prefix=str(root / "speaker1.wav"))
+
+
+def test_the_speed_benchmark_runs_torch_free(dia2_case, tmp_path):
+    """`python -m bench.torch_free bench.dia2_speed FOLDER` on the tiny folder: every figure there, the
+    floor counting each stage's weights."""
+    folder, out = dia2_case[1] / "exported", tmp_path / "speed.json"
+    command = [sys.executable, "-m", "bench.torch_free", "bench.dia2_speed", str(folder), "--repeats", "2"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    figures = json.loads(out.read_text())
+    for key in ("backbone_ms", "stage_ms", "decode_ms_per_frame", "frame_ms", "floor_ms", "first_audio_s"):
+        assert figures[key] > 0, key
+    model = Dia2(folder)
+    from bench.dia2_speed import stage_weight_bytes
+
+    assert figures["floor_bytes"] > model.config.depth * stage_weight_bytes(model)
+    assert figures["frame_ms"] == pytest.approx(
+        figures["backbone_ms"] + model.config.depth * figures["stage_ms"] + figures["decode_ms_per_frame"]
+    )

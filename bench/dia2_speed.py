@@ -1,0 +1,123 @@
+"""`python -m bench.dia2_speed FOLDER`: how fast a Dia2 folder speaks, against its memory floor.
+
+Per frame a Dia2 model runs the backbone step once and the depformer stage once per further codebook,
+then Mimi decodes the frame. Reported (2 CFG rows, medians over `--repeats` calls):
+- the backbone step at frame `--position`, one depformer stage, Mimi's decode per frame;
+- the frame: backbone + every stage + decode, as real-time factor (audio seconds per wall second);
+- the floor: the bytes a frame must read (the backbone's weights and caches, each stage's weights:
+  its group's attention and input kernels, the shared MLP, its output head), at the read bandwidth
+  measured in the same run; the frame's time over it;
+- from `generate`: time to first audio (`stream` until its first chunk) and the wall time per frame.
+Run it as `python -m bench.torch_free bench.dia2_speed FOLDER` to keep torch out of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.machine import describe, read_bandwidth
+from bench.measure import median_ms
+from bench.roofline import floor_ms, step_weight_bytes
+from dia_ort.dia2 import Dia2
+from dia_ort.manifest import cache_names
+
+SCRIPT = "[S1] " + " ".join(["the model speaks while the text arrives and the audio comes out"] * 8)
+
+
+def stage_weight_bytes(model: Dia2) -> int:
+    """Bytes of float32 weights one depformer stage reads: its group's input and attention kernels, the
+    layers' MLPs and norms, and its codebook's output head."""
+    c = model.config
+    p = c.depformer
+    width = p.heads * p.head_dim
+    layer = (
+        p.hidden * 3 * width + width * p.hidden + p.hidden * 2 * p.intermediate + p.intermediate * p.hidden
+    )
+    layer += 2 * p.hidden + 2 * p.head_dim  # norms
+    return 4 * (c.decoder.hidden * p.hidden + p.layers * layer + p.hidden * c.audio_vocab_limit + p.hidden)
+
+
+def _caches(session, layers: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    names = cache_names("past", layers)
+    return {name: np.zeros(shape, np.float32) for name in names}
+
+
+def measure(folder: Path, threads: int, position: int, repeats: int) -> dict:
+    model = Dia2(folder, device="cpu", threads=threads)
+    c, rng = model.config, np.random.default_rng(0)
+    d, p = c.decoder, c.depformer
+    slots = max(256, position + 1)
+    backbone_feeds = {
+        "tokens": rng.integers(0, c.audio_vocab_limit, (2, 1, c.channels)),
+        "positions": np.full((2, 1), position),
+        "slots": np.full((2, 1), position),
+    } | _caches(model.backbone, d.layers, (2, d.kv_heads, slots, d.head_dim))
+    hidden = model.backbone.run(["hidden"], backbone_feeds)[0]
+    stage_feeds = {"stage": np.array([c.depth // 2]), "previous": np.array([5, 5]), "hidden": hidden}
+    stage_feeds |= {"text": np.array([[10, 11]] * 2)} if c.depformer_text_embedding else {}
+    stage_feeds |= _caches(model.depformer, p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
+    decoder = model.decoder()
+    codes = rng.integers(0, c.audio_vocab_limit, (c.codebooks, 4))
+    backbone_ms = median_ms(lambda: model.backbone.run(["hidden"], backbone_feeds), repeats)
+    stage_ms = median_ms(lambda: model.depformer.run(["logits"], stage_feeds), repeats)
+    decode_ms = median_ms(lambda: decoder.decode(codes), repeats) / 4
+    frame_ms = backbone_ms + c.depth * stage_ms + decode_ms
+
+    began = time.perf_counter()
+    stream = model.stream(SCRIPT, seed=0)
+    next(stream)
+    first_audio = time.perf_counter() - began
+    for _ in stream:
+        pass
+    wall = time.perf_counter() - began
+    frames = stream.loop.t
+
+    bandwidth = read_bandwidth(threads)
+    graph = folder / model.manifest.variants["float32"]["backbone_step"].file.path
+    kv = 2 * 2 * d.layers * d.kv_heads * d.head_dim * 4 * (position + 1)  # both rows, K and V, float32
+    floor_bytes = step_weight_bytes(graph) + kv + c.depth * stage_weight_bytes(model)
+    floor = floor_ms(floor_bytes, bandwidth)
+    return {
+        "folder": str(folder),
+        "shape": {"backbone": [d.layers, d.hidden], "depformer": [p.layers, p.hidden], "stages": c.depth},
+        "backbone_ms": backbone_ms,
+        "stage_ms": stage_ms,
+        "decode_ms_per_frame": decode_ms,
+        "frame_ms": frame_ms,
+        "realtime_factor": (1000 / model.frame_rate) / frame_ms,
+        "floor_bytes": floor_bytes,
+        "floor_ms": floor,
+        "frame_over_floor": frame_ms / floor,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "first_audio_s": first_audio,
+        "generate_ms_per_frame": 1000 * wall / max(frames, 1),
+        "generate_realtime_factor": frames / model.frame_rate / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dia2_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="an exported Dia2 folder")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--position", type=int, default=20, help="the frame the backbone step is timed at")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
+    args = parser.parse_args(argv)
+    result = measure(args.folder, args.threads, args.position, args.repeats)
+    machine = describe(args.threads, "cpu")
+    result["machine"] = {"cpu": machine.cpu, "date": machine.date, "threads": args.threads}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
