@@ -505,3 +505,18 @@ def test_the_speed_benchmark_runs_torch_free(dia2_case, tmp_path):
     assert figures["frame_ms"] == pytest.approx(
         figures["backbone_ms"] + model.config.depth * figures["stage_ms"] + figures["decode_ms_per_frame"]
     )
+
+
+def test_a_codebook_without_delay_needs_a_prefix(dia2_case, tmp_path):
+    """With delay 0 the first frame has no audio to read (the reference fails there): refused without a
+    prefix, spoken with one."""
+    tree = copy.deepcopy(PRESETS["dia2-tiny"])
+    tree["data"]["delay_pattern"] = [0, 1, 2, 2]
+    config = Dia2Config.from_tree(tree)
+    sources = replace(dia2_random_sources("dia2-tiny", seed=9), config=config)
+    export_dia2(sources, tmp_path / "exported")
+    model = Dia2(tmp_path / "exported")
+    with pytest.raises(ValueError, match="codebook without delay.*give this model a prefix"):
+        model.generate("[S1] hi")
+    prefix = PrefixConfig(Speaker(dia2_case[1] / "speaker1.wav", CLIP_WORDS[1]))
+    assert model.generate("[S1] hi there", prefix=prefix, seed=2).audio_tokens.shape[0] == config.codebooks

@@ -126,12 +126,6 @@ class Dia2:
         self.manifest.check_files(self.folder, "float32")
         config = self.manifest.model
         assert isinstance(config, Dia2Config)
-        if min(config.delay_pattern) < 1:
-            raise ValueError(
-                f"delay pattern {list(config.delay_pattern)}: a codebook without delay has no audio to read at "
-                "the first frame (nari-labs/dia2 fails there too); this model needs an audio prefix, which "
-                "dia_ort.Dia2 does not take yet"
-            )
         self.config = config
         self.device = Device.parse(device, threads)
         self.tokenizer = Tokenizer(self.folder, config)
@@ -197,6 +191,11 @@ class Dia2:
         reader = ScriptReader(self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
         sampling = (config.text, config.audio, config.cfg_scale, config.cfg_filter_k, config.initial_padding)
         draw = draw or random_draw(np.random.default_rng(seed))
+        if prefix is None and min(self.config.delay_pattern) < 1:
+            raise ValueError(
+                f"delay pattern {list(self.config.delay_pattern)}: a codebook without delay has no audio to read at "
+                "the first frame (nari-labs/dia2 fails there too); give this model a prefix"
+            )
         plan = self._plan(prefix) if prefix is not None else None
         sessions = (self.backbone, self.depformer)
         loop = FrameLoop(self.config, sessions, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
