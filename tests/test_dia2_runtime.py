@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -520,3 +521,45 @@ def test_a_codebook_without_delay_needs_a_prefix(dia2_case, tmp_path):
         model.generate("[S1] hi")
     prefix = PrefixConfig(Speaker(dia2_case[1] / "speaker1.wav", CLIP_WORDS[1]))
     assert model.generate("[S1] hi there", prefix=prefix, seed=2).audio_tokens.shape[0] == config.codebooks
+
+
+# -- from the Hub --------------------------------------------------------------------------------
+
+FROM_HUB = (
+    "import json, sys; from dia_ort.dia2 import Dia2\n"
+    "model = Dia2.from_pretrained(sys.argv[1], cache_dir=sys.argv[2])\n"
+    "print(json.dumps(model.generate('[S1] hello there', seed=1).audio_tokens.tolist()))\n"
+)
+
+
+def _from_hub(folder: Path, repo: str, cache: Path) -> list:
+    """`Dia2.from_pretrained(repo)` in a fresh process whose Hub (tests/fake_hub.py) serves `folder`."""
+    from fake_hub import FakeHub
+
+    hub = FakeHub(repo, folder)
+    try:
+        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        run = subprocess.run(
+            [sys.executable, "-c", FROM_HUB, repo, str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )
+    finally:
+        hub.close()
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_a_hub_repo_of_an_exported_folder_or_of_a_checkpoint_speaks(dia2_case, tmp_path):
+    """An exported Dia2 folder on the Hub is fetched and run; a published checkpoint there (its config
+    naming its Mimi) is exported on first use; both speak as the folder does here."""
+    root = dia2_case[1]
+    want = Dia2(root / "exported").generate("[S1] hello there", seed=1).audio_tokens.tolist()
+    assert _from_hub(root / "exported", "nari-test/dia2-onnx", tmp_path / "cache") == want
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(root / "checkpoint", checkpoint)
+    tree = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(tree | {"assets": {"mimi": str(root / "mimi")}}))
+    assert _from_hub(checkpoint, "nari-test/dia2-checkpoint", tmp_path / "cache") == want
