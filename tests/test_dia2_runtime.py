@@ -302,7 +302,8 @@ def test_a_stream_is_generate_chunk_by_chunk(dia2_case):
     stream = model.stream(SCRIPT, seed=5, chunk_frames=3)
     chunks = list(stream)
     hop = model.manifest.codec_config.hop_length
-    assert [len(c) for c in chunks[:-1]] == [3 * hop] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= 3 * hop
+    sizes = [len(c) for c in chunks]
+    assert sizes[0] == hop and sizes[1:-1] == [3 * hop] * (len(chunks) - 2) and 0 < sizes[-1] <= 3 * hop
     assert np.array_equal(np.concatenate(chunks), stream.result.waveform)
     np.testing.assert_array_equal(stream.result.audio_tokens, plain.audio_tokens)
     assert stream.result.timestamps == plain.timestamps

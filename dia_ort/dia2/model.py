@@ -182,8 +182,8 @@ class Dia2:
         chunk_frames: int = CHUNK_FRAMES,
         **overrides: float | int,
     ) -> AudioStream:
-        """`generate`'s audio as it is made: chunks of `chunk_frames` frames (80 ms each) from the first
-        word on, each as soon as its frames are final; the result (codes, timestamps) once it ends."""
+        """`generate`'s audio as it is made: one frame (80 ms) as soon as it is final, then chunks of
+        `chunk_frames` frames, from the first word on; the result (codes, timestamps) once it ends."""
         config = _merged(config or GenerationConfig(), overrides)
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
@@ -263,18 +263,22 @@ class AudioStream(Iterator[np.ndarray]):
 
     def __next__(self) -> np.ndarray:
         while not self.ended:
-            if self.decoder is not None and self.loop.final_frames - self.sent >= self.chunk:
-                return self._decode(self.chunk)
+            if self.decoder is not None and self.loop.final_frames - self.sent >= self._next_size():
+                return self._decode(self._next_size())
             if not self.loop.step():
                 self._end()
             elif self.decoder is None and self.loop.first_word is not None:
                 self._start(max(self.loop.first_word, 0))
         total = self.loop.final_frames
         if self.sent < total:
-            return self._decode(min(self.chunk, total - self.sent))
+            return self._decode(min(self._next_size(), total - self.sent))
         if self.result is None:
             self.result = self._result()
         raise StopIteration
+
+    def _next_size(self) -> int:
+        """The first chunk is one frame, so the audio starts as soon as a frame is final; then `chunk`."""
+        return self.chunk if self.sent > self.crop else 1
 
     def _start(self, crop: int) -> None:
         self.decoder, self.crop, self.sent = self.model.decoder(), crop, crop
