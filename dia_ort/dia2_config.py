@@ -8,9 +8,12 @@ the same file the same way and never guesses from a model name.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+ASSETS_NAME = "dia2_assets.json"  # a published repo's optional list of its config, weights, tokenizer, Mimi
 ACTIVATIONS = ("silu", "swish", "swiglu", "gelu", "geglu", "relu", "linear")
 DEFAULT_ACTIVATIONS = ("silu", "linear")
 STACK_KEYS = (
@@ -180,3 +183,15 @@ class Dia2Config:
             )
         if self.max_context_steps < 1:
             raise ValueError(f"Dia2 runtime.max_context_steps must be >= 1, got {self.max_context_steps}")
+
+
+def is_dia2_checkpoint(folder: Path) -> bool:
+    """Whether a local folder holds a Dia2 checkpoint (its config is the `data` / `model` / `runtime`
+    tree, or it lists its assets)."""
+    config = folder / "config.json"
+    if (folder / ASSETS_NAME).is_file():
+        return True
+    if not config.is_file():
+        return False
+    tree = json.loads(config.read_text())
+    return isinstance(tree, dict) and {"data", "model", "runtime"} <= set(tree)

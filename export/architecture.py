@@ -238,7 +238,7 @@ def _from_schema_a(data: dict[str, Any]) -> DiaArchitecture:
     )
 
 
-def _rope_theta(section: dict[str, Any]) -> float:
+def rope_theta(section: dict[str, Any]) -> float:
     """Older configs write `rope_theta`; newer transformers write `rope_parameters: {rope_theta}`."""
     if "rope_theta" in section:
         return float(section["rope_theta"])
@@ -283,7 +283,7 @@ def _from_schema_b(data: dict[str, Any]) -> DiaArchitecture:
         ),
         flavour="0626",
         norm_eps=float(dec.get("norm_eps", data.get("norm_eps", 1e-5))),
-        rope_max_timescale=_rope_theta(dec),
+        rope_max_timescale=rope_theta(dec),
         delay_pattern=tuple(data.get("delay_pattern") or DEFAULT_DELAY_PATTERN),
         eos_id=_token_id(data, dec, "eos_token_id", 1024),
         pad_id=_token_id(data, dec, "pad_token_id", 1025),

@@ -16,11 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dia_ort.dia2_config import Dia2Config
+from dia_ort.dia2_config import ASSETS_NAME, Dia2Config
 from export.dia2_model import Dia2Model
 from export.dia_model import Linear
-
-ASSETS_NAME = "dia2_assets.json"
 
 # Sizes the tests use: odd head counts and widths, 4 codebooks, two depformer stages sharing a weight group.
 TINY_TREE: dict[str, Any] = {
@@ -157,14 +155,3 @@ def load_checkpoint(folder: Path) -> tuple[Dia2Config, dict[str, torch.Tensor]]:
     config_path, weights_path = checkpoint_paths(folder)
     config = Dia2Config.from_tree(json.loads(config_path.read_text()))
     return config, {k: v.float() for k, v in load_file(str(weights_path)).items()}
-
-
-def is_dia2_checkpoint(folder: Path) -> bool:
-    """Whether a local folder holds a Dia2 checkpoint (its config is the `data` / `model` / `runtime` tree)."""
-    config = folder / "config.json"
-    if (folder / ASSETS_NAME).is_file():
-        return True
-    if not config.is_file():
-        return False
-    tree = json.loads(config.read_text())
-    return isinstance(tree, dict) and {"data", "model", "runtime"} <= set(tree)

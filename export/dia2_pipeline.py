@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,7 +54,7 @@ class Dia2Sources:
     state: dict[str, torch.Tensor]
     codec: MimiCodec
     provenance: dict
-    tokenizer: Path  # a folder holding tokenizer.json
+    tokenizer: Path | None  # a folder holding tokenizer.json; None: the test tokenizer of the config
 
 
 def copy_tokenizer(source: Path, out: Path) -> list[str]:
@@ -75,10 +74,8 @@ def dia2_random_sources(preset: str, seed: int) -> Dia2Sources:
     arch = replace(
         RANDOM_MIMI.get(preset, MIMI), num_quantizers=config.codebooks, codebook_size=config.audio_vocab_limit
     )
-    tokenizer = Path(tempfile.mkdtemp(prefix="dia2-tokenizer-"))
-    write_tokenizer(tokenizer, config)
     provenance = {"random_init": preset, "seed": seed}
-    return Dia2Sources(config, random_state(config, seed), random_mimi(arch, seed), provenance, tokenizer)
+    return Dia2Sources(config, random_state(config, seed), random_mimi(arch, seed), provenance, None)
 
 
 def dia2_checkpoint_sources(folder: Path, model: str, revision: str | None, mimi: str | None) -> Dia2Sources:
@@ -154,7 +151,11 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
     mimi = {}
     for spec, samples in mimi_specs(codec, config.codebooks):
         mimi[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
-    assets = {name: FileEntry.of(out, name) for name in copy_tokenizer(sources.tokenizer, out)}
+    if sources.tokenizer is None:
+        names = write_tokenizer(out, config)
+    else:
+        names = copy_tokenizer(sources.tokenizer, out)
+    assets = {name: FileEntry.of(out, name) for name in names}
     arch = codec.arch
     manifest = Manifest(
         family="dia2",

@@ -101,8 +101,8 @@ WORDS = [
 SPECIAL = {"<bos>": 0, "<unk>": 1, "[S1]": 5, "[S2]": 6}
 
 
-def write_tokenizer(folder: Path, config: Dia2Config) -> None:
-    """`tokenizer.json` and `tokenizer_config.json` with `config.text_vocab_size` ids at most."""
+def write_tokenizer(folder: Path, config: Dia2Config) -> list[str]:
+    """`tokenizer.json` and `tokenizer_config.json` with `config.text_vocab_size` ids at most; their names."""
     fixed = SPECIAL | {
         "<pad>": config.text_pad_id,
         "<new_word>": config.text_new_word_id,
@@ -124,3 +124,4 @@ def write_tokenizer(folder: Path, config: Dia2Config) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "unk_token": "<unk>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]

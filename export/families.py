@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dia_ort.dia2_config import is_dia2_checkpoint
 from dia_ort.manifest import Manifest
-from export.dia2_checkpoint import is_dia2_checkpoint
 from export.dia2_pipeline import dia2_checkpoint_sources, export_dia2
 from export.pipeline import DEFAULT_DAC, checkpoint_sources, export_model, local_folder
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from export.architecture import rope_theta as read_rope_theta
 from export.dia_model import additive, attend, reshape
 
 TRANSFORMERS_RENAMES = (  # transformers' MimiModel names -> the published ones
@@ -88,8 +89,7 @@ class MimiArchitecture:
         if not config.get("use_causal_conv", True) or config.get("pad_mode", "constant") != "constant":
             raise ValueError("only causal Mimi with zero padding streams frame by frame")
         values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
-        rope = config.get("rope_parameters") or {}
-        values["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", cls.rope_theta)))
+        values["rope_theta"] = read_rope_theta(config)
         values["upsampling_ratios"] = tuple(values.get("upsampling_ratios", cls.upsampling_ratios))
         return replace(cls(), **values)
 

@@ -2,7 +2,8 @@
 
 - transformers' `DiaForConditionalGeneration` (0626 semantics), driven as docs/generation.md section 14 says;
 - a small torch implementation of docs/generation.md written here from the nari-layout tensors, for v0.1
-  (cross-attention RoPE, plain CFG, EOS damping) which transformers does not implement.
+  (cross-attention RoPE, plain CFG, EOS damping) which transformers does not implement;
+- nari-labs/dia2 for Dia2, from a checkout given as $DIA2_REFERENCE (it is not on the package registries).
 
 Sampled streams are compared by drawing both sides' ids by inverse CDF from the same numpy generator
 (docs/generation.md section 7): transformers' `torch.multinomial` is replaced for the call by that draw.
@@ -10,11 +11,16 @@ Sampled streams are compared by drawing both sides' ids by inverse CDF from the 
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from transformers import DiaConfig, DiaForConditionalGeneration
 
@@ -278,3 +284,15 @@ class SpecReference:
             drop = torch.zeros_like(remove).scatter(-1, order, remove)
             probs = logits.masked_fill(drop, float("-inf")).softmax(-1)
         return inverse_cdf(probs, rng)
+
+
+def dia2_reference(*modules: str) -> list[ModuleType]:
+    """`modules` of nari-labs/dia2 from the checkout at $DIA2_REFERENCE (at 8687268), else a skip."""
+    folder = os.environ.get("DIA2_REFERENCE")
+    if not folder:
+        pytest.skip("set DIA2_REFERENCE to a checkout of nari-labs/dia2 (8687268) to compare with it")
+    sys.path.insert(0, folder)
+    try:
+        return [importlib.import_module(name) for name in modules]
+    finally:
+        sys.path.remove(folder)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from reference import dia2_reference
 
-from dia_ort.dia2_config import Dia2Config
+from dia_ort.dia2_config import Dia2Config, is_dia2_checkpoint
 from export.dia2_checkpoint import (
     PRESETS,
-    is_dia2_checkpoint,
     load_checkpoint,
     preset_config,
     random_state,
@@ -160,25 +158,14 @@ def test_a_backbone_row_does_not_depend_on_its_batch(dia2_model, dia2_graphs):
         np.testing.assert_array_equal(a[1:2], b)
 
 
-def _reference():
-    """nari-labs/dia2's modules from the checkout at $DIA2_REFERENCE (at 8687268), else a skip."""
-    folder = os.environ.get("DIA2_REFERENCE")
-    if not folder:
-        pytest.skip("set DIA2_REFERENCE to a checkout of nari-labs/dia2 (8687268) to compare with it")
-    sys.path.insert(0, folder)
-    try:
-        from dia2.config import load_config
-        from dia2.core.model import Dia2Model as ReferenceModel
-        from dia2.core.precision import Precision
-    finally:
-        sys.path.remove(folder)
-    return load_config, ReferenceModel, Precision(torch.float32, torch.float32)
-
-
 def test_modules_equal_the_reference(tmp_path):
     """The published names load into the reference with a strict check, and a frame computes the same:
     the backbone frame by frame against its cache, then every depformer stage of the last frame."""
-    load_config, ReferenceModel, precision = _reference()
+    config_module, model_module, precision = dia2_reference(
+        "dia2.config", "dia2.core.model", "dia2.core.precision"
+    )
+    load_config, ReferenceModel = config_module.load_config, model_module.Dia2Model
+    precision = precision.Precision(torch.float32, torch.float32)
     config = preset_config("dia2-tiny")
     state = random_state(config, seed=11)
     folder = write_checkpoint(tmp_path, config, state)

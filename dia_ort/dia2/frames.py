@@ -22,7 +22,7 @@ from dia_ort.dia2.sampling import Draw, SamplingConfig, guide, mask_ids, sample
 from dia_ort.dia2.script import ScriptReader
 from dia_ort.dia2.state_machine import StateMachine, TokenIds
 from dia_ort.dia2_config import Dia2Config
-from dia_ort.manifest import cache_names
+from dia_ort.engine import bind_caches, grown_capacity
 
 UNGENERATED = -2
 MAX_PADDING = 6  # the reference's state machine: pads a word may wait before a new word is forced
@@ -158,25 +158,26 @@ class FrameLoop:
 
 class _Caches:
     """One graph's self-attention caches, bound as its `past_*` inputs and `present_*` outputs (updated
-    in place); the backbone's grow by `GROWTH` frames as the generation needs them."""
-
-    GROWTH = 256
+    in place); the backbone's grow by `CACHE_GROWTH` frames as the generation needs them."""
 
     def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple[int, ...]) -> None:
         self.session, self.layers = session, layers
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]
+        self._hold([np.zeros(shape, np.float32) for _ in range(2 * layers)])
+
+    def _hold(self, buffers: list[np.ndarray]) -> None:
+        self.buffers = buffers
+        self.values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]  # views, no copy
 
     def grow(self, needed: int, limit: int) -> None:
         slots = self.buffers[0].shape[2]
         if needed <= slots:
             return
-        wanted = min(limit, -(-needed // self.GROWTH) * self.GROWTH)
         grown = []
         for buffer in self.buffers:
-            bigger = np.zeros((*buffer.shape[:2], wanted, buffer.shape[3]), np.float32)
+            bigger = np.zeros((*buffer.shape[:2], grown_capacity(needed, limit), buffer.shape[3]), np.float32)
             bigger[:, :, :slots] = buffer
             grown.append(bigger)
-        self.buffers = grown
+        self._hold(grown)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
         binding = self.session.io_binding()
@@ -184,12 +185,6 @@ class _Caches:
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=value.dtype))
         for name in outputs:  # first: the outputs come back in the order they are bound
             binding.bind_output(name)
-        names = zip(
-            cache_names("past", self.layers), cache_names("present", self.layers), self.buffers, strict=True
-        )
-        for past, present, buffer in names:
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        bind_caches(binding, self.values, self.layers)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[: len(outputs)]
