@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -178,16 +177,13 @@ def speak(args: argparse.Namespace) -> None:
 
 def model_family(model: str) -> str:
     """ "dia2" for a local Dia2 folder (exported, or a checkpoint to export on first use); else "dia"."""
+    from dia_ort.dia2_config import is_dia2_checkpoint
     from dia_ort.manifest import MANIFEST_NAME, Manifest
 
     folder = Path(model).expanduser()
     if (folder / MANIFEST_NAME).is_file():
         return Manifest.load(folder).family
-    config = folder / "config.json"
-    if config.is_file():
-        tree = json.loads(config.read_text())
-        return "dia2" if isinstance(tree, dict) and {"data", "model", "runtime"} <= set(tree) else "dia"
-    return "dia"
+    return "dia2" if is_dia2_checkpoint(folder) else "dia"
 
 
 DIA2_SPEAK_OPTIONS = ("seed", "cfg_scale", "cfg_filter_top_k", "sample_rate")  # the rest are Dia 1.6B's
@@ -215,17 +211,15 @@ def speak_dia2(args: argparse.Namespace, text: str) -> None:
     overrides = {"cfg_scale": args.cfg_scale, "cfg_filter_k": args.cfg_filter_top_k}
     config = GenerationConfig(**{k: v for k, v in overrides.items() if v is not None})
     rate = args.sample_rate or model.sample_rate
-    resampler = StreamResampler(rate, model.sample_rate) if rate != model.sample_rate else None
-    chunks = model.stream(text, config, seed=args.seed)
-    with tqdm(desc="speaking", unit="chunk", disable=args.quiet) as bar:
-        pieces = (resampler.resample_chunk(c) if resampler else c for c in bar_iter(chunks, bar))
-        if args.output == STDOUT:
-            seconds = write_stream(sys.stdout.buffer, pieces, rate, args.format)
-        else:
-            audio = np.concatenate([np.zeros(0, dtype=np.float32), *pieces])
-            if resampler:
-                audio = np.concatenate([audio, resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
-            seconds = len(audio) / rate
+    chunks = tqdm(
+        model.stream(text, config, seed=args.seed), desc="speaking", unit="chunk", disable=args.quiet
+    )
+    pieces = resampled(chunks, model.sample_rate, rate)
+    if args.output == STDOUT:
+        seconds = write_stream(sys.stdout.buffer, pieces, rate, args.format)
+    else:
+        audio = np.concatenate([np.zeros(0, dtype=np.float32), *pieces])
+        seconds = len(audio) / rate
     if not seconds:
         raise ValueError("the model ended the audio at once; nothing to write (try another --seed)")
     if args.output != STDOUT:
@@ -233,10 +227,15 @@ def speak_dia2(args: argparse.Namespace, text: str) -> None:
     print(f"wrote {args.output if args.output != STDOUT else 'stdout'} ({seconds:.2f} s)", file=sys.stderr)
 
 
-def bar_iter(chunks: Iterable[np.ndarray], bar: tqdm) -> Iterable[np.ndarray]:
+def resampled(chunks: Iterable[np.ndarray], from_rate: int, to_rate: int) -> Iterator[np.ndarray]:
+    """`chunks` at `to_rate`, as they come, the resampler's tail at the end; as they are at equal rates."""
+    if from_rate == to_rate:
+        yield from chunks
+        return
+    resampler = StreamResampler(to_rate, from_rate)
     for chunk in chunks:
-        bar.update(1)
-        yield chunk
+        yield resampler.resample_chunk(chunk)
+    yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 def write_stream(out: BinaryIO, chunks: Iterable[np.ndarray], sample_rate: int, fmt: str) -> float:

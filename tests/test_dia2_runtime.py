@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from reference import dia2_reference
 
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
@@ -207,17 +209,8 @@ def _ours(root: Path, case: str):
 
 def _reference_result(root: Path, case: str):
     """nari-labs/dia2's own `generate` on the checkpoint folder (CPU, float32), from $DIA2_REFERENCE."""
-    folder = os.environ.get("DIA2_REFERENCE")
-    if not folder:
-        pytest.skip("set DIA2_REFERENCE to a checkout of nari-labs/dia2 (8687268) to run it here")
-    sys.path.insert(0, folder)
-    try:
-        import dia2
-        import dia2.runtime.voice_clone as voice_clone
-        import torch
-        from dia2.audio.codec import MimiCodec
-    finally:
-        sys.path.remove(folder)
+    dia2, voice_clone, codec = dia2_reference("dia2", "dia2.runtime.voice_clone", "dia2.audio.codec")
+    MimiCodec = codec.MimiCodec
     config, include = CASES[case]
 
     def transcribe(path, device):  # noqa: ARG001
@@ -393,79 +386,31 @@ def test_a_dia2_folder_runs_without_torch(dia2_case, tmp_path):
 
 
 def test_speak_runs_a_dia2_folder(dia2_case, tmp_path, capsysbinary):
-    """`dia-ort speak` reads the family from the folder: Dia2's audio at 24 kHz (or --sample-rate), the
-    same samples as `generate`; Dia's own options are refused by name."""
+    """`dia-ort speak` reads the family from the folder: Dia2's audio at 24 kHz (or --sample-rate, the
+    same samples to a file and to stdout), the same samples as `generate`; Dia's own options are refused
+    by name."""
     import soundfile as sf
 
     from dia_ort.audio import pcm16
     from dia_ort.cli import main
 
     folder = dia2_case[1] / "exported"
+    speak = ["speak", SCRIPT, "--model", str(folder), "--quiet", "--seed", "4", "--cfg-scale", "3"]
     want = Dia2(folder).generate(SCRIPT, seed=4, cfg_scale=3.0)
     out = tmp_path / "out.wav"
-    assert (
-        main(
-            [
-                "speak",
-                SCRIPT,
-                "--model",
-                str(folder),
-                "-o",
-                str(out),
-                "--seed",
-                "4",
-                "--cfg-scale",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main([*speak, "-o", str(out)]) == 0
     audio, rate = sf.read(out, dtype="int16")
     assert rate == 24000 and np.array_equal(audio.tobytes(), pcm16(want.waveform))
     capsysbinary.readouterr()
-    assert (
-        main(
-            [
-                "speak",
-                SCRIPT,
-                "--model",
-                str(folder),
-                "-o",
-                "-",
-                "--format",
-                "pcm",
-                "--seed",
-                "4",
-                "--cfg-scale",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main([*speak, "-o", "-", "--format", "pcm"]) == 0
     assert capsysbinary.readouterr().out == pcm16(want.waveform)
-    assert (
-        main(
-            [
-                "speak",
-                SCRIPT,
-                "--model",
-                str(folder),
-                "-o",
-                str(tmp_path / "b.wav"),
-                "--sample-rate",
-                "16000",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert sf.info(tmp_path / "b.wav").samplerate == 16000
-    assert (
-        main(["speak", SCRIPT, "--model", str(folder), "-o", str(tmp_path / "c.wav"), "--temperature", "0.5"])
-        == 2
-    )
+    assert main([*speak, "-o", str(tmp_path / "b.wav"), "--sample-rate", "16000"]) == 0
+    resampled, rate = sf.read(tmp_path / "b.wav", dtype="int16")
+    assert rate == 16000
+    capsysbinary.readouterr()
+    assert main([*speak, "-o", "-", "--format", "pcm", "--sample-rate", "16000"]) == 0
+    assert capsysbinary.readouterr().out == resampled.tobytes()  # the resampler's tail included
+    assert main([*speak, "-o", str(tmp_path / "c.wav"), "--temperature", "0.5"]) == 2
     assert "--temperature: not options of Dia2" in capsysbinary.readouterr().err.decode()
     assert not (tmp_path / "c.wav").exists()
 
