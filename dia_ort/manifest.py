@@ -75,15 +75,18 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class GraphEntry:
-    """An ONNX graph: its file, external weight files, and its input and output names in order."""
+    """An ONNX graph: its file, external weight files, its input and output names in order, and the
+    tensors the runtime binds to inputs of the same names (`bound`, a safetensors file: Dia2's
+    per-stage depformer kernels, `dia_ort.dia2.stage_weights`)."""
 
     file: FileEntry
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     data_files: tuple[FileEntry, ...] = ()
+    bound: FileEntry | None = None
 
     def files(self) -> tuple[FileEntry, ...]:
-        return (self.file, *self.data_files)
+        return (self.file, *self.data_files, *([self.bound] if self.bound else []))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
@@ -92,6 +95,7 @@ class GraphEntry:
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             data_files=tuple(FileEntry(**f) for f in data.get("data_files", ())),
+            bound=FileEntry(**data["bound"]) if data.get("bound") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +104,7 @@ class GraphEntry:
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
             "data_files": [vars(f) for f in self.data_files],
-        }
+        } | ({"bound": vars(self.bound)} if self.bound else {})
 
 
 @dataclass(frozen=True)

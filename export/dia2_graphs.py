@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-from dia_ort.manifest import cache_names
-from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from dia_ort.dia2.stage_weights import STAGE_ROWS
+from dia_ort.manifest import FileEntry, cache_names
+from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model, stage_weight_names
 from export.onnx_export import GraphSpec
 
 STEP_INPUTS = ("tokens", "positions", "slots")
@@ -35,7 +41,8 @@ def step_inputs(
 
 
 def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """Depformer inputs at `stage` with random caches and text (the second stream pad on odd rows)."""
+    """Depformer inputs at `stage` with its kernels, random caches and text (the second stream pad on
+    odd rows)."""
     config, p = model.config, model.config.depformer
     g = torch.Generator().manual_seed(seed)
     dtype = model.transformer.norm.weight.dtype
@@ -50,6 +57,7 @@ def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) ->
         torch.randint(0, config.audio_vocab_size - 2, (batch,), generator=g),
         torch.randn(batch, config.decoder.hidden, generator=g).to(dtype),
         *([text] if config.depformer_text_embedding else []),
+        *DepformerStageGraph(model).weights(stage).values(),
         *past,
     )
 
@@ -80,7 +88,12 @@ def stage_spec(model: Dia2Model, name: str) -> GraphSpec:
         name=name,
         module=DepformerStageGraph(model),
         example=stage_inputs(model, stage=1),
-        inputs=(*STAGE_INPUTS, *(["text"] if model.config.depformer_text_embedding else []), *past),
+        inputs=(
+            *STAGE_INPUTS,
+            *(["text"] if model.config.depformer_text_embedding else []),
+            *stage_weight_names(layers),
+            *past,
+        ),
         outputs=("logits", *present),
         dynamic_axes=axes,
         custom_opsets=FUSED_OPSETS if model.fused_ops else {},
@@ -102,3 +115,13 @@ def stage_samples(model: Dia2Model) -> list[tuple[torch.Tensor, ...]]:
     """The first stage (text read), a middle one and the last."""
     depth = model.config.depth
     return [stage_inputs(model, stage, seed=stage) for stage in sorted({0, depth // 2, depth - 1})]
+
+
+def save_stage_weights(
+    kernels: dict[str, np.ndarray], rows: dict[str, list[int]], folder: Path, name: str
+) -> FileEntry:
+    """The stage graph's kernels, stacked, as the runtime binds them (dia_ort/dia2/stage_weights.py):
+    `name`.safetensors, with the row each stage reads of each."""
+    path = f"{name}.safetensors"
+    save_file(kernels, str(folder / path), metadata={STAGE_ROWS: json.dumps(rows)})
+    return FileEntry.of(folder, path)

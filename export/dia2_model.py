@@ -245,62 +245,85 @@ class BackboneStepGraph(nn.Module):
         return (last.float(), net.action_head(last).float(), net.cb0_head(last).float(), *presents)
 
 
+def stage_weight_names(layers: int) -> list[str]:
+    """The stage graph's weight inputs: depformer_in, in_proj_0, out_proj_0, in_proj_1, ..., logits_head."""
+    per_layer = [f"{kind}_{i}" for i in range(layers) for kind in ("in_proj", "out_proj")]
+    return ["depformer_in", *per_layer, "logits_head"]
+
+
 class DepformerStageGraph(nn.Module):
     """One depformer stage for every batch row -> the next codebook's logits.
 
     Inputs: stage Tensor[1] (int64, 0..depth-1), previous Tensor[B] (int64: the id just sampled for
     codebook `stage`), hidden Tensor[B x E] (the backbone's), text Tensor[B x 2] (int64: the frame's
-    main and second text tokens, read at stage 0; only where the depformer embeds text), then per
-    layer past_key_i, past_value_i
+    main and second text tokens, read at stage 0; only where the depformer embeds text), then the
+    stage's kernels (`stage_weight_names`: its group's input and attention kernels, its codebook's
+    output head, cut to the audio ids), then per layer past_key_i, past_value_i
     Tensor[B x H x depth x D]. Outputs: logits Tensor[B x V'] (float32, V' = the audio vocabulary less
     pad and BOS), then the caches with this stage written at slot `stage`.
 
-    The per-group kernels are stacked `[G x in x out]` and picked by the schedule's group of `stage`,
-    so one graph serves every stage.
+    The kernels a stage reads differ per stage, so they are inputs: the runtime binds each stage's
+    own (`stacked_weights`), read in place, where a graph that picks them from stacked constants copies
+    every one it picks (Gather), and ONNX Runtime packs constants that a MatMul shares (the MLP) once.
     """
 
     def __init__(self, model: Dia2Model) -> None:
         super().__init__()
         self.model = model
-        config, dep = model.config, model.depformer
-        position = {g: i for i, g in enumerate(config.weight_groups)}
-        self.register_buffer("schedule", torch.tensor([position[g] for g in config.weights_schedule]))
-
-        def stacked(modules: nn.ModuleDict) -> nn.Parameter:
-            return nn.Parameter(
-                torch.stack([modules[str(g)].weight.detach() for g in config.weight_groups]), False
-            )
-
-        self.depformer_in = stacked(dep.depformer_in)
-        self.in_proj = nn.ParameterList(stacked(layer.self_attention.in_proj) for layer in dep.layers)
-        self.out_proj = nn.ParameterList(stacked(layer.self_attention.out_proj) for layer in dep.layers)
         # one table of every stage's rows: a stage reads its token's row, not a copy of its whole table
-        self.audio_embeds = nn.Parameter(torch.cat([t.weight.detach() for t in dep.audio_embeds]), False)
-        self.logits = nn.Parameter(torch.stack([head.weight.detach() for head in dep.logits]), False)
+        tables = [t.weight.detach() for t in model.depformer.audio_embeds]
+        self.audio_embeds = nn.Parameter(torch.cat(tables), False)
+
+    def weights(self, stage: int) -> dict[str, Tensor]:
+        """The kernels `stage` reads, by input name (`stage_weight_names`, in order)."""
+        config, dep = self.model.config, self.model.depformer
+        group = str(config.weights_schedule[stage])
+        kernels = {"depformer_in": dep.depformer_in[group].weight}
+        for i, layer in enumerate(dep.layers):
+            kernels[f"in_proj_{i}"] = layer.self_attention.in_proj[group].weight
+            kernels[f"out_proj_{i}"] = layer.self_attention.out_proj[group].weight
+        kernels["logits_head"] = dep.logits[stage].weight[:, : config.audio_vocab_limit]
+        return {name: kernel.detach() for name, kernel in kernels.items()}
+
+    def stacked_weights(self) -> dict[str, tuple[Tensor, list[int]]]:
+        """Each weight input -> (its distinct kernels stacked `[R x in x out]`, the row each stage reads):
+        stages of one weight group share their group's row."""
+        per_stage = [self.weights(stage) for stage in range(self.model.config.depth)]
+        stacked = {}
+        for name in per_stage[0]:
+            distinct: list[Tensor] = []
+            rows = []
+            for kernels in per_stage:
+                kernel = kernels[name]
+                same = [i for i, d in enumerate(distinct) if d.data_ptr() == kernel.data_ptr()]
+                rows.append(same[0] if same else len(distinct))
+                distinct += [] if same else [kernel]
+            stacked[name] = (torch.stack(distinct).contiguous(), rows)
+        return stacked
 
     def forward(self, stage: Tensor, previous: Tensor, hidden: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         m, fused = self.model, self.model.fused_ops
         config, dep, p = m.config, m.depformer, m.config.depformer
-        text, past = (inputs[0], inputs[1:]) if config.depformer_text_embedding else (None, inputs)
+        text, inputs = (inputs[0], inputs[1:]) if config.depformer_text_embedding else (None, inputs)
+        depformer_in, *kernels, head = inputs[: 2 * p.layers + 2]
+        past = inputs[2 * p.layers + 2 :]
         batch = previous.shape[0]
-        group = self.schedule[stage]  # [1]
         positions = stage.expand(batch)[:, None]  # [B, 1]
         indices = cache_indices(batch, p.heads, positions)
         slots = torch.arange(past[0].shape[2])
         bias = additive(slots[None, None, None, :] <= stage)  # [1, 1, 1, T]: the stages so far
-
         token = self.audio_embeds[stage * config.audio_vocab_size + previous]  # [B, E']
         if config.depformer_text_embedding:
             text_part = dep.text_embed(text[:, 0], text[:, 1])
             token = token + torch.where(stage == 0, text_part, torch.zeros_like(text_part))
-        x = (torch.matmul(hidden, self.depformer_in[group][0]) + token)[:, None]  # [B, 1, E']
+        x = (torch.matmul(hidden, depformer_in) + token)[:, None]  # [B, 1, E']
         h = dep.layers[0].pre_norm(x)
         after_mlp = [layer.pre_norm for layer in dep.layers[1:]] + [dep.norm]
         presents = []
         width = p.heads * p.head_dim
         for i, (layer, norm) in enumerate(zip(dep.layers, after_mlp, strict=True)):
             sa = layer.self_attention
-            q, k, v = torch.split(torch.matmul(h, self.in_proj[i][group][0]), width, dim=-1)
+            q, k, v = torch.split(torch.matmul(h, kernels[2 * i]), width, dim=-1)
             q, k = head_norm(q, sa.q_norm, p.heads), head_norm(k, sa.k_norm, p.heads)
             if config.depformer_rope:
                 q = m.stage_rotary.rotate(q, positions, p.heads, fused)
@@ -309,7 +332,6 @@ class DepformerStageGraph(nn.Module):
             v = CacheWrite.apply(past[2 * i + 1], indices, reshape(v, 0, 0, p.heads, -1))
             presents += [k, v]
             attended = attend(q, k, v, bias.expand(batch, 1, 1, -1), p.heads, fused)
-            h, x = layer.post_norm.add(x, torch.matmul(attended, self.out_proj[i][group][0]), fused)
+            h, x = layer.post_norm.add(x, torch.matmul(attended, kernels[2 * i + 1]), fused)
             h, x = norm.add(x, layer.mlp(h), fused)
-        logits = torch.matmul(h[:, 0], self.logits[stage][0])[:, : config.audio_vocab_limit]
-        return (logits.float(), *presents)
+        return (torch.matmul(h[:, 0], head).float(), *presents)

@@ -16,7 +16,7 @@ import torch
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, FileEntry, GraphEntry, Manifest
 from export.dia2_checkpoint import load_checkpoint, preset_config, random_state
-from export.dia2_graphs import stage_samples, stage_spec, step_samples, step_spec
+from export.dia2_graphs import save_stage_weights, stage_samples, stage_spec, step_samples, step_spec
 from export.dia2_model import Dia2Model
 from export.dia2_tokenizer import write_tokenizer
 from export.mimi import MIMI, TINY_MIMI, MimiCodec, MimiDecodeGraph, MimiEncodeGraph, stream_names
@@ -140,14 +140,17 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
     model = Dia2Model.from_state(config, sources.state)
     errors: dict[str, float] = {}
     graphs: dict[str, GraphEntry] = {}
-    specs = [
-        (step_spec(model, "backbone_step.float32"), step_samples(model)),
-        (stage_spec(model, "depformer_stage.float32"), stage_samples(model)),
-    ]
-    for spec, samples in specs:
+    step, stage = step_spec(model, "backbone_step.float32"), stage_spec(model, "depformer_stage.float32")
+    for spec, samples in ((step, step_samples(model)), (stage, stage_samples(model))):
         graphs[spec.name.split(".")[0]], errors[spec.name] = export_verified(
             spec, samples, out, TOLERANCE["float32"]
         )
+    stacked = stage.module.stacked_weights()
+    kernels = {name: kernel.numpy() for name, (kernel, _) in stacked.items()}
+    rows = {name: stage_rows for name, (_, stage_rows) in stacked.items()}
+    graphs["depformer_stage"] = replace(
+        graphs["depformer_stage"], bound=save_stage_weights(kernels, rows, out, stage.name)
+    )
     mimi = {}
     for spec, samples in mimi_specs(codec, config.codebooks):
         mimi[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])

@@ -191,7 +191,8 @@ def test_modules_equal_the_reference(tmp_path):
         for s in range(config.depth):
             main, second = (text[:, 0], text[:, 1]) if s == 0 else (None, None)
             want = reference.step_audio_stage(s, previous, hidden[:, None], decode, main, second)
-            logits, *caches = stage(torch.tensor([s]), previous, hidden, text, *caches)
+            kernels = stage.weights(s).values()
+            logits, *caches = stage(torch.tensor([s]), previous, hidden, text, *kernels, *caches)
             torch.testing.assert_close(want[:, 0, 0], logits, rtol=0, atol=1e-5)
             previous = logits.argmax(-1)
 

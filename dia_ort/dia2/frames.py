@@ -12,7 +12,8 @@ whole script would give, at the same frames.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +21,7 @@ import onnxruntime as ort
 from dia_ort.dia2.prefix import PrefixPlan
 from dia_ort.dia2.sampling import Draw, SamplingConfig, guide, mask_ids, sample
 from dia_ort.dia2.script import ScriptReader
+from dia_ort.dia2.stage_weights import StageWeights
 from dia_ort.dia2.state_machine import StateMachine, TokenIds
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.engine import bind_caches, grown_capacity
@@ -29,13 +31,22 @@ MAX_PADDING = 6  # the reference's state machine: pads a word may wait before a 
 PREFILL_FRAMES = 64  # prefix frames per backbone call
 
 
+@dataclass(frozen=True)
+class DecoderGraphs:
+    """What a frame runs: the backbone step, the depformer stage and each stage's kernels."""
+
+    backbone: ort.InferenceSession
+    depformer: ort.InferenceSession
+    stage_weights: StageWeights
+
+
 class FrameLoop:
     """One generation: `step()` runs the next frame until it returns False."""
 
     def __init__(
         self,
         config: Dia2Config,
-        sessions: tuple[ort.InferenceSession, ort.InferenceSession],
+        graphs: DecoderGraphs,
         ids: TokenIds,
         reader: ScriptReader,
         pieces: Iterator[str],
@@ -57,8 +68,9 @@ class FrameLoop:
         self.frame = np.full((2, c.channels), ids.pad, np.int64)
         self.frame[0, 0], self.frame[1, 0] = ids.bos, ids.zero
         d, p = c.decoder, c.depformer
-        self.backbone = _Caches(sessions[0], d.layers, (2, d.kv_heads, 0, d.head_dim))
-        self.stages = _Caches(sessions[1], p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
+        self.backbone = _Caches(graphs.backbone, d.layers, (2, d.kv_heads, 0, d.head_dim))
+        self.stages = _Caches(graphs.depformer, p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
+        self.stage_weights = graphs.stage_weights
         self.start = max(frames - 1, 0)  # the reference feeds the prefix's last frame again, a slot later
         self.shift = 1 if frames else 0
         self.t, self.end, self.last = self.start, None, self.start - 1
@@ -99,7 +111,7 @@ class FrameLoop:
         text = {"text": np.array([[main, second]] * 2)} if c.depformer_text_embedding else {}
         for s in range(c.depth):
             feeds = {"stage": np.array([s]), "previous": np.array([code, code]), "hidden": hidden} | text
-            (logits,) = self.stages.run(feeds, ("logits",))
+            (logits,) = self.stages.run(feeds, ("logits",), self.stage_weights[s])
             self.codes[s + 1, t + 1] = code = sample(self._guide(logits), self.audio_sampling, self.draw)
         self.last, self.t = t, t + 1
         if self.end is None and self.state.end_step is not None:
@@ -179,10 +191,17 @@ class _Caches:
             grown.append(bigger)
         self._hold(grown)
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+    def run(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: tuple[str, ...],
+        bound: Mapping[str, ort.OrtValue] | None = None,
+    ) -> list[np.ndarray]:
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=value.dtype))
+        for name, value in (bound or {}).items():
+            binding.bind_ortvalue_input(name, value)
         for name in outputs:  # first: the outputs come back in the order they are bound
             binding.bind_output(name)
         bind_caches(binding, self.values, self.layers)

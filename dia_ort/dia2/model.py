@@ -20,10 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from dia_ort.audio import load_audio
-from dia_ort.dia2.frames import FrameLoop
+from dia_ort.dia2.frames import DecoderGraphs, FrameLoop
 from dia_ort.dia2.prefix import PrefixConfig, PrefixPlan, build_plan
 from dia_ort.dia2.sampling import Draw, SamplingConfig, random_draw
 from dia_ort.dia2.script import ScriptReader
+from dia_ort.dia2.stage_weights import StageWeights
 from dia_ort.dia2.state_machine import TokenIds
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.engine import Device, open_sessions
@@ -132,10 +133,17 @@ class Dia2:
         self.sample_rate = self.manifest.codec_config.sample_rate
         self.frame_rate = self.sample_rate / self.manifest.codec_config.hop_length
         graphs = self.manifest.variants["float32"]
-        paths = [graphs["backbone_step"].file.path, graphs["depformer_stage"].file.path]
+        stage = graphs["depformer_stage"]
+        if stage.bound is None:
+            raise ValueError(
+                f"{self.folder} was exported by an older dia-ort (its depformer stage has no kernels file); "
+                "re-export it with `python -m export`"
+            )
+        paths = [graphs["backbone_step"].file.path, stage.file.path]
         paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
         sessions = open_sessions([self.folder / p for p in paths], self.device)
         self.backbone, self.depformer, self.mimi, self.mimi_encoder = sessions
+        self.stage_weights = StageWeights(self.folder / stage.bound.path, config.depth)
 
     @classmethod
     def from_pretrained(
@@ -197,8 +205,8 @@ class Dia2:
                 "the first frame (nari-labs/dia2 fails there too); give this model a prefix"
             )
         plan = self._plan(prefix) if prefix is not None else None
-        sessions = (self.backbone, self.depformer)
-        loop = FrameLoop(self.config, sessions, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
+        graphs = DecoderGraphs(self.backbone, self.depformer, self.stage_weights)
+        loop = FrameLoop(self.config, graphs, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
         return AudioStream(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
 
     def encode(self, waveform: np.ndarray) -> np.ndarray:
