@@ -196,18 +196,14 @@ def speak_dia2(args: argparse.Namespace, text: str) -> None:
     refused = [
         name for name in SPEAK_OPTIONS if getattr(args, name) is not None and name not in DIA2_SPEAK_OPTIONS
     ]
-    refused += (
-        ["voice"] * bool(args.voice)
-        + ["long_form"] * bool(args.long_form)
-        + ["dtype"] * (args.dtype != "float32")
-    )
+    refused += ["voice"] * bool(args.voice) + ["long_form"] * bool(args.long_form)
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
         raise ValueError(
-            f"{flags}: not options of Dia2 in dia-ort speak; it takes --seed, --cfg-scale, "
+            f"{flags}: not options of Dia2 in dia-ort speak; it takes --dtype, --seed, --cfg-scale, "
             "--cfg-filter-top-k and --sample-rate (Python's Dia2.generate takes the rest)"
         )
-    model = Dia2.from_pretrained(args.model, device=args.device)
+    model = Dia2.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
     overrides = {"cfg_scale": args.cfg_scale, "cfg_filter_k": args.cfg_filter_top_k}
     config = GenerationConfig(**{k: v for k, v in overrides.items() if v is not None})
     rate = args.sample_rate or model.sample_rate

@@ -1,28 +1,41 @@
 """A Dia2 checkpoint + Mimi -> an exported model folder of family "dia2": graphs verified, then the manifest.
 
 The graphs: the backbone step and the depformer stage (export/dia2_graphs.py), and Mimi's streaming
-decoder and clip encoder (export/mimi.py). Float32 only so far.
+decoder and clip encoder (export/mimi.py). Float32, and int8 (`--quantize int8`): both decoder graphs
+on ONNX Runtime's integer GEMM (export/qgemm.py) by Dia's int8 recipe, Mimi float32.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, FileEntry, GraphEntry, Manifest
 from export.dia2_checkpoint import load_checkpoint, preset_config, random_state
-from export.dia2_graphs import save_stage_weights, stage_samples, stage_spec, step_samples, step_spec
-from export.dia2_model import Dia2Model
+from export.dia2_graphs import (
+    STAGE_INPUTS,
+    save_stage_weights,
+    stage_inputs,
+    stage_samples,
+    stage_spec,
+    step_inputs,
+    step_samples,
+    step_spec,
+)
+from export.dia2_model import BackboneStepGraph, Dia2Model
 from export.dia2_tokenizer import write_tokenizer
 from export.mimi import MIMI, TINY_MIMI, MimiCodec, MimiDecodeGraph, MimiEncodeGraph, stream_names
 from export.mimi_weights import DEFAULT_MIMI, load_mimi, random_mimi
-from export.onnx_export import GraphSpec
+from export.onnx_export import GraphSpec, feeds
 from export.pipeline import (
+    QUANTIZED_TOLERANCE,
     TOLERANCE,
     checkpoint_files,
     export_verified,
@@ -30,6 +43,7 @@ from export.pipeline import (
     modes_from_umask,
     tools_record,
 )
+from export.quantize import RECIPES, quantize_graph
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +138,71 @@ def mimi_specs(codec: MimiCodec, codebooks: int) -> list[tuple[GraphSpec, list]]
     return [(decoder, decode_samples), (encoder, encode_samples)]
 
 
+DIA2_DTYPES = ("float32", "int8")
+
+
+def _calibration(model: Dia2Model) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
+    """Inputs on which the int8 graphs measure their MatMuls' activations: a prefill of 32 frames, and
+    every depformer stage on the hidden states it gives (export/qgemm.py keeps outlier channels float)."""
+    rows = min(32, model.config.max_context_steps - 2)  # batch row b starts at b % 3
+    prefill = step_inputs(model, rows=rows, start=0, cache_slots=rows + 2, seed=21, batch=4)
+    with torch.no_grad():
+        hidden = BackboneStepGraph(model)(*prefill)[0]
+    stages = []
+    for stage in range(model.config.depth):
+        sample = list(stage_inputs(model, stage, seed=stage, batch=hidden.shape[0]))
+        sample[STAGE_INPUTS.index("hidden")] = hidden
+        stages.append(tuple(sample))
+    return [prefill], stages
+
+
+def _int8_variant(
+    model: Dia2Model,
+    specs: tuple[GraphSpec, GraphSpec],
+    float32: dict[str, GraphEntry],
+    stacked: dict[str, tuple[torch.Tensor, list[int]]],
+    out: Path,
+) -> tuple[dict[str, GraphEntry], dict[str, float]]:
+    """Both decoder graphs on QGEMM, each verified against its torch module; the stage's kernels are
+    quantized as the runtime binds them (one row per weight group), the output heads kept float32."""
+    recipe, tolerance = RECIPES["int8"], QUANTIZED_TOLERANCE[8]
+    step, stage = specs
+    step_calibration, stage_calibration = _calibration(model)
+    graphs, errors = {}, {}
+    name = "backbone_step.int8"
+    calibration = [feeds(step.inputs, sample) for sample in step_calibration]
+    make = partial(quantize_graph, out / float32["backbone_step"].file.path, out, name, recipe, calibration)
+    graphs["backbone_step"], errors[name] = export_verified(
+        replace(step, name=name), step_samples(model), out, tolerance, make
+    )
+    name = "depformer_stage.int8"
+    kernels = {kernel: weights.numpy() for kernel, (weights, _) in stacked.items()}
+    calibration = [feeds(stage.inputs, sample) for sample in stage_calibration]
+    make = partial(
+        quantize_graph, out / float32["depformer_stage"].file.path, out, name, recipe, calibration, kernels
+    )
+
+    def rows(tensor: str) -> list[int]:
+        return stacked[tensor.split(".")[0]][1]  # a kernel's scales and outlier rows go with it
+
+    def bound(sample: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        at = int(sample[STAGE_INPUTS.index("stage")][0])
+        return {tensor: values[rows(tensor)[at]] for tensor, values in kernels.items()}
+
+    entry, errors[name] = export_verified(
+        replace(stage, name=name), stage_samples(model), out, tolerance, make, bound
+    )
+    graphs["depformer_stage"] = replace(
+        entry, bound=save_stage_weights(kernels, {t: rows(t) for t in kernels}, out, name)
+    )
+    return graphs, errors
+
+
 def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] = ("float32",)) -> Manifest:
-    """Write and verify Dia2's graphs and Mimi's into `out`, then the manifest (family "dia2")."""
-    if set(dtypes) != {"float32"}:
-        raise ValueError(f"Dia2 exports float32 only so far; asked for {list(dtypes)}")
+    """Write and verify Dia2's graphs and Mimi's into `out`, then the manifest (family "dia2"). int8 is
+    made from the float32 graphs, which are written too."""
+    if not set(dtypes) <= set(DIA2_DTYPES):
+        raise ValueError(f"Dia2 exports {list(DIA2_DTYPES)} so far; asked for {list(dtypes)}")
     config, codec = sources.config, sources.codec
     if (codec.arch.codebook_size, codec.arch.num_quantizers) < (config.audio_vocab_limit, config.codebooks):
         raise ValueError(
@@ -151,6 +226,10 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
     graphs["depformer_stage"] = replace(
         graphs["depformer_stage"], bound=save_stage_weights(kernels, rows, out, stage.name)
     )
+    variants = {"float32": graphs}
+    if "int8" in dtypes:
+        variants["int8"], int8_errors = _int8_variant(model, (step, stage), graphs, stacked, out)
+        errors |= int8_errors
     mimi = {}
     for spec, samples in mimi_specs(codec, config.codebooks):
         mimi[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
@@ -164,11 +243,11 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
         family="dia2",
         assets=assets,
         model=config,
-        variants={"float32": graphs},
+        variants=variants,
         codec=mimi,
         codec_config=CodecConfig(arch.sampling_rate, arch.hop_length, config.codebooks, arch.codebook_size),
         source=sources.provenance,
-        tools=tools_record(errors, {}),
+        tools=tools_record(errors, {"int8": asdict(RECIPES["int8"])} if "int8" in dtypes else {}),
     )
     manifest.save(out)
     modes_from_umask(out, [*(entry.path for entry in manifest.files()), MANIFEST_NAME])

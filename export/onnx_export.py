@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,8 +197,10 @@ def verify_graph(
     samples: Sequence[tuple[torch.Tensor, ...]],
     input_names: Sequence[str],
     tolerance: float,
+    bound: Callable[[tuple[torch.Tensor, ...]], dict[str, np.ndarray]] | None = None,
 ) -> float:
     """Run the graph in ONNX Runtime and the module in torch on each sample; return the worst error.
+    `bound`: a sample -> the feeds the runtime binds in its place (quantized kernels), where they differ.
 
     The error of a float output is max|ort - torch| / max(1, max|torch|); integer outputs must be
     equal. Raises `RuntimeError` past `tolerance`. A bfloat16 graph runs widened (`widen_bfloat16`).
@@ -209,7 +211,7 @@ def verify_graph(
         with torch.no_grad():
             expected = module(*sample)
         expected = expected if isinstance(expected, tuple) else (expected,)
-        got = session.run(None, feeds(input_names, sample))
+        got = session.run(None, feeds(input_names, sample) | (bound(sample) if bound else {}))
         for name, want, have in zip((o.name for o in session.get_outputs()), expected, got, strict=True):
             want = _numpy(want)
             if np.issubdtype(want.dtype, np.integer):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -115,11 +116,13 @@ def export_verified(
     folder: Path,
     tolerance: float,
     make: Callable[[], GraphEntry] | None = None,
+    bound: Callable[[tuple[torch.Tensor, ...]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[GraphEntry, float]:
-    """Write the graph for `spec` (by `make`, else by exporting it) and verify it against torch."""
+    """Write the graph for `spec` (by `make`, else by exporting it) and verify it against torch
+    (`verify_graph`'s `bound`: the feeds bound in place of a sample's, once `make` has run)."""
     began = time.perf_counter()
     entry = make() if make else export_graph(spec, folder)
-    error = verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance)
+    error = verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance, bound)
     log.info(
         "exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error
     )

@@ -97,10 +97,12 @@ def outlier_channels(activation_max: np.ndarray) -> np.ndarray:
 
 
 def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A float `[K, N]` weight -> uint8 `[K, N]` around 128 (-127..127) and its float32 scale per column."""
-    scale = np.abs(weight).max(axis=0) / LEVELS
+    """A float `[..., K, N]` weight -> uint8 `[..., K, N]` around 128 (-127..127) and its float32 scale
+    per column `[..., N]`."""
+    scale = np.abs(weight).max(axis=-2) / LEVELS
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return (np.clip(np.rint(weight / scale), -LEVELS, LEVELS) + ZERO_POINT).astype(np.uint8), scale
+    q = np.clip(np.rint(weight / scale[..., None, :]), -LEVELS, LEVELS) + ZERO_POINT
+    return q.astype(np.uint8), scale
 
 
 def _node(op: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
@@ -145,22 +147,29 @@ def _quantize_rows(x: str, prefix: str, outliers: np.ndarray, size: int, two_pas
 
 
 def _integer_matmul(
-    node: onnx.NodeProto, weight: np.ndarray, prefix: str, outliers: np.ndarray, two_pass: bool
-) -> tuple[list, list]:
-    """The nodes and constants that stand for MatMul `node` of `weight`, reading `_quantize_rows`' outputs."""
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    prefix: str,
+    outliers: np.ndarray,
+    two_pass: bool,
+    names: tuple[str, str, str],
+) -> tuple[list, dict[str, np.ndarray]]:
+    """The nodes that stand for MatMul `node` of `weight` (`[K, N]`, or stacked `[R, K, N]` for a weight
+    the runtime binds), reading `_quantize_rows`' outputs, and the tensors they read by `names`: the
+    uint8 weight, its column scale and its outlier rows."""
     name = f"{node.name}.qgemm"
+    weight_name, scale_name, outlier_name = names
     inliers = weight.copy()
-    inliers[outliers] = 0.0  # their channels of x are zeroed: their rows must not set a column's scale
+    inliers[..., outliers, :] = (
+        0.0  # their channels of x are zeroed: their rows must not set a column's scale
+    )
     q, scale = quantize_columns(inliers)
-    constants = [
-        numpy_helper.from_array(q, f"{name}.weight"),
-        numpy_helper.from_array(scale / LEVELS, f"{name}.weight_scale"),
-    ]
+    tensors = {weight_name: q, scale_name: scale / LEVELS}
     sums = f"{name}.float"
     nodes = [
         _node(
             "MatMulInteger",
-            [f"{prefix}.q", f"{name}.weight", "qgemm.zero_point", "qgemm.zero_point"],
+            [f"{prefix}.q", weight_name, "qgemm.zero_point", "qgemm.zero_point"],
             f"{name}.sums",
         ),
         _node("Cast", [f"{name}.sums"], sums, to=TensorProto.FLOAT),
@@ -182,15 +191,24 @@ def _integer_matmul(
     result = f"{name}.inliers" if len(outliers) else node.output[0]
     nodes += [
         _node("Mul", [sums, f"{prefix}.scale"], f"{name}.row"),
-        _node("Mul", [f"{name}.row", f"{name}.weight_scale"], result),
+        _node("Mul", [f"{name}.row", scale_name], result),
     ]
     if len(outliers):
-        constants.append(numpy_helper.from_array(weight[outliers], f"{name}.outlier_weight"))
+        tensors[outlier_name] = np.take(weight, outliers, axis=-2)
         nodes += [
-            _node("MatMul", [f"{prefix}.outlier_x", f"{name}.outlier_weight"], f"{name}.outliers"),
+            _node("MatMul", [f"{prefix}.outlier_x", outlier_name], f"{name}.outliers"),
             helper.make_node("Add", [result, f"{name}.outliers"], list(node.output), name=f"{name}.sum"),
         ]
-    return nodes, constants
+    return nodes, tensors
+
+
+def _bound_inputs(graph: onnx.GraphProto, name: str, tensors: dict[str, np.ndarray]) -> None:
+    """Graph input `name` replaced by inputs for `tensors` (stacked: each input is one row of them)."""
+    at = next(i for i, value in enumerate(graph.input) if value.name == name)
+    del graph.input[at]
+    for offset, (tensor, stacked) in enumerate(tensors.items()):
+        value_type = helper.np_dtype_to_tensor_dtype(stacked.dtype)
+        graph.input.insert(at + offset, helper.make_tensor_value_info(tensor, value_type, stacked.shape[1:]))
 
 
 def rewrite(
@@ -198,10 +216,17 @@ def rewrite(
     nodes: Sequence[str],
     activation_max: Mapping[str, np.ndarray],
     two_pass: Collection[str] = (),
+    bound: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """`model` (weights loaded) with the MatMuls named in `nodes` on QGEMM, their outlier channels
     found in `activation_max` (input tensor -> per-channel max |x|, from `channel_maxima`). MatMuls
-    reading one tensor share its quantization: all quantize it twice when one is in `two_pass`. In place."""
+    reading one tensor share its quantization: all quantize it twice when one is in `two_pass`. In place.
+
+    A MatMul whose weight is a graph input that the runtime binds reads it from `bound` (input name ->
+    its kernels stacked `[R x K x N]`), which is rewritten in place too: the input's entry becomes its
+    uint8 kernels, and its column scales `{name}.scale` (and outlier rows `{name}.outliers`) join it,
+    each a graph input of its own."""
+    bound = {} if bound is None else bound
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     constants = [
@@ -224,12 +249,24 @@ def rewrite(
         replaced[group[0].name], added = _quantize_rows(x, prefix, outliers, len(activation_max[x]), twice)
         constants += added
         for node in group:
-            removed.add(node.input[1])
-            weight = numpy_helper.to_array(weights[node.input[1]])
-            weights[node.input[1]].ClearField("raw_data")  # the float bytes go as their quantized ones come
-            stand_in, added = _integer_matmul(node, weight, prefix, outliers, twice)
+            kernel = node.input[1]
+            if kernel in bound:
+                names = (kernel, f"{kernel}.scale", f"{kernel}.outliers")
+                stand_in, tensors = _integer_matmul(node, bound.pop(kernel), prefix, outliers, twice, names)
+                _bound_inputs(graph, kernel, tensors)
+                bound.update(tensors)
+            else:
+                removed.add(kernel)
+                weight = numpy_helper.to_array(weights[kernel])
+                weights[kernel].ClearField("raw_data")  # the float bytes go as their quantized ones come
+                names = (
+                    f"{node.name}.qgemm.weight",
+                    f"{node.name}.qgemm.weight_scale",
+                    f"{node.name}.qgemm.outlier_weight",
+                )
+                stand_in, tensors = _integer_matmul(node, weight, prefix, outliers, twice, names)
+                constants += [numpy_helper.from_array(t, n) for n, t in tensors.items()]
             replaced.setdefault(node.name, []).extend(stand_in)
-            constants += added
     kept = [t for t in graph.initializer if t.name not in removed]
     del graph.initializer[:]
     graph.initializer.extend([*kept, *constants])

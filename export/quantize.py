@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,15 +44,19 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations: the CPU kernel's fast path
 
-# The MatMul kinds of a decoder step, told apart by their weight's name (export/dia_model.py).
+# The MatMul kinds of a decoder step, told apart by their weight's name: Dia's (export/dia_model.py),
+# and Dia2's backbone step and depformer stage (export/dia2_model.py), whose per-stage kernels are
+# graph inputs the runtime binds.
 KIND_PATTERNS = {
-    "qkv": r"self_attention\.\d+\.qkv$",
-    "o": r"self_attention\.\d+\.o$",
+    "qkv": r"self_attention\.\d+\.qkv$|^in_proj_\d+$",
+    "o": r"self_attention\.\d+\.o$|^out_proj_\d+$",
     "cross_q": r"cross_attention\.q_proj\.weight$",
     "cross_o": r"cross_attention\.o_proj\.weight$",
-    "gate_up": r"mlp\.gate_up_proj\.weight$",
-    "down": r"mlp\.down_proj\.weight$",
-    "head": r"logits_dense\.weight$",
+    "gate_up": r"mlp\.(gate_up_proj|wi)\.weight$",
+    "down": r"mlp\.(down_proj|wo)\.weight$",
+    "head": r"(logits_dense|action_head|cb0_head)\.weight$|^logits_head$",
+    "text_in": r"text_embed\.(main|second)_proj\.weight$",  # Dia2's text embeddings into the stream
+    "stage_in": r"^depformer_in$",  # Dia2: the backbone's hidden state into a depformer stage
 }
 
 
@@ -138,9 +142,10 @@ RECIPES = {  # the quantized variants `python -m export --quantize` writes
 }
 
 
-def matmul_weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int | None]]:
-    """Each MatMul with a constant weight: node name -> (kind, layer index or None)."""
-    weights = {t.name for t in graph.initializer}
+def matmul_weights(graph: onnx.GraphProto, bound: Collection[str] = ()) -> dict[str, tuple[str, int | None]]:
+    """Each MatMul with a constant weight, or one of the `bound` inputs: node name -> (kind, layer
+    index or None)."""
+    weights = {t.name for t in graph.initializer} | set(bound)
     found = {}
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in weights:
@@ -149,8 +154,8 @@ def matmul_weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int | None]]:
         kind = next((k for k, pattern in KIND_PATTERNS.items() if re.search(pattern, name)), None)
         if kind is None:
             raise ValueError(f"MatMul {node.name} has a weight {name!r} of no known kind")
-        layer = re.search(r"\.(\d+)\.", name)
-        found[node.name] = (kind, int(layer.group(1)) if layer else None)
+        layer = re.search(r"\.(\d+)\.|_(\d+)$", name)
+        found[node.name] = (kind, int(layer.group(1) or layer.group(2)) if layer else None)
     return found
 
 
@@ -178,15 +183,21 @@ def quantize_graph(
     name: str,
     recipe: Recipe,
     calibration: Sequence[Mapping[str, np.ndarray]] = (),
+    bound: dict[str, np.ndarray] | None = None,
 ) -> GraphEntry:
     """Quantize the float32 graph `src_onnx` by `recipe` to `dst_folder/<name>.onnx` (+ `.onnx.data`).
 
     MatMulNBits: one pass of ONNX Runtime's quantizer per bit width, each on the MatMuls the recipe
     gives it. QGEMM (export/qgemm.py): the MatMuls' inputs are measured on `calibration`, feeds of the
-    float32 graph, to smooth their outliers into the weights.
+    float32 graph, to keep their outlier channels in float. `bound`: the stacked kernels of weight
+    inputs the runtime binds (Dia2's depformer stage), quantized in place (`qgemm.rewrite`).
     """
+    if bound and recipe.kernel != "qgemm":
+        raise ValueError(
+            "weights bound at run time are quantized on QGEMM only (MatMulNBits needs constants)"
+        )
     structure = onnx.load(str(src_onnx), load_external_data=False)
-    weights = matmul_weights(structure.graph)
+    weights = matmul_weights(structure.graph, bound or ())
     layers = 1 + max((layer for _, layer in weights.values() if layer is not None), default=0)
     bits_of = {n: recipe.bits_of(kind, layer, layers) for n, (kind, layer) in weights.items()}
     if recipe.kernel == "qgemm":
@@ -194,7 +205,7 @@ def quantize_graph(
         two_pass = {n for n in nodes if _names(recipe.two_pass, *weights[n], layers)}
         inputs = sorted({node.input[0] for node in structure.graph.node if node.name in nodes})
         maxima = qgemm.channel_maxima(src_onnx, inputs, calibration)
-        model = qgemm.rewrite(onnx.load(str(src_onnx)), nodes, maxima, two_pass)
+        model = qgemm.rewrite(onnx.load(str(src_onnx)), nodes, maxima, two_pass, bound)
     else:
         model = onnx.load(str(src_onnx))
         nbits = nbits_quantizer()

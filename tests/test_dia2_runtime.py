@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from reference import dia2_reference
@@ -24,12 +25,18 @@ from reference import dia2_reference
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
 from dia_ort.dia2.script import parse_script
+from dia_ort.dia2.stage_weights import StageWeights
 from dia_ort.dia2.state_machine import Entry, StateMachine, TokenIds
 from dia_ort.dia2_config import Dia2Config
+from dia_ort.manifest import Manifest
 from export.dia2_checkpoint import PRESETS, random_state, write_checkpoint
+from export.dia2_graphs import stage_inputs, stage_spec
+from export.dia2_model import Dia2Model
 from export.dia2_pipeline import Dia2Sources, dia2_random_sources, export_dia2
 from export.dia2_tokenizer import write_tokenizer
 from export.mimi_weights import save_mimi
+from export.onnx_export import verify_graph
+from export.pipeline import QUANTIZED_TOLERANCE
 
 GOLDEN = Path(__file__).parent / "data" / "dia2_reference.json"
 IDS = TokenIds(new_word=4, pad=3, bos=1, zero=7, spk1=5, spk2=6)
@@ -106,7 +113,7 @@ def dia2_case(request, tmp_path_factory) -> tuple[str, Path, Dia2Sources]:
     """An exported folder and, beside it, the same weights as a published checkpoint and Mimi folder."""
     root = tmp_path_factory.mktemp(f"dia2-{request.param}")
     sources = SHAPES[request.param]()
-    export_dia2(sources, root / "exported")
+    export_dia2(sources, root / "exported", ("float32", "int8"))
     checkpoint = write_checkpoint(root / "checkpoint", sources.config, sources.state)
     write_tokenizer(checkpoint, sources.config)
     save_mimi(sources.codec, root / "mimi")
@@ -289,8 +296,9 @@ def record_reference(roots: dict[str, Path]) -> None:
 # -- streaming -----------------------------------------------------------------------------------
 
 
-def test_a_stream_is_generate_chunk_by_chunk(dia2_case):
-    model = Dia2(dia2_case[1] / "exported")
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_stream_is_generate_chunk_by_chunk(dia2_case, dtype):
+    model = Dia2(dia2_case[1] / "exported", compute_dtype=dtype)
     plain = model.generate(SCRIPT, seed=5)
     stream = model.stream(SCRIPT, seed=5, chunk_frames=3)
     chunks = list(stream)
@@ -330,6 +338,51 @@ def test_audio_comes_before_the_text_has_all_arrived(dia2_case):
     at_first_audio = len(read)
     assert at_first_audio < len(words) / 4
     assert list(stream) and len(read) > at_first_audio  # the rest was read while audio came out
+
+
+# -- int8 ----------------------------------------------------------------------------------------
+
+
+def test_the_int8_stage_on_the_kernels_the_runtime_binds_follows_torch(dia2_case):
+    """The int8 depformer stage runs every kernel but the output head on QGEMM, and with the kernels
+    the runtime loads for each stage (StageWeights) it computes what the float32 torch stage computes,
+    within the export's int8 tolerance."""
+    _, root, sources = dia2_case
+    folder = root / "exported"
+    entry = Manifest.load(folder).variants["int8"]["depformer_stage"]
+    graph = onnx.load(str(folder / entry.file.path), load_external_data=False)
+    bound = {i.name for i in graph.graph.input}
+    weighted = {n.op_type: 0 for n in graph.graph.node}
+    for node in graph.graph.node:
+        if node.op_type in ("MatMul", "MatMulInteger") and node.input[1] in bound:
+            weighted[node.op_type] += 1
+            assert (node.op_type == "MatMul") == (node.input[1] == "logits_head")
+    assert weighted["MatMulInteger"] == 1 + 2 * sources.config.depformer.layers
+    model = Dia2Model.from_state(sources.config, sources.state)
+    spec = stage_spec(model, "stage")
+    kernels = StageWeights(folder / entry.bound.path, sources.config.depth)
+
+    def kernels_of(sample: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in kernels[int(sample[0][0])].items()}
+
+    samples = [stage_inputs(model, stage, seed=stage) for stage in range(sources.config.depth)]
+    tolerance = QUANTIZED_TOLERANCE[8]
+    assert (
+        verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance, kernels_of) > 0
+    )
+
+
+def test_a_variant_or_kernels_file_missing_is_named(dia2_case, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(dia2_case[1] / "exported", folder)
+    with pytest.raises(ValueError, match=r"has \['float32', 'int8'\].*--quantize int8"):
+        Dia2(folder, compute_dtype="int4")
+    manifest = json.loads((folder / "dia_ort.json").read_text())
+    del manifest["variants"]["float32"]["depformer_stage"]["bound"]
+    (folder / "dia_ort.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="older dia-ort.*re-export"):
+        Dia2(folder)
+    Dia2(folder, compute_dtype="int8")  # the other variant is whole
 
 
 # -- bad input -----------------------------------------------------------------------------------

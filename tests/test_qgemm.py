@@ -123,6 +123,32 @@ def test_outlier_channels_are_found_and_kept_in_float():
     np.testing.assert_allclose(run(model, x), want + x[:, [7, 40]] @ weight[[7, 40]], rtol=1e-5, atol=1e-4)
 
 
+def test_a_bound_weight_computes_what_its_row_computes_as_a_constant():
+    """A MatMul whose weight is a graph input (Dia2's per-stage kernels): its stacked kernels are
+    quantized per row as a constant weight is, outliers included, and each row bound gives exactly
+    the constant graph's result."""
+    rng = np.random.default_rng(5)
+    stacked = rng.standard_normal((3, 64, 24)).astype(np.float32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[:, 9] *= 40.0
+    maxima = {"x": np.abs(x).max(axis=0)}
+    graph = one_matmul(stacked[0]).graph
+    del graph.initializer[:]
+    graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 24]))
+    bound = {"w": stacked}
+    model = qgemm.rewrite(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ["matmul"], maxima, (), bound
+    )
+    assert sorted(bound) == ["w", "w.outliers", "w.scale"] and bound["w"].dtype == np.uint8
+    assert [i.name for i in model.graph.input] == ["x", "w", "w.scale", "w.outliers"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for row in range(3):
+        got = session.run(None, {"x": x} | {name: values[row] for name, values in bound.items()})[0]
+        np.testing.assert_array_equal(
+            got, run(qgemm.rewrite(one_matmul(stacked[row]), ["matmul"], maxima), x)
+        )
+
+
 def test_every_step_matmul_but_the_head_runs_on_qgemm(int8_folder):
     float32 = onnx.load(str(int8_folder / "decoder_step.float32.onnx"), load_external_data=False)
     kinds = matmul_weights(float32.graph)

@@ -118,13 +118,25 @@ class Dia2:
     """Dia2 text-to-dialogue on ONNX Runtime: a folder exported by `python -m export` (family dia2)."""
 
     def __init__(
-        self, folder: str | os.PathLike, device: object | None = None, threads: int | None = None
+        self,
+        folder: str | os.PathLike,
+        device: object | None = None,
+        threads: int | None = None,
+        compute_dtype: str = "float32",
     ) -> None:
+        """`compute_dtype`: the exported variant to run, "float32" or "int8" (`python -m export --quantize
+        int8`: both decoder graphs on ONNX Runtime's integer GEMM, the fast one on a CPU)."""
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
         if self.manifest.family != "dia2":
             raise ValueError(f"{self.folder} holds a {self.manifest.family} model; open it with dia_ort.Dia")
-        self.manifest.check_files(self.folder, "float32")
+        if compute_dtype not in self.manifest.variants:
+            raise ValueError(
+                f"compute_dtype={compute_dtype!r}: this Dia2 folder has {sorted(self.manifest.variants)}; "
+                f"export another with `python -m export --quantize int8 ...`"
+            )
+        self.compute_dtype = compute_dtype
+        self.manifest.check_files(self.folder, compute_dtype)
         config = self.manifest.model
         assert isinstance(config, Dia2Config)
         self.config = config
@@ -132,7 +144,7 @@ class Dia2:
         self.tokenizer = Tokenizer(self.folder, config)
         self.sample_rate = self.manifest.codec_config.sample_rate
         self.frame_rate = self.sample_rate / self.manifest.codec_config.hop_length
-        graphs = self.manifest.variants["float32"]
+        graphs = self.manifest.variants[compute_dtype]
         stage = graphs["depformer_stage"]
         if stage.bound is None:
             raise ValueError(
@@ -153,9 +165,12 @@ class Dia2:
         cache_dir: str | os.PathLike | None = None,
         device: object | None = None,
         threads: int | None = None,
+        compute_dtype: str = "float32",
     ) -> Dia2:
-        """An exported folder, or a Hub repo holding one (downloaded with huggingface_hub)."""
-        return cls(resolve_model_folder(model_id, revision, cache_dir, "float32"), device, threads)
+        """An exported folder, or a Hub repo holding one (downloaded with huggingface_hub); a checkpoint
+        is exported on first use with `compute_dtype`'s variant."""
+        folder = resolve_model_folder(model_id, revision, cache_dir, compute_dtype)
+        return cls(folder, device, threads, compute_dtype)
 
     def generate(
         self,
