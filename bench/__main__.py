@@ -1,8 +1,9 @@
-"""`python -m bench`: dia-ort against transformers' Dia on the same random weights, per model size.
+"""`python -m bench`: dia-ort against transformers' Dia on the same random weights, per model size,
+and Dia2's shapes beside it (`--dia2`).
 
 Each measurement runs in a child process: the export, the runtime (one per variant, with torch
-blocked), the reference (torch), the quantization accuracy and the DAC codec. This process only
-orchestrates and writes the report.
+blocked), the reference (torch), the quantization accuracy, the DAC codec and each Dia2 variant
+(bench/dia2_speed.py). This process only orchestrates and writes the report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bench.exports import QUANTIZED, ensure_export
 from bench.machine import describe, physical_cores
 from bench.measure import TEXT, EngineResult
 from bench.process import REPO, run_child
-from bench.report import SizeResult, accuracy_table, dac_table, kept_sections, render
+from bench.report import SizeResult, accuracy_table, dac_table, dia2_table, kept_sections, render
 from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes, text_kv_bytes
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
@@ -33,6 +34,8 @@ STREAM_FRAMES = {"tiny": 200, "mid": 258, "full": 258}  # frames of the streamin
 PROMPT_SECONDS = {"tiny": 0.3, "mid": 10.0, "full": 10.0}  # its voice prompt (the tiny window holds 0.4 s)
 ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
 DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
+DIA2_PRESETS = ("dia2-tiny", "dia2-bench", "dia2-conversion-default")  # export/dia2_checkpoint.py
+DIA2_VARIANTS = ("float32", "int8")
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 
@@ -63,14 +66,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--stream-frames", type=int, help="frames of the streaming run (default: tiny 200, mid and full 258)"
     )
+    parser.add_argument(
+        "--dia2",
+        nargs="*",
+        choices=DIA2_PRESETS,
+        default=["dia2-bench"],
+        help="Dia2 shapes measured beside Dia, float32 and int8 (none: skip Dia2)",
+    )
     parser.add_argument("--re-export", action="store_true", help="export even where a finished folder exists")
+    parser.add_argument(
+        "--models", type=Path, default=REPO / "models", help="where the bench-SIZE folders are kept"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")
     parser.add_argument("--threads", type=int, default=physical_cores(), help="threads of every engine")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of the reference)")
     parser.add_argument(
         "--model-folder",
         type=Path,
-        help="use this exported folder (one size only) instead of models/bench-SIZE",
+        help="use this exported folder (one size only) instead of MODELS/bench-SIZE",
     )
     args = parser.parse_args(argv)
     if args.model_folder and len(args.sizes) != 1:
@@ -82,7 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def bench_size(size: str, args: argparse.Namespace, bandwidth: float) -> SizeResult:
     """Export (or reuse) the `size` model, then measure each variant, the reference, the extras."""
-    folder = (args.model_folder or REPO / "models" / f"bench-{size}").resolve()
+    folder = (args.model_folder or args.models / f"bench-{size}").resolve()
     wanted = tuple(args.variants or DEVICE_VARIANTS[args.device])
     manifest, export = ensure_export(size, folder, args.seed, wanted, args.re_export)
     result = SizeResult(size=size, folder=folder, export=export)
@@ -195,6 +208,18 @@ def dac_section(folder: Path, seed: int, device: str) -> str:
     return dac_table(json.loads(run_child(argv, "DAC speed", json_out=False).stdout))
 
 
+def dia2_section(preset: str, args: argparse.Namespace) -> str:
+    """A Dia2 shape's frame against its floor, realtime factor and first audio, per variant."""
+    folder = (args.models / f"bench-{preset}").resolve()
+    _, export = ensure_export(preset, folder, args.seed, DIA2_VARIANTS, args.re_export)
+    rows = []
+    for variant in DIA2_VARIANTS:
+        argv = ["-m", "bench.torch_free", "bench.dia2_speed", str(folder), "--dtype", variant]
+        argv += ["--threads", str(args.threads)]
+        rows.append(run_child(argv, f"Dia2 {preset} {variant}").result)
+    return dia2_table(preset, export, rows)
+
+
 def weights_seed(folder: Path, default: int) -> int:
     """The seed of the folder's random weights: as a `--random-init` export records it, else `default`."""
     return int(Manifest.load(folder).source.get("seed", default))
@@ -211,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_dac
         else dac_section(first, weights_seed(first, args.seed), args.device)
     )
+    dia2 = [dia2_section(preset, args) for preset in args.dia2]
     kept = kept_sections(args.results)  # e.g. python -m bench.serve's table
-    markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [dac, *kept])
+    markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [*dia2, dac, *kept])
     print(markdown)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(markdown)

@@ -5,8 +5,8 @@ then Mimi decodes the frame. Reported (2 CFG rows, medians over `--repeats` call
 - the backbone step at frame `--position`, one depformer stage, Mimi's decode per frame;
 - the frame: backbone + every stage + decode, as real-time factor (audio seconds per wall second);
 - the floor: the bytes a frame must read (the backbone's weights and caches, each stage's weights:
-  its group's attention and input kernels, the shared MLP, its output head), at the read bandwidth
-  measured in the same run; the frame's time over it;
+  its group's attention and input kernels, the shared MLP, its output head), in the variant's
+  precision (`--dtype`), at the read bandwidth measured in the same run; the frame's time over it;
 - from `generate`: time to first audio (`stream` until its first chunk) and the wall time per frame.
 Run it as `python -m bench.torch_free bench.dia2_speed FOLDER` to keep torch out of the process.
 """
@@ -30,17 +30,13 @@ from dia_ort.manifest import cache_names
 SCRIPT = "[S1] " + " ".join(["the model speaks while the text arrives and the audio comes out"] * 8)
 
 
-def stage_weight_bytes(model: Dia2) -> int:
-    """Bytes of float32 weights one depformer stage reads: its group's input and attention kernels, the
-    layers' MLPs and norms, and its codebook's output head."""
-    c = model.config
-    p = c.depformer
-    width = p.heads * p.head_dim
-    layer = (
-        p.hidden * 3 * width + width * p.hidden + p.hidden * 2 * p.intermediate + p.intermediate * p.hidden
-    )
-    layer += 2 * p.hidden + 2 * p.head_dim  # norms
-    return 4 * (c.decoder.hidden * p.hidden + p.layers * layer + p.hidden * c.audio_vocab_limit + p.hidden)
+def stage_weight_bytes(model: Dia2, stage: int) -> int:
+    """Bytes one depformer stage reads: the stage graph's constants in full (the shared MLP, norms, the
+    text projections, which every stage computes though only the first keeps them), and the kernels
+    bound for `stage` (its group's input and attention kernels, its codebook's head)."""
+    graph = model.folder / model.manifest.variants[model.compute_dtype]["depformer_stage"].file.path
+    bound = sum(value.numpy().nbytes for value in model.stage_weights[stage].values())
+    return step_weight_bytes(graph) + bound
 
 
 def _caches(session, layers: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -48,8 +44,8 @@ def _caches(session, layers: int, shape: tuple[int, ...]) -> dict[str, np.ndarra
     return {name: np.zeros(shape, np.float32) for name in names}
 
 
-def measure(folder: Path, threads: int, position: int, repeats: int) -> dict:
-    model = Dia2(folder, device="cpu", threads=threads)
+def measure(folder: Path, dtype: str, threads: int, position: int, repeats: int) -> dict:
+    model = Dia2(folder, device="cpu", threads=threads, compute_dtype=dtype)
     c, rng = model.config, np.random.default_rng(0)
     d, p = c.decoder, c.depformer
     slots = max(256, position + 1)
@@ -90,12 +86,14 @@ def measure(folder: Path, threads: int, position: int, repeats: int) -> dict:
     frames = stream.loop.t
 
     bandwidth = read_bandwidth(threads)
-    graph = folder / model.manifest.variants["float32"]["backbone_step"].file.path
+    graph = folder / model.manifest.variants[dtype]["backbone_step"].file.path
     kv = 2 * 2 * d.layers * d.kv_heads * d.head_dim * 4 * (position + 1)  # both rows, K and V, float32
-    floor_bytes = step_weight_bytes(graph) + kv + c.depth * stage_weight_bytes(model)
+    stages = sum(stage_weight_bytes(model, s) for s in range(c.depth))
+    floor_bytes = step_weight_bytes(graph) + kv + stages
     floor = floor_ms(floor_bytes, bandwidth)
     return {
         "folder": str(folder),
+        "dtype": dtype,
         "shape": {"backbone": [d.layers, d.hidden], "depformer": [p.layers, p.hidden], "stages": c.depth},
         "backbone_ms": backbone_ms,
         "stage_ms": stage_ms,
@@ -115,12 +113,13 @@ def measure(folder: Path, threads: int, position: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dia2_speed", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="an exported Dia2 folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "int8"], help="the variant to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--position", type=int, default=20, help="the frame the backbone step is timed at")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
     args = parser.parse_args(argv)
-    result = measure(args.folder, args.threads, args.position, args.repeats)
+    result = measure(args.folder, args.dtype, args.threads, args.position, args.repeats)
     machine = describe(args.threads, "cpu")
     result["machine"] = {"cpu": machine.cpu, "date": machine.date, "threads": args.threads}
     text = json.dumps(result, indent=2)

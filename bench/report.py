@@ -312,3 +312,39 @@ def dac_table(dac: dict) -> str:
         f"{number(dac['encode_speedup'])}x encoding; decode max relative difference "
         f"{dac['decode_max_rel_error']:.2g}, encode codes equal {number(100 * dac['encode_codes_equal'])} %."
     )
+
+
+def dia2_table(preset: str, export: ExportRun, rows: list[dict]) -> str:
+    """bench/dia2_speed.py's figures for one Dia2 shape, a row per variant."""
+    shape = rows[0]["shape"]
+    header = ["variant", "backbone ms", "stage ms", "Mimi ms/frame", "frame ms", "floor ms", "frame / floor"]
+    header += ["RTF (frame)", "RTF (generate)", "first audio s"]
+    body = [
+        [
+            r["dtype"],
+            number(r["backbone_ms"]),
+            number(r["stage_ms"]),
+            number(r["decode_ms_per_frame"]),
+            number(r["frame_ms"]),
+            number(r["floor_ms"]),
+            number(r["frame_over_floor"]),
+            number(r["realtime_factor"]),
+            number(r["generate_realtime_factor"]),
+            number(r["first_audio_s"]),
+        ]
+        for r in rows
+    ]
+    made = (
+        "reused"
+        if export.reused
+        else f"exported in {number(export.seconds)} s, peak RSS {_gb(export.peak_rss)} GB"
+    )
+    return (
+        f"## Dia2 {preset}: backbone {shape['backbone'][0]} layers x {shape['backbone'][1]}, depformer "
+        f"{shape['depformer'][0]} layers x {shape['depformer'][1]}, {shape['stages']} stages\n\n"
+        f"Random weights (`{export.command}`, {made}). A frame (80 ms of audio) is the backbone step, every "
+        "depformer stage and Mimi's decode, for the CFG pair; floor = the bytes the frame reads (each "
+        "stage its own kernels and the shared MLP again) / read bandwidth. RTF (frame) = 80 ms / frame "
+        "ms; RTF (generate) and first audio come from `Dia2.stream` on a long script, warm.\n\n"
+        + table(header, body)
+    )

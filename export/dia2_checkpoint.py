@@ -112,7 +112,10 @@ def preset_config(name: str) -> Dia2Config:
 
 def random_state(config: Dia2Config, seed: int) -> dict[str, torch.Tensor]:
     """Random weights under the published names and `[out, in]` kernels: N(0, 1/fan_in), norm gains
-    near 1."""
+    near 1, but those of queries and keys near head_dim^-1/4: attention has no 1/sqrt(head_dim) scale,
+    so gains of 1 would give logits of deviation sqrt(head_dim) (11 at 128), a softmax nearly one-hot
+    on random caches that turns any rounding into another row (an int8 graph of the bench shape then
+    strayed 0.3 from torch); these give logits of deviation about 1, as trained attention has."""
     with torch.device("meta"):  # the shapes only
         model = Dia2Model(config)
     kernels = {name for name, module in model.named_modules() if isinstance(module, Linear)}
@@ -120,7 +123,9 @@ def random_state(config: Dia2Config, seed: int) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
         shape = tensor.T.shape if name.removesuffix(".weight") in kernels else tensor.shape
-        if name.endswith("norm.weight"):
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            state[name] = (1.0 + 0.1 * torch.randn(shape, generator=g)) * shape[-1] ** -0.25
+        elif name.endswith("norm.weight"):
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
             state[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5

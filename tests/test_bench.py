@@ -67,8 +67,12 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
         "--skip-dac",
         "--results",
         str(results),
+        "--dia2",
+        "dia2-tiny",
+        "--models",
+        str(tmp_path),
     ]
-    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr
     markdown = results.read_text()
     assert "python -m bench --sizes tiny" in markdown and "memory read bandwidth" in markdown
@@ -99,6 +103,10 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     per_text_byte = 2 * TINY.decoder.layers * 2 * TINY.decoder.cross_heads * TINY.decoder.cross_head_dim * 4
     kv = re.search(r"cross-attention K/V a step reads, in every variant: (.*)\.", markdown).group(1)
     assert kv.startswith(f"{number(text * per_text_byte / 1e6)} MB for {text} text bytes"), kv
+
+    dia2 = _table(markdown, "| variant | backbone ms |")
+    assert [row[0] for row in dia2] == ["float32", "int8"] and all(_positive(row[1:]) for row in dia2), dia2
+    assert "## Dia2 dia2-tiny: backbone 2 layers" in markdown
 
 
 def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):

@@ -222,4 +222,6 @@ def test_export_writes_a_dia2_folder_from_random_weights_or_a_checkpoint(tmp_pat
     assert random.files() == published.files()  # the same bytes, file by file
     with pytest.raises(ValueError, match="holds a dia2 model, which dia_ort.Dia cannot run"):
         Dia.from_pretrained(tmp_path / "published")
-    assert main(["--random-init", "dia2-tiny", "--quantize", "int8", "--out", str(tmp_path / "q")]) == 2
+    for precision in (["--quantize", "int4"], ["--dtype", "float16"]):  # Dia2 has float32 and int8
+        assert main(["--random-init", "dia2-tiny", *precision, "--out", str(tmp_path / "q")]) == 2
+    assert not (tmp_path / "q" / "dia_ort.json").exists()

@@ -490,21 +490,44 @@ def test_prefix_speakers_need_their_words(dia2_case, monkeypatch):
 
 
 def test_the_speed_benchmark_runs_torch_free(dia2_case, tmp_path):
-    """`python -m bench.torch_free bench.dia2_speed FOLDER` on the tiny folder: every figure there, the
-    floor counting each stage's weights."""
-    folder, out = dia2_case[1] / "exported", tmp_path / "speed.json"
-    command = [sys.executable, "-m", "bench.torch_free", "bench.dia2_speed", str(folder), "--repeats", "2"]
-    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=300)
-    figures = json.loads(out.read_text())
-    for key in ("backbone_ms", "stage_ms", "decode_ms_per_frame", "frame_ms", "floor_ms", "first_audio_s"):
-        assert figures[key] > 0, key
-    model = Dia2(folder)
+    """`python -m bench.torch_free bench.dia2_speed FOLDER` on the tiny folder, both variants: every
+    figure there, the floor counting each stage's weights in the variant's precision."""
     from bench.dia2_speed import stage_weight_bytes
 
-    assert figures["floor_bytes"] > model.config.depth * stage_weight_bytes(model)
-    assert figures["frame_ms"] == pytest.approx(
-        figures["backbone_ms"] + model.config.depth * figures["stage_ms"] + figures["decode_ms_per_frame"]
-    )
+    folder, figures = dia2_case[1] / "exported", {}
+    for dtype in ("float32", "int8"):
+        out = tmp_path / f"{dtype}.json"
+        command = [
+            sys.executable,
+            "-m",
+            "bench.torch_free",
+            "bench.dia2_speed",
+            str(folder),
+            "--repeats",
+            "2",
+        ]
+        subprocess.run(
+            [*command, "--dtype", dtype, "--out", str(out)], check=True, capture_output=True, timeout=300
+        )
+        figures[dtype] = json.loads(out.read_text())
+        for key in (
+            "backbone_ms",
+            "stage_ms",
+            "decode_ms_per_frame",
+            "frame_ms",
+            "floor_ms",
+            "first_audio_s",
+        ):
+            assert figures[dtype][key] > 0, key
+        model = Dia2(folder, compute_dtype=dtype)
+        stages = sum(stage_weight_bytes(model, s) for s in range(model.config.depth))
+        assert figures[dtype]["floor_bytes"] > stages > 0
+        assert figures[dtype]["frame_ms"] == pytest.approx(
+            figures[dtype]["backbone_ms"]
+            + model.config.depth * figures[dtype]["stage_ms"]
+            + figures[dtype]["decode_ms_per_frame"]
+        )
+    assert figures["int8"]["floor_bytes"] < figures["float32"]["floor_bytes"]
 
 
 def test_a_codebook_without_delay_needs_a_prefix(dia2_case, tmp_path):
