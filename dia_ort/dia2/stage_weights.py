@@ -29,10 +29,14 @@ class StageWeights:
                 rows = json.loads((file.metadata() or {})[STAGE_ROWS])
                 self.arrays: dict[str, np.ndarray] = {name: file.get_tensor(name) for name in rows}
         except (SafetensorError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path} holds no depformer stage kernels ({exc!r}); re-export the model") from exc
+            raise ValueError(
+                f"{path} holds no depformer stage kernels ({exc!r}); re-export the model"
+            ) from exc
         for name, stage_rows in rows.items():
             if len(stage_rows) != depth or not all(0 <= r < len(self.arrays[name]) for r in stage_rows):
-                raise ValueError(f"{path}: {name} has no row for each of the {depth} stages; re-export the model")
+                raise ValueError(
+                    f"{path}: {name} has no row for each of the {depth} stages; re-export the model"
+                )
         self.stages = [
             {name: ort.OrtValue.ortvalue_from_numpy(self.arrays[name][r[stage]]) for name, r in rows.items()}
             for stage in range(depth)
