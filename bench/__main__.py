@@ -20,7 +20,7 @@ from bench.exports import QUANTIZED, ensure_export
 from bench.machine import describe, physical_cores
 from bench.measure import TEXT, EngineResult
 from bench.process import REPO, run_child
-from bench.report import SizeResult, accuracy_table, dac_table, dia2_table, kept_sections, render
+from bench.report import SizeResult, accuracy_table, dac_table, dia2_table, kept_sections, marked, render
 from bench.roofline import floor_ms, step_floor_bytes, step_weight_bytes, text_kv_bytes
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
@@ -36,6 +36,7 @@ ACCURACY_STEPS = 200  # the issue asks for 200 steps of text
 DAC_SECONDS = 5.0  # audio decoded and encoded per timed run
 DIA2_PRESETS = ("dia2-tiny", "dia2-bench", "dia2-conversion-default")  # export/dia2_checkpoint.py
 DIA2_VARIANTS = ("float32", "int8")
+DIA2_SECTION = "dia2"  # its marked section of the results, kept by a run with no --dia2
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_dac
         else dac_section(first, weights_seed(first, args.seed), args.device)
     )
-    dia2 = [dia2_section(preset, args) for preset in args.dia2]
-    kept = kept_sections(args.results)  # e.g. python -m bench.serve's table
+    dia2 = [marked(DIA2_SECTION, "\n\n".join(dia2_section(p, args) for p in args.dia2))] if args.dia2 else []
+    kept = kept_sections(args.results, (DIA2_SECTION,) if args.dia2 else ())  # e.g. bench.serve's table
     markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [*dia2, dac, *kept])
     print(markdown)
     args.results.parent.mkdir(parents=True, exist_ok=True)

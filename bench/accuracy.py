@@ -19,9 +19,9 @@ from pathlib import Path
 from bench.roofline import step_weight_bytes
 from dia_ort.manifest import FileEntry, GraphEntry, Manifest
 from export.quant_accuracy import quantization_accuracy
-from export.quantize import KIND_PATTERNS, RECIPES, Recipe, quantize_graph
+from export.quantize import RECIPES, Recipe, quantize_graph
 
-LAYER_KINDS = tuple(kind for kind in KIND_PATTERNS if kind != "head")
+LAYER_KINDS = ("qkv", "o", "cross_q", "cross_o", "gate_up", "down")  # the kinds each layer of Dia's step has
 
 
 def sweep(layers: int) -> dict[str, Recipe]:

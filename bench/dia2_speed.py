@@ -2,7 +2,9 @@
 
 Per frame a Dia2 model runs the backbone step once and the depformer stage once per further codebook,
 then Mimi decodes the frame. Reported (2 CFG rows, medians over `--repeats` calls):
-- the backbone step at frame `--position`, one depformer stage, Mimi's decode per frame;
+- the backbone step at frame `--position`, a depformer stage (the mean of every stage run in turn,
+  each reading its own kernels: one stage run again would find them in the cache), Mimi's decode
+  per frame;
 - the frame: backbone + every stage + decode, as real-time factor (audio seconds per wall second);
 - the floor: the bytes a frame must read (the backbone's weights and caches, each stage's weights:
   its group's attention and input kernels, the shared MLP, its output head), in the variant's
@@ -55,24 +57,24 @@ def measure(folder: Path, dtype: str, threads: int, position: int, repeats: int)
         "slots": np.full((2, 1), position),
     } | _caches(model.backbone, d.layers, (2, d.kv_heads, slots, d.head_dim))
     hidden = model.backbone.run(["hidden"], backbone_feeds)[0]
-    stage = c.depth // 2
-    stage_feeds = {"stage": np.array([stage]), "previous": np.array([5, 5]), "hidden": hidden}
+    stage_feeds = {"previous": np.array([5, 5]), "hidden": hidden}
     stage_feeds |= {"text": np.array([[10, 11]] * 2)} if c.depformer_text_embedding else {}
     stage_feeds |= _caches(model.depformer, p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
     decoder = model.decoder()
     codes = rng.integers(0, c.audio_vocab_limit, (c.codebooks, 4))
     backbone_ms = median_ms(lambda: model.backbone.run(["hidden"], backbone_feeds), repeats)
 
-    def run_stage() -> None:
-        binding = model.depformer.io_binding()
-        for name, value in stage_feeds.items():
-            binding.bind_cpu_input(name, value)
-        for name, value in model.stage_weights[stage].items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")
-        model.depformer.run_with_iobinding(binding)
+    def run_stages() -> None:  # every stage in turn, each on its own kernels, as a frame runs them
+        for stage in range(c.depth):
+            binding = model.depformer.io_binding()
+            for name, value in (stage_feeds | {"stage": np.array([stage])}).items():
+                binding.bind_cpu_input(name, value)
+            for name, value in model.stage_weights[stage].items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits")
+            model.depformer.run_with_iobinding(binding)
 
-    stage_ms = median_ms(run_stage, repeats)
+    stage_ms = median_ms(run_stages, repeats) / c.depth
     decode_ms = median_ms(lambda: decoder.decode(codes), repeats) / 4
     frame_ms = backbone_ms + c.depth * stage_ms + decode_ms
 

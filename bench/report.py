@@ -42,10 +42,15 @@ class SizeResult:
 SECTION_MARK = re.compile(r"<!-- (\w+) -->\n.*?\n<!-- /\1 -->", re.DOTALL)
 
 
+def marked(name: str, markdown: str) -> str:
+    """`markdown` between `<!-- name -->` markers: a section a later run finds and replaces."""
+    return f"<!-- {name} -->\n{markdown}\n<!-- /{name} -->"
+
+
 def replace_section(path: Path, name: str, markdown: str) -> None:
     """Put `markdown` between the file's `<!-- name -->` markers (appended when it has none), so a
     benchmark of its own (`python -m bench.serve`) updates its part of the results file alone."""
-    block = f"<!-- {name} -->\n{markdown}\n<!-- /{name} -->"
+    block = marked(name, markdown)
     text = path.read_text() if path.exists() else ""
     match = next((m for m in SECTION_MARK.finditer(text) if m.group(1) == name), None)
     if match:
@@ -62,9 +67,11 @@ def publish_section(path: Path, name: str, markdown: str) -> None:
     print(f"written to {path}", file=sys.stderr)
 
 
-def kept_sections(path: Path) -> list[str]:
-    """The marked sections of an existing results file, which `python -m bench` keeps when it rewrites it."""
-    return [m.group(0) for m in SECTION_MARK.finditer(path.read_text())] if path.exists() else []
+def kept_sections(path: Path, rewritten: tuple[str, ...] = ()) -> list[str]:
+    """The marked sections of an existing results file, which `python -m bench` keeps when it rewrites
+    it, but for those named in `rewritten` (it writes them anew)."""
+    text = path.read_text() if path.exists() else ""
+    return [m.group(0) for m in SECTION_MARK.finditer(text) if m.group(1) not in rewritten]
 
 
 def number(value: float | None, digits: int = 3) -> str:
