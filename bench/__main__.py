@@ -218,7 +218,8 @@ def dia2_section(preset: str, args: argparse.Namespace) -> str:
         argv = ["-m", "bench.torch_free", "bench.dia2_speed", str(folder), "--dtype", variant]
         argv += ["--threads", str(args.threads)]
         rows.append(run_child(argv, f"Dia2 {preset} {variant}").result)
-    return dia2_table(preset, export, rows)
+    argv = ["-m", "bench.torch_free", "bench.dia2_accuracy", str(folder), "--threads", str(args.threads)]
+    return dia2_table(preset, export, rows, run_child(argv, f"Dia2 {preset} int8 accuracy").result)
 
 
 def weights_seed(folder: Path, default: int) -> int:

@@ -62,7 +62,9 @@ def measure(folder: Path, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dia2_accuracy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.dia2_accuracy", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("folder", type=Path, help="an exported Dia2 folder with float32 and int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here too")

@@ -321,8 +321,9 @@ def dac_table(dac: dict) -> str:
     )
 
 
-def dia2_table(preset: str, export: ExportRun, rows: list[dict]) -> str:
-    """bench/dia2_speed.py's figures for one Dia2 shape, a row per variant."""
+def dia2_table(preset: str, export: ExportRun, rows: list[dict], accuracy: dict) -> str:
+    """bench/dia2_speed.py's figures for one Dia2 shape, a row per variant, and int8's agreement with
+    float32 (bench/dia2_accuracy.py)."""
     shape = rows[0]["shape"]
     header = ["variant", "backbone ms", "stage ms", "Mimi ms/frame", "frame ms", "floor ms", "frame / floor"]
     header += ["RTF (frame)", "RTF (generate)", "first audio s"]
@@ -354,4 +355,7 @@ def dia2_table(preset: str, export: ExportRun, rows: list[dict]) -> str:
         "stage its own kernels and the shared MLP again) / read bandwidth. RTF (frame) = 80 ms / frame "
         "ms; RTF (generate) and first audio come from `Dia2.stream` on a long script, warm.\n\n"
         + table(header, body)
+        + f"\n\nint8 picks float32's argmax on {number(100 * accuracy['agreement'])} % of its draws, "
+        + ", ".join(f"{kind} {number(100 * share)} %" for kind, share in accuracy["by_kind"].items())
+        + f", teacher-forced over {accuracy['frames']} frames (`python -m bench.dia2_accuracy`)."
     )

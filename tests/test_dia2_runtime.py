@@ -372,6 +372,25 @@ def test_the_int8_stage_on_the_kernels_the_runtime_binds_follows_torch(dia2_case
     )
 
 
+def test_the_accuracy_benchmark_forces_the_picks_it_compares(dia2_case):
+    """bench.dia2_accuracy's teacher forcing: a run forced to its own picks agrees on every draw, and
+    int8 forced to float32's makes the same draws (frame by frame: the text action, codebook 0, each
+    stage)."""
+    from bench.dia2_accuracy import UNFILTERED, Picks
+
+    folder = dia2_case[1] / "exported"
+    first = Picks()
+    model = Dia2(folder)
+    model.generate(SCRIPT, UNFILTERED, draw=first)
+    again = Picks(first.picks)
+    model.generate(SCRIPT, UNFILTERED, draw=again)
+    assert len(again.agreed) == len(first.picks) and all(again.agreed)
+    assert len(first.picks) % (2 + model.config.depth) == 0
+    int8 = Picks(first.picks)
+    Dia2(folder, compute_dtype="int8").generate(SCRIPT, UNFILTERED, draw=int8)
+    assert len(int8.agreed) == len(first.picks)
+
+
 def test_a_variant_or_kernels_file_missing_is_named(dia2_case, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(dia2_case[1] / "exported", folder)
