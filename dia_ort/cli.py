@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="target speech per part of a long-form script",
     )
     speak.add_argument("--voice", help="audio prompt to clone the voice from (wav, flac, ogg, mp3)")
-    speak.add_argument("--voice-text", help="transcript of --voice; it is put before the text")
+    speak.add_argument(
+        "--voice-text",
+        help="transcript of --voice; Dia: it is put before the text; Dia2: [S1]'s words in the clip "
+        "(without it, Whisper finds them where it is installed)",
+    )
+    speak.add_argument("--voice-2", help="Dia2: [S2]'s clip, after --voice's (the prefix of both speakers)")
+    speak.add_argument("--voice-2-text", help="Dia2: transcript of --voice-2")
     for name in SPEAK_OPTIONS:
         option = OPTIONS[name]
         kind = float if "float" in option.type else int
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_text(args: argparse.Namespace) -> str:
+    """The text to speak: the argument, --file, or standard input."""
     if args.text is not None and args.file is not None:
         raise ValueError("give the text either as an argument or with --file, not both")
     if args.file is not None:
@@ -122,13 +129,19 @@ def read_text(args: argparse.Namespace) -> str:
         text = args.text
     else:
         text = sys.stdin.read()
-    if args.voice_text:
-        if not args.voice:
-            raise ValueError("--voice-text needs --voice")
-        text = f"{args.voice_text.strip()} {text.strip()}"
-    elif args.voice:
-        raise ValueError("--voice needs --voice-text, the transcript of the voice sample")
+    for clip, words in (("voice", "voice_text"), ("voice_2", "voice_2_text")):
+        if getattr(args, words) and not getattr(args, clip):
+            raise ValueError(f"--{words.replace('_', '-')} needs --{clip.replace('_', '-')}")
     return text.strip()
+
+
+def with_voice_text(args: argparse.Namespace, text: str) -> str:
+    """Dia's text with the transcript of its voice before it (Dia reads the prompt as the text's start)."""
+    if args.voice_2:
+        raise ValueError("--voice-2 is Dia2's; Dia clones one voice sample (--voice)")
+    if args.voice and not args.voice_text:
+        raise ValueError("--voice needs --voice-text, the transcript of the voice sample")
+    return f"{args.voice_text.strip()} {text}" if args.voice_text else text
 
 
 def speak(args: argparse.Namespace) -> None:
@@ -142,6 +155,7 @@ def speak(args: argparse.Namespace) -> None:
             raise ValueError("--format pcm is for -o - (stdout); a file's format comes from its extension")
     if model_family(args.model) == "dia2":
         return speak_dia2(args, text)
+    text = with_voice_text(args, text)
     given = {name: getattr(args, name) for name in SPEAK_OPTIONS if getattr(args, name) is not None}
     options = GenerationOptions(**given).validate()
     long_form = args.file is not None if args.long_form is None else args.long_form
@@ -191,24 +205,33 @@ DIA2_SPEAK_OPTIONS = ("seed", "cfg_scale", "cfg_filter_top_k", "sample_rate")  #
 
 def speak_dia2(args: argparse.Namespace, text: str) -> None:
     """`speak` with a Dia2 folder: the reference's sampling defaults; audio at 24 kHz unless --sample-rate."""
-    from dia_ort.dia2 import Dia2, GenerationConfig
+    from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, Speaker
 
     refused = [
         name for name in SPEAK_OPTIONS if getattr(args, name) is not None and name not in DIA2_SPEAK_OPTIONS
     ]
-    refused += ["voice"] * bool(args.voice) + ["long_form"] * bool(args.long_form)
+    refused += ["long_form"] * bool(args.long_form)
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
         raise ValueError(
             f"{flags}: not options of Dia2 in dia-ort speak; it takes --dtype, --seed, --cfg-scale, "
-            "--cfg-filter-top-k and --sample-rate (Python's Dia2.generate takes the rest)"
+            "--cfg-filter-top-k, --sample-rate and the voices (Python's Dia2.generate takes the rest)"
         )
+    if args.voice_2 and not args.voice:
+        raise ValueError("--voice-2 needs --voice: [S1]'s clip comes first in the prefix")
+    prefix = None
+    if args.voice:
+        second = Speaker(args.voice_2, args.voice_2_text) if args.voice_2 else None
+        prefix = PrefixConfig(Speaker(args.voice, args.voice_text), second)
     model = Dia2.from_pretrained(args.model, compute_dtype=args.dtype, device=args.device)
     overrides = {"cfg_scale": args.cfg_scale, "cfg_filter_k": args.cfg_filter_top_k}
     config = GenerationConfig(**{k: v for k, v in overrides.items() if v is not None})
     rate = args.sample_rate or model.sample_rate
     chunks = tqdm(
-        model.stream(text, config, seed=args.seed), desc="speaking", unit="chunk", disable=args.quiet
+        model.stream(text, config, seed=args.seed, prefix=prefix),
+        desc="speaking",
+        unit="chunk",
+        disable=args.quiet,
     )
     pieces = resampled(chunks, model.sample_rate, rate)
     if args.output == STDOUT:

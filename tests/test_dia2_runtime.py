@@ -487,6 +487,31 @@ def test_speak_runs_a_dia2_folder(dia2_case, tmp_path, capsysbinary):
     assert not (tmp_path / "c.wav").exists()
 
 
+def test_speak_clones_both_voices_of_a_dia2_prefix(dia2_case, tmp_path, capsysbinary):
+    """--voice/--voice-text and --voice-2/--voice-2-text are Dia2's prefix speakers: the same samples as
+    `generate(prefix=...)`; a transcript or second clip without its first is refused by name."""
+    from dia_ort.audio import pcm16
+    from dia_ort.cli import main
+
+    root = dia2_case[1]
+    clips = {n: str(root / f"speaker{n}.wav") for n in (1, 2)}
+    speak = ["speak", "[S1] Good to hear.", "--model", str(root / "exported"), "--quiet", "--seed", "2"]
+    voices = ["--voice", clips[1], "--voice-text", "hello there,", "--voice-2", clips[2]]
+    voices += ["--voice-2-text", "how are"]
+    prefix = PrefixConfig(Speaker(clips[1], "hello there,"), Speaker(clips[2], "how are"))
+    want = Dia2(root / "exported").generate("[S1] Good to hear.", seed=2, prefix=prefix)
+    capsysbinary.readouterr()
+    assert main([*speak, *voices, "-o", "-", "--format", "pcm"]) == 0
+    assert capsysbinary.readouterr().out == pcm16(want.waveform)
+    for flags, message in (
+        (voices[4:], "--voice-2 needs --voice"),
+        (["--voice-text", "hi"], "--voice-text needs --voice"),
+    ):
+        assert main([*speak, *flags, "-o", str(tmp_path / "x.wav")]) == 2
+        assert message in capsysbinary.readouterr().err.decode()
+    assert not (tmp_path / "x.wav").exists()
+
+
 # -- prefixes ------------------------------------------------------------------------------------
 
 
