@@ -54,7 +54,9 @@ KIND_PATTERNS = {
     "cross_o": r"cross_attention\.o_proj\.weight$",
     "gate_up": r"mlp\.(gate_up_proj|wi)\.weight$",
     "down": r"mlp\.(down_proj|wo)\.weight$",
-    "head": r"(logits_dense|action_head|cb0_head)\.weight$|^logits_head$",
+    "head": r"(logits_dense|action_head|cb0_head)\.weight$",
+    # Dia2's depformer heads, one per stage: a frame reads 31 of them, where it reads Dia's head once
+    "stage_head": r"^logits_head$",
     "text_in": r"text_embed\.(main|second)_proj\.weight$",  # Dia2's text embeddings into the stream
     "stage_in": r"^depformer_in$",  # Dia2: the backbone's hidden state into a depformer stage
 }
