@@ -164,7 +164,8 @@ def _int8_variant(
     out: Path,
 ) -> tuple[dict[str, GraphEntry], dict[str, float]]:
     """Both decoder graphs on QGEMM, each verified against its torch module; the stage's kernels are
-    quantized as the runtime binds them (one row per weight group), the output heads kept float32."""
+    quantized as the runtime binds them (one row per weight group, a head per stage); the backbone's
+    heads stay float32 (the recipe's `head`)."""
     recipe, tolerance = RECIPES["int8"], QUANTIZED_TOLERANCE[8]
     step, stage = specs
     step_calibration, stage_calibration = _calibration(model)
