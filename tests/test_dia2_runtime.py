@@ -401,6 +401,29 @@ def test_a_variant_or_kernels_file_missing_is_named(dia2_case, tmp_path):
     Dia2(folder, compute_dtype="int8")  # the other variant is whole
 
 
+def test_a_kernels_file_without_a_row_for_each_stage_is_refused(dia2_case, tmp_path):
+    """StageWeights reads what the export wrote, and refuses a file without its rows' metadata, or
+    whose rows do not cover every stage, naming the file."""
+    from safetensors.numpy import save_file
+
+    folder, depth = dia2_case[1] / "exported", dia2_case[2].config.depth
+    entry = Manifest.load(folder).variants["float32"]["depformer_stage"]
+    kernels = StageWeights(folder / entry.bound.path, depth)
+    assert sorted(kernels[0]) == sorted(kernels.arrays)
+    path = tmp_path / "kernels.safetensors"
+    save_file({"logits_head": np.zeros((depth, 2, 3), np.float32)}, str(path))
+    with pytest.raises(ValueError, match="kernels.safetensors holds no depformer stage kernels"):
+        StageWeights(path, depth)
+    for rows in ([0] * (depth - 1), [depth] * depth):
+        save_file(
+            {"logits_head": np.zeros((depth, 2, 3), np.float32)},
+            str(path),
+            {"stage_rows": json.dumps({"logits_head": rows})},
+        )
+        with pytest.raises(ValueError, match=f"no row for each of the {depth} stages"):
+            StageWeights(path, depth)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
