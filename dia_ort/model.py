@@ -95,8 +95,8 @@ class Dia:
         self.manifest = Manifest.load(self.folder)
         if self.manifest.family != "dia":
             raise ValueError(
-                f"{self.folder} holds a {self.manifest.family} model, which dia_ort.Dia cannot run: Dia "
-                "runs Dia 1.6B folders (the Dia2 runtime is not in this version of dia-ort)"
+                f"{self.folder} holds a {self.manifest.family} model, which dia_ort.Dia cannot run: open it "
+                "with dia_ort.Dia2 or `dia-ort speak` (`dia-ort serve` runs Dia 1.6B folders only, so far)"
             )
         self.device = Device.parse(device, threads)
         self.compute_dtype = _choose_dtype(self.manifest, compute_dtype, self.device)

@@ -220,7 +220,9 @@ def test_export_writes_a_dia2_folder_from_random_weights_or_a_checkpoint(tmp_pat
     assert random.family == published.family == "dia2"
     assert published.model == sources.config and published.source["mimi"] == str(mimi)
     assert random.files() == published.files()  # the same bytes, file by file
-    with pytest.raises(ValueError, match="holds a dia2 model, which dia_ort.Dia cannot run"):
+    with pytest.raises(
+        ValueError, match="holds a dia2 model, which dia_ort.Dia cannot run: open it with dia_ort.Dia2"
+    ):
         Dia.from_pretrained(tmp_path / "published")
     for precision in (["--quantize", "int4"], ["--dtype", "float16"]):  # Dia2 has float32 and int8
         assert main(["--random-init", "dia2-tiny", *precision, "--out", str(tmp_path / "q")]) == 2
