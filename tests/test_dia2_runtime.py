@@ -613,20 +613,21 @@ def test_a_codebook_without_delay_needs_a_prefix(dia2_case, tmp_path):
 
 FROM_HUB = (
     "import json, sys; from dia_ort.dia2 import Dia2\n"
-    "model = Dia2.from_pretrained(sys.argv[1], cache_dir=sys.argv[2])\n"
+    "model = Dia2.from_pretrained(sys.argv[1], cache_dir=sys.argv[2], compute_dtype=sys.argv[3])\n"
     "print(json.dumps(model.generate('[S1] hello there', seed=1).audio_tokens.tolist()))\n"
 )
 
 
-def _from_hub(folder: Path, repo: str, cache: Path) -> list:
-    """`Dia2.from_pretrained(repo)` in a fresh process whose Hub (tests/fake_hub.py) serves `folder`."""
+def _from_hub(folder: Path, repo: str, cache: Path, dtype: str = "float32") -> list:
+    """`Dia2.from_pretrained(repo, compute_dtype=dtype)` in a fresh process whose Hub
+    (tests/fake_hub.py) serves `folder`."""
     from fake_hub import FakeHub
 
     hub = FakeHub(repo, folder)
     try:
         environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
         run = subprocess.run(
-            [sys.executable, "-c", FROM_HUB, repo, str(cache)],
+            [sys.executable, "-c", FROM_HUB, repo, str(cache), dtype],
             capture_output=True,
             text=True,
             timeout=300,
@@ -640,12 +641,17 @@ def _from_hub(folder: Path, repo: str, cache: Path) -> list:
 
 def test_a_hub_repo_of_an_exported_folder_or_of_a_checkpoint_speaks(dia2_case, tmp_path):
     """An exported Dia2 folder on the Hub is fetched and run; a published checkpoint there (its config
-    naming its Mimi) is exported on first use; both speak as the folder does here."""
+    naming its Mimi) is exported on first use, and again with int8 added when int8 is asked for; each
+    speaks as the folder does here."""
     root = dia2_case[1]
     want = Dia2(root / "exported").generate("[S1] hello there", seed=1).audio_tokens.tolist()
+    int8 = Dia2(root / "exported", compute_dtype="int8")
+    want_int8 = int8.generate("[S1] hello there", seed=1).audio_tokens.tolist()
     assert _from_hub(root / "exported", "nari-test/dia2-onnx", tmp_path / "cache") == want
+    assert _from_hub(root / "exported", "nari-test/dia2-onnx", tmp_path / "cache", "int8") == want_int8
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(root / "checkpoint", checkpoint)
     tree = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(tree | {"assets": {"mimi": str(root / "mimi")}}))
     assert _from_hub(checkpoint, "nari-test/dia2-checkpoint", tmp_path / "cache") == want
+    assert _from_hub(checkpoint, "nari-test/dia2-checkpoint", tmp_path / "cache", "int8") == want_int8
