@@ -11,7 +11,13 @@ from safetensors.numpy import save_file
 
 from dia_ort.dia2.stage_weights import STAGE_ROWS
 from dia_ort.manifest import FileEntry, cache_names
-from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model, stage_weight_names
+from export.dia2_model import (
+    BackboneStepGraph,
+    DepformerStageGraph,
+    Dia2Model,
+    stage_kernels,
+    stage_weight_names,
+)
 from export.onnx_export import GraphSpec
 
 STEP_INPUTS = ("tokens", "positions", "slots")
@@ -57,7 +63,7 @@ def stage_inputs(model: Dia2Model, stage: int, seed: int = 0, batch: int = 2) ->
         torch.randint(0, config.audio_vocab_size - 2, (batch,), generator=g),
         torch.randn(batch, config.decoder.hidden, generator=g).to(dtype),
         *([text] if config.depformer_text_embedding else []),
-        *DepformerStageGraph(model).weights(stage).values(),
+        *stage_kernels(model, stage).values(),
         *past,
     )
 
@@ -121,7 +127,9 @@ def save_stage_weights(
     kernels: dict[str, np.ndarray], rows: dict[str, list[int]], folder: Path, name: str
 ) -> FileEntry:
     """The stage graph's kernels, stacked, as the runtime binds them (dia_ort/dia2/stage_weights.py):
-    `name`.safetensors, with the row each stage reads of each."""
+    `name`.safetensors, with the row each stage reads of each (`rows`: by kernel; a quantized kernel's
+    `{kernel}.scale` and `{kernel}.outliers` go with it)."""
     path = f"{name}.safetensors"
-    save_file(kernels, str(folder / path), metadata={STAGE_ROWS: json.dumps(rows)})
+    stage_rows = {tensor: rows[tensor.split(".")[0]] for tensor in kernels}
+    save_file(kernels, str(folder / path), metadata={STAGE_ROWS: json.dumps(stage_rows)})
     return FileEntry.of(folder, path)

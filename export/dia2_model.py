@@ -251,6 +251,18 @@ def stage_weight_names(layers: int) -> list[str]:
     return ["depformer_in", *per_layer, "logits_head"]
 
 
+def stage_kernels(model: Dia2Model, stage: int) -> dict[str, Tensor]:
+    """The kernels depformer `stage` reads, by the stage graph's input names (`stage_weight_names`)."""
+    config, dep = model.config, model.depformer
+    group = str(config.weights_schedule[stage])
+    kernels = {"depformer_in": dep.depformer_in[group].weight}
+    for i, layer in enumerate(dep.layers):
+        kernels[f"in_proj_{i}"] = layer.self_attention.in_proj[group].weight
+        kernels[f"out_proj_{i}"] = layer.self_attention.out_proj[group].weight
+    kernels["logits_head"] = dep.logits[stage].weight[:, : config.audio_vocab_limit]
+    return {name: kernel.detach() for name, kernel in kernels.items()}
+
+
 class DepformerStageGraph(nn.Module):
     """One depformer stage for every batch row -> the next codebook's logits.
 
@@ -274,21 +286,10 @@ class DepformerStageGraph(nn.Module):
         tables = [t.weight.detach() for t in model.depformer.audio_embeds]
         self.audio_embeds = nn.Parameter(torch.cat(tables), False)
 
-    def weights(self, stage: int) -> dict[str, Tensor]:
-        """The kernels `stage` reads, by input name (`stage_weight_names`, in order)."""
-        config, dep = self.model.config, self.model.depformer
-        group = str(config.weights_schedule[stage])
-        kernels = {"depformer_in": dep.depformer_in[group].weight}
-        for i, layer in enumerate(dep.layers):
-            kernels[f"in_proj_{i}"] = layer.self_attention.in_proj[group].weight
-            kernels[f"out_proj_{i}"] = layer.self_attention.out_proj[group].weight
-        kernels["logits_head"] = dep.logits[stage].weight[:, : config.audio_vocab_limit]
-        return {name: kernel.detach() for name, kernel in kernels.items()}
-
     def stacked_weights(self) -> dict[str, tuple[Tensor, list[int]]]:
         """Each weight input -> (its distinct kernels stacked `[R x in x out]`, the row each stage reads):
         stages of one weight group share their group's row."""
-        per_stage = [self.weights(stage) for stage in range(self.model.config.depth)]
+        per_stage = [stage_kernels(self.model, stage) for stage in range(self.model.config.depth)]
         stacked = {}
         for name in per_stage[0]:
             distinct: list[Tensor] = []

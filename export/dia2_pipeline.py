@@ -160,12 +160,13 @@ def _int8_variant(
     model: Dia2Model,
     specs: tuple[GraphSpec, GraphSpec],
     float32: dict[str, GraphEntry],
-    stacked: dict[str, tuple[torch.Tensor, list[int]]],
+    float32_kernels: tuple[dict[str, np.ndarray], dict[str, list[int]]],
     out: Path,
 ) -> tuple[dict[str, GraphEntry], dict[str, float]]:
     """Both decoder graphs on QGEMM, each verified against its torch module; the stage's kernels are
-    quantized as the runtime binds them (one row per weight group, a head per stage); the backbone's
-    heads stay float32 (the recipe's `head`)."""
+    quantized as the runtime binds them (`float32_kernels`: the float32 ones stacked, and the row each
+    stage reads; one row per weight group, a head per stage); the backbone's heads stay float32 (the
+    recipe's `head`)."""
     recipe, tolerance = RECIPES["int8"], QUANTIZED_TOLERANCE[8]
     step, stage = specs
     step_calibration, stage_calibration = _calibration(model)
@@ -177,25 +178,20 @@ def _int8_variant(
         replace(step, name=name), step_samples(model), out, tolerance, make
     )
     name = "depformer_stage.int8"
-    kernels = {kernel: weights.numpy() for kernel, (weights, _) in stacked.items()}
+    kernels, rows = dict(float32_kernels[0]), float32_kernels[1]  # quantize_graph rewrites the copy
     calibration = [feeds(stage.inputs, sample) for sample in stage_calibration]
     make = partial(
         quantize_graph, out / float32["depformer_stage"].file.path, out, name, recipe, calibration, kernels
     )
 
-    def rows(tensor: str) -> list[int]:
-        return stacked[tensor.split(".")[0]][1]  # a kernel's scales and outlier rows go with it
-
     def bound(sample: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-        at = int(sample[STAGE_INPUTS.index("stage")][0])
-        return {tensor: values[rows(tensor)[at]] for tensor, values in kernels.items()}
+        at = int(sample[STAGE_INPUTS.index("stage")][0])  # a kernel's scales and outlier rows go with it
+        return {tensor: values[rows[tensor.split(".")[0]][at]] for tensor, values in kernels.items()}
 
     entry, errors[name] = export_verified(
         replace(stage, name=name), stage_samples(model), out, tolerance, make, bound
     )
-    graphs["depformer_stage"] = replace(
-        entry, bound=save_stage_weights(kernels, {t: rows(t) for t in kernels}, out, name)
-    )
+    graphs["depformer_stage"] = replace(entry, bound=save_stage_weights(kernels, rows, out, name))
     return graphs, errors
 
 
@@ -229,7 +225,7 @@ def export_dia2(sources: Dia2Sources, out: str | Path, dtypes: tuple[str, ...] =
     )
     variants = {"float32": graphs}
     if "int8" in dtypes:
-        variants["int8"], int8_errors = _int8_variant(model, (step, stage), graphs, stacked, out)
+        variants["int8"], int8_errors = _int8_variant(model, (step, stage), graphs, (kernels, rows), out)
         errors |= int8_errors
     mimi = {}
     for spec, samples in mimi_specs(codec, config.codebooks):

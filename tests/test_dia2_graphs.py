@@ -24,7 +24,7 @@ from export.dia2_checkpoint import (
     write_checkpoint,
 )
 from export.dia2_graphs import stage_samples, stage_spec, step_inputs, step_samples, step_spec
-from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model
+from export.dia2_model import BackboneStepGraph, DepformerStageGraph, Dia2Model, stage_kernels
 from export.onnx_export import export_graph, feeds, verify_graph
 
 
@@ -191,7 +191,7 @@ def test_modules_equal_the_reference(tmp_path):
         for s in range(config.depth):
             main, second = (text[:, 0], text[:, 1]) if s == 0 else (None, None)
             want = reference.step_audio_stage(s, previous, hidden[:, None], decode, main, second)
-            kernels = stage.weights(s).values()
+            kernels = stage_kernels(ours, s).values()
             logits, *caches = stage(torch.tensor([s]), previous, hidden, text, *kernels, *caches)
             torch.testing.assert_close(want[:, 0, 0], logits, rtol=0, atol=1e-5)
             previous = logits.argmax(-1)
