@@ -12,13 +12,13 @@ Run it as `python -m bench.torch_free bench.dia2_accuracy FOLDER` to keep torch 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from bench.dia2_speed import SCRIPT
+from bench.process import emit
 from dia_ort.dia2 import Dia2, GenerationConfig, SamplingConfig
 
 UNFILTERED = GenerationConfig(text=SamplingConfig(1.0, 0), audio=SamplingConfig(1.0, 0))
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
     args = parser.parse_args(argv)
-    text = json.dumps(measure(args.folder, args.threads), indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(measure(args.folder, args.threads), args.out)
     return 0
 
 

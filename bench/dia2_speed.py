@@ -16,7 +16,6 @@ Run it as `python -m bench.torch_free bench.dia2_speed FOLDER` to keep torch out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from bench.machine import describe, read_bandwidth
 from bench.measure import median_ms
+from bench.process import emit
 from bench.roofline import floor_ms, step_weight_bytes
 from dia_ort.dia2 import Dia2
 from dia_ort.manifest import cache_names
@@ -41,7 +41,7 @@ def stage_weight_bytes(model: Dia2, stage: int) -> int:
     return step_weight_bytes(graph) + bound
 
 
-def _caches(session, layers: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _caches(layers: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     names = cache_names("past", layers)
     return {name: np.zeros(shape, np.float32) for name in names}
 
@@ -55,11 +55,11 @@ def measure(folder: Path, dtype: str, threads: int, position: int, repeats: int)
         "tokens": rng.integers(0, c.audio_vocab_limit, (2, 1, c.channels)),
         "positions": np.full((2, 1), position),
         "slots": np.full((2, 1), position),
-    } | _caches(model.backbone, d.layers, (2, d.kv_heads, slots, d.head_dim))
+    } | _caches(d.layers, (2, d.kv_heads, slots, d.head_dim))
     hidden = model.backbone.run(["hidden"], backbone_feeds)[0]
     stage_feeds = {"previous": np.array([5, 5]), "hidden": hidden}
     stage_feeds |= {"text": np.array([[10, 11]] * 2)} if c.depformer_text_embedding else {}
-    stage_feeds |= _caches(model.depformer, p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
+    stage_feeds |= _caches(p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
     decoder = model.decoder()
     codes = rng.integers(0, c.audio_vocab_limit, (c.codebooks, 4))
     backbone_ms = median_ms(lambda: model.backbone.run(["hidden"], backbone_feeds), repeats)
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.folder, args.dtype, args.threads, args.position, args.repeats)
     machine = describe(args.threads, "cpu")
     result["machine"] = {"cpu": machine.cpu, "date": machine.date, "threads": args.threads}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -48,3 +48,11 @@ def run_child(argv: list[str], description: str, json_out: bool = True) -> Child
             result=json.loads(out.read_text()) if json_out else {},
             stdout=stdout.read_text(),
         )
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """A child's result: printed, and written to `out` (the `--out` that `run_child` reads back)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")

@@ -325,23 +325,19 @@ def dia2_table(preset: str, export: ExportRun, rows: list[dict], accuracy: dict)
     """bench/dia2_speed.py's figures for one Dia2 shape, a row per variant, and int8's agreement with
     float32 (bench/dia2_accuracy.py)."""
     shape = rows[0]["shape"]
-    header = ["variant", "backbone ms", "stage ms", "Mimi ms/frame", "frame ms", "floor ms", "frame / floor"]
-    header += ["RTF (frame)", "RTF (generate)", "first audio s"]
-    body = [
-        [
-            r["dtype"],
-            number(r["backbone_ms"]),
-            number(r["stage_ms"]),
-            number(r["decode_ms_per_frame"]),
-            number(r["frame_ms"]),
-            number(r["floor_ms"]),
-            number(r["frame_over_floor"]),
-            number(r["realtime_factor"]),
-            number(r["generate_realtime_factor"]),
-            number(r["first_audio_s"]),
-        ]
-        for r in rows
-    ]
+    columns = {  # header -> bench/dia2_speed.py's figure
+        "backbone ms": "backbone_ms",
+        "stage ms": "stage_ms",
+        "Mimi ms/frame": "decode_ms_per_frame",
+        "frame ms": "frame_ms",
+        "floor ms": "floor_ms",
+        "frame / floor": "frame_over_floor",
+        "RTF (frame)": "realtime_factor",
+        "RTF (generate)": "generate_realtime_factor",
+        "first audio s": "first_audio_s",
+    }
+    header = ["variant", *columns]
+    body = [[r["dtype"], *(number(r[key]) for key in columns.values())] for r in rows]
     made = (
         "reused"
         if export.reused
