@@ -37,7 +37,7 @@ def stage_weight_bytes(model: Dia2, stage: int) -> int:
     text projections, which every stage computes though only the first keeps them), and the kernels
     bound for `stage` (its group's input and attention kernels, its codebook's head)."""
     graph = model.folder / model.manifest.variants[model.compute_dtype]["depformer_stage"].file.path
-    bound = sum(value.numpy().nbytes for value in model.stage_weights[stage].values())
+    bound = sum(value.numpy().nbytes for value in model.graphs.stage_weights[stage].values())
     return step_weight_bytes(graph) + bound
 
 
@@ -56,23 +56,23 @@ def measure(folder: Path, dtype: str, threads: int, position: int, repeats: int)
         "positions": np.full((2, 1), position),
         "slots": np.full((2, 1), position),
     } | _caches(d.layers, (2, d.kv_heads, slots, d.head_dim))
-    hidden = model.backbone.run(["hidden"], backbone_feeds)[0]
+    hidden = model.graphs.backbone.run(["hidden"], backbone_feeds)[0]
     stage_feeds = {"previous": np.array([5, 5]), "hidden": hidden}
     stage_feeds |= {"text": np.array([[10, 11]] * 2)} if c.depformer_text_embedding else {}
     stage_feeds |= _caches(p.layers, (2, p.heads, max(c.depth, 1), p.head_dim))
     decoder = model.decoder()
     codes = rng.integers(0, c.audio_vocab_limit, (c.codebooks, 4))
-    backbone_ms = median_ms(lambda: model.backbone.run(["hidden"], backbone_feeds), repeats)
+    backbone_ms = median_ms(lambda: model.graphs.backbone.run(["hidden"], backbone_feeds), repeats)
 
     def run_stages() -> None:  # every stage in turn, each on its own kernels, as a frame runs them
         for stage in range(c.depth):
-            binding = model.depformer.io_binding()
+            binding = model.graphs.depformer.io_binding()
             for name, value in (stage_feeds | {"stage": np.array([stage])}).items():
                 binding.bind_cpu_input(name, value)
-            for name, value in model.stage_weights[stage].items():
+            for name, value in model.graphs.stage_weights[stage].items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output("logits")
-            model.depformer.run_with_iobinding(binding)
+            model.graphs.depformer.run_with_iobinding(binding)
 
     stage_ms = median_ms(run_stages, repeats) / c.depth
     decode_ms = median_ms(lambda: decoder.decode(codes), repeats) / 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from dia_ort.audio import load_audio
-from dia_ort.dia2.frames import DecoderGraphs, FrameLoop
+from dia_ort.dia2.batch import DecoderGraphs, FrameBatch
+from dia_ort.dia2.frames import FrameLoop
 from dia_ort.dia2.prefix import PrefixConfig, PrefixPlan, build_plan
 from dia_ort.dia2.sampling import Draw, SamplingConfig, random_draw
 from dia_ort.dia2.script import ScriptReader
@@ -154,8 +156,10 @@ class Dia2:
         paths = [graphs["backbone_step"].file.path, stage.file.path]
         paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
         sessions = open_sessions([self.folder / p for p in paths], self.device)
-        self.backbone, self.depformer, self.mimi, self.mimi_encoder = sessions
-        self.stage_weights = StageWeights(self.folder / stage.bound.path, config.depth)
+        backbone, depformer, self.mimi, self.mimi_encoder = sessions
+        self.graphs = DecoderGraphs(
+            backbone, depformer, StageWeights(self.folder / stage.bound.path, config.depth)
+        )
 
     @classmethod
     def from_pretrained(
@@ -207,9 +211,24 @@ class Dia2:
     ) -> AudioStream:
         """`generate`'s audio as it is made: one frame (80 ms) as soon as it is final, then chunks of
         `chunk_frames` frames, from the first word on; the result (codes, timestamps) once it ends."""
-        config = _merged(config or GenerationConfig(), overrides)
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
+        loop = self.frame_loop(script, config, seed=seed, draw=draw, prefix=prefix, **overrides)
+        audio = SpeechAudio(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
+        return AudioStream(self, audio)
+
+    def frame_loop(
+        self,
+        script: str | Iterable[str],
+        config: GenerationConfig | None = None,
+        *,
+        seed: int | None = None,
+        draw: Draw | None = None,
+        prefix: PrefixConfig | None = None,
+        **overrides: float | int,
+    ) -> FrameLoop:
+        """One generation's frames, checked and ready to join a `FrameBatch` (`stream`'s arguments)."""
+        config = _merged(config or GenerationConfig(), overrides)
         pieces = _pieces(script)
         reader = ScriptReader(self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
         sampling = (config.text, config.audio, config.cfg_scale, config.cfg_filter_k, config.initial_padding)
@@ -220,9 +239,7 @@ class Dia2:
                 "the first frame (nari-labs/dia2 fails there too); give this model a prefix"
             )
         plan = self._plan(prefix) if prefix is not None else None
-        graphs = DecoderGraphs(self.backbone, self.depformer, self.stage_weights)
-        loop = FrameLoop(self.config, graphs, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
-        return AudioStream(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
+        return FrameLoop(self.config, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
 
     def encode(self, waveform: np.ndarray) -> np.ndarray:
         """A clip at the model's rate `[N]` -> its codes `[K, ceil(N / hop)]` (Mimi's encoder)."""
@@ -263,9 +280,9 @@ class MimiDecoder:
         return np.clip(waveform[0], -1.0, 1.0)
 
 
-class AudioStream(Iterator[np.ndarray]):
-    """The chunks of one generation; `result` holds it whole (codes, timestamps, the chunks joined)
-    once the stream is exhausted."""
+class SpeechAudio:
+    """One generation's audio: after each frame, the chunks that became final, decoded by Mimi's
+    streaming decoder (one frame first, then `chunk_frames` at a time); `result()` once it has ended."""
 
     def __init__(self, model: Dia2, loop: FrameLoop, chunk_frames: int, include_prefix: bool) -> None:
         self.model, self.loop, self.chunk = model, loop, chunk_frames
@@ -274,7 +291,6 @@ class AudioStream(Iterator[np.ndarray]):
         self.include_prefix = include_prefix
         self.ended = False
         self.chunks: list[np.ndarray] = []
-        self.result: GenerationResult | None = None
         if include_prefix:
             self._start(0)
         elif loop.config.second_stream_ahead:
@@ -284,20 +300,24 @@ class AudioStream(Iterator[np.ndarray]):
             # and is spoken as soon as it is final.
             self._start(loop.start)
 
-    def __next__(self) -> np.ndarray:
-        while not self.ended:
-            if self.decoder is not None and self.loop.final_frames - self.sent >= self._next_size():
-                return self._decode(self._next_size())
-            if not self.loop.step():
-                self._end()
-            elif self.decoder is None and self.loop.first_word is not None:
-                self._start(max(self.loop.first_word, 0))
-        total = self.loop.final_frames
-        if self.sent < total:
-            return self._decode(min(self._next_size(), total - self.sent))
-        if self.result is None:
-            self.result = self._result()
-        raise StopIteration
+    def after_frame(self, stepped: bool) -> list[np.ndarray]:
+        """The chunks that the frame just run completed (`stepped`), or all the rest once the
+        generation has ended (not `stepped`)."""
+        if not stepped:
+            self._end()
+        elif self.decoder is None and self.loop.first_word is not None:
+            self._start(max(self.loop.first_word, 0))
+        chunks = []
+        while self.decoder is not None and (frames := self._ready()):
+            chunks.append(self._decode(frames))
+        return chunks
+
+    def _ready(self) -> int:
+        """Frames of the next chunk if it can be decoded now, else 0."""
+        size, left = self._next_size(), self.loop.final_frames - self.sent
+        if left >= size:
+            return size
+        return left if self.ended and left > 0 else 0
 
     def _next_size(self) -> int:
         """The first chunk is one frame, so the audio starts as soon as a frame is final; then `chunk`."""
@@ -322,7 +342,8 @@ class AudioStream(Iterator[np.ndarray]):
         self.chunks.append(self.decoder.decode(codes))
         return self.chunks[-1]
 
-    def _result(self) -> GenerationResult:
+    def result(self) -> GenerationResult:
+        """The generation whole: its codes, timestamps and the chunks joined."""
         rate, transcript = self.model.frame_rate, self.loop.state.transcript
         if self.loop.prefix_words and not self.include_prefix:  # the prefix's words are not the output's
             transcript = transcript[self.loop.prefix_words :]
@@ -330,6 +351,28 @@ class AudioStream(Iterator[np.ndarray]):
         waveform = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
         codes = self.loop.aligned(self.crop, self.loop.final_frames)
         return GenerationResult(codes, waveform, self.model.sample_rate, stamps)
+
+
+class AudioStream(Iterator[np.ndarray]):
+    """The chunks of one generation, run as a batch of one; `result` holds it whole (codes, timestamps,
+    the chunks joined) once the stream is exhausted."""
+
+    def __init__(self, model: Dia2, audio: SpeechAudio) -> None:
+        self.audio, self.loop = audio, audio.loop
+        self.batch = FrameBatch(model.config, model.graphs)
+        self.batch.join(self.loop)
+        self.pending: deque[np.ndarray] = deque()
+        self.result: GenerationResult | None = None
+
+    def __next__(self) -> np.ndarray:
+        while not self.pending:
+            if self.audio.ended:
+                if self.result is None:
+                    self.result = self.audio.result()
+                raise StopIteration
+            stepped = not self.batch.step()  # a batch of one returns its generation once it has ended
+            self.pending.extend(self.audio.after_frame(stepped))
+        return self.pending.popleft()
 
 
 def _pieces(script: str | Iterable[str]) -> Iterator[str]:
