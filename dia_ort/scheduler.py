@@ -24,6 +24,8 @@ from dia_ort.streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, ItemStream, chec
 from dia_ort.text import encode_text
 
 if TYPE_CHECKING:
+    from dia_ort.dia2.decoding import Dia2Requests
+    from dia_ort.dia2.model import Dia2
     from dia_ort.model import AudioPrompt, Dia
 
 log = logging.getLogger(__name__)
@@ -37,12 +39,43 @@ class SchedulerClosed(RuntimeError):
     """The scheduler was closed (the server is stopping): it takes no more requests."""
 
 
+class DiaRequests:
+    """The scheduler's Dia side: a request from a text and its options, and the decoding loop."""
+
+    def __init__(self, dia: Dia, chunking: tuple[int, int]) -> None:
+        self.dia, self.chunking = dia, chunking
+
+    def decoding(self, max_batch: int) -> Decoding:
+        """A decoding loop on fresh host rows for `max_batch` requests."""
+        return Decoding(HostRows(self.dia.engine, PAIR * max_batch), self.dia.config.num_channels)
+
+    def new(self, id: int, text: str, audio_prompt: AudioPrompt | None, options: dict) -> Request:
+        """A checked request (ValueError or TypeError says what is wrong)."""
+        opts = GenerationOptions(**options).validate()
+        ids = encode_text(text, self.dia.config.text_length)
+        prompt = None if audio_prompt is None else self.dia.prompt_codes(audio_prompt)
+        audio = ItemStream(self.dia.codec, opts.sample_rate, *self.chunking)
+        return Request.new(id, self.dia.engine, ids, prompt, opts, audio)
+
+
+def requests_of(model: Dia | Dia2, chunking: tuple[int, int]) -> DiaRequests | Dia2Requests:
+    """The scheduler's side of `model`'s family (Dia2 streams its own chunks: one frame, then four)."""
+    from dia_ort.dia2.model import Dia2
+
+    if isinstance(model, Dia2):
+        from dia_ort.dia2.decoding import Dia2Requests
+
+        return Dia2Requests(model)
+    return DiaRequests(model, chunking)
+
+
 class Scheduler:
-    """Runs requests on one `Dia`'s engine with continuous batching, in a thread of its own or by `step()`."""
+    """Runs requests on one model (Dia or Dia2) with continuous batching, in a thread of its own or by
+    `step()`."""
 
     def __init__(
         self,
-        dia: Dia,
+        model: Dia | Dia2,
         max_batch: int = 8,
         max_queue: int = 32,
         first_chunk_frames: int = FIRST_CHUNK_FRAMES,
@@ -52,10 +85,10 @@ class Scheduler:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_chunk_frames(first_chunk_frames, chunk_frames)
-        self.dia, self.config = dia, dia.config
+        self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.chunking = (first_chunk_frames, chunk_frames)
-        self.decoding = self._decoding()
+        self.requests = requests_of(model, (first_chunk_frames, chunk_frames))
+        self.decoding = self.requests.decoding(max_batch)
         self.waiting: deque[Request] = deque()
         self.ids = itertools.count(1)
         self.work = threading.Condition()
@@ -63,10 +96,6 @@ class Scheduler:
         self.closed = False
         self.steps = 0  # decoder steps run, for metrics
         self.step_times: deque[float] = deque(maxlen=64)  # when the last steps ended
-
-    def _decoding(self) -> Decoding:
-        """A decoding loop on fresh host rows for `max_batch` requests."""
-        return Decoding(HostRows(self.dia.engine, PAIR * self.max_batch), self.config.num_channels)
 
     @property
     def running(self) -> list[Request]:
@@ -83,11 +112,7 @@ class Scheduler:
         Its chunks go to `sink` (for example an asyncio queue fed thread-safely), else to a queue that
         iterating the request reads.
         """
-        opts = GenerationOptions(**options).validate()
-        ids = encode_text(text, self.config.text_length)
-        prompt = None if audio_prompt is None else self.dia.prompt_codes(audio_prompt)
-        audio = ItemStream(self.dia.codec, opts.sample_rate, *self.chunking)
-        request = Request.new(next(self.ids), self.dia.engine, ids, prompt, opts, audio)
+        request = self.requests.new(next(self.ids), text, audio_prompt, options)
         if sink is not None:
             request.chunks = sink
         with self.work:
@@ -208,4 +233,4 @@ class Scheduler:
                 log.exception("decoder step failed")
                 for request in self.running:
                     request.chunks.put(exc)
-                self.decoding = self._decoding()  # no half-updated rows
+                self.decoding = self.requests.decoding(self.max_batch)  # no half-updated rows

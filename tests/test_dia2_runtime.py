@@ -22,6 +22,7 @@ import pytest
 import torch
 from reference import dia2_reference
 
+from dia_ort.audio import StreamResampler
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
 from dia_ort.dia2.script import parse_script
@@ -29,6 +30,7 @@ from dia_ort.dia2.stage_weights import StageWeights
 from dia_ort.dia2.state_machine import Entry, StateMachine, TokenIds
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.manifest import Manifest
+from dia_ort.scheduler import Scheduler
 from export.dia2_checkpoint import PRESETS, random_state, write_checkpoint
 from export.dia2_graphs import stage_inputs, stage_spec
 from export.dia2_model import Dia2Model
@@ -655,3 +657,70 @@ def test_a_hub_repo_of_an_exported_folder_or_of_a_checkpoint_speaks(dia2_case, t
     (checkpoint / "config.json").write_text(json.dumps(tree | {"assets": {"mimi": str(root / "mimi")}}))
     assert _from_hub(checkpoint, "nari-test/dia2-checkpoint", tmp_path / "cache") == want
     assert _from_hub(checkpoint, "nari-test/dia2-checkpoint", tmp_path / "cache", "int8") == want_int8
+
+
+# -- continuous batching -------------------------------------------------------------------------
+
+
+def test_requests_batched_on_the_scheduler_equal_their_solo_generations(dia2_case):
+    """Three requests on a batch of two, one with both speakers' prefix: the first runs alone for a few
+    frames, the second joins it, the third takes the rows the first one frees. Each gets the codes,
+    timestamps and samples it gets alone, resampled alike where it asks for another rate."""
+    root = dia2_case[1]
+    model = Dia2(root / "exported")
+    prefix = PrefixConfig(*(Speaker(root / f"speaker{i}.wav", CLIP_WORDS[i]) for i in (1, 2)))
+    asks = [  # script, prefix, options, sample rate
+        (SCRIPT, None, {"seed": 1}, 24000),
+        ("[S2] Just a few words. [S1] Yes.", prefix, {"seed": 2, "cfg_scale": 1.5}, 24000),
+        (
+            '[S1] The last one <break time="0.2s"/> waits for rows.',
+            None,
+            {"seed": 3, "cfg_filter_k": 7},
+            16000,
+        ),
+    ]
+    alone = [model.generate(script, prefix=prefix, **options) for script, prefix, options, _ in asks]
+    scheduler = Scheduler(model, max_batch=2)
+    submit = [lambda a=a: scheduler.submit(a[0], a[1], sample_rate=a[3], **a[2]) for a in asks]
+    requests = [submit[0]()]
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler.occupancy == 1 and not requests[0].done
+    requests += [submit[1](), submit[2]()]
+    scheduler.step()
+    assert scheduler.occupancy == 2 and scheduler.queue_depth == 1
+    while scheduler.step():
+        pass
+    for request, solo in zip(requests, alone, strict=True):
+        assert request.done and request.result is not None
+        np.testing.assert_array_equal(request.result.audio_tokens, solo.audio_tokens)
+        assert request.result.timestamps == solo.timestamps
+        assert np.array_equal(request.result.waveform, solo.waveform)
+    assert np.array_equal(np.concatenate(list(requests[0])), alone[0].waveform)
+    assert np.array_equal(np.concatenate(list(requests[1])), alone[1].waveform)
+    whole = StreamResampler(16000, 24000).resample_chunk(alone[2].waveform, last=True)
+    assert np.array_equal(np.concatenate(list(requests[2])), whole)
+    assert scheduler.decoding.batch.rows.rows == 0
+
+
+def test_the_scheduler_refuses_a_bad_dia2_request_and_runs_on(dia2_case):
+    model = Dia2(dia2_case[1] / "exported")
+    scheduler = Scheduler(model, max_batch=2)
+    for script, options, message in (
+        ("   ", {}, "script is empty"),
+        ("[S1]", {}, "script is empty"),
+        (SCRIPT, {"temperature": 0.5}, "unknown options"),
+        (SCRIPT, {"cfg_scale": -1}, "cfg_scale"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=message):
+            scheduler.submit(script, **options)
+    assert scheduler.queue_depth == 0
+    request = scheduler.submit(SCRIPT, seed=4)
+    leaving = scheduler.submit(SCRIPT, seed=5)
+    scheduler.step()
+    leaving.cancel()
+    while scheduler.step():
+        pass
+    assert request.done and not leaving.done and scheduler.occupancy == 0
+    list(leaving)  # its chunks end
+    np.testing.assert_array_equal(request.result.audio_tokens, model.generate(SCRIPT, seed=4).audio_tokens)
