@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dia_ort.audio import StreamResampler, check_output_path, pcm16, save_audio, streaming_wav_header
+from dia_ort.hub import model_family
 from dia_ort.manifest import FLOAT_DTYPES, QUANTIZED_DTYPES
 from dia_ort.options import OPTIONS, GenerationOptions
 from dia_ort.script import LONG_FORM_SECONDS
@@ -187,17 +188,6 @@ def speak(args: argparse.Namespace) -> None:
         f"wrote {'stdout' if to_stdout else args.output} ({seconds:.2f} s)",
         file=sys.stderr if to_stdout else sys.stdout,
     )
-
-
-def model_family(model: str) -> str:
-    """ "dia2" for a local Dia2 folder (exported, or a checkpoint to export on first use); else "dia"."""
-    from dia_ort.dia2_config import is_dia2_checkpoint
-    from dia_ort.manifest import MANIFEST_NAME, Manifest
-
-    folder = Path(model).expanduser()
-    if (folder / MANIFEST_NAME).is_file():
-        return Manifest.load(folder).family
-    return "dia2" if is_dia2_checkpoint(folder) else "dia"
 
 
 DIA2_SPEAK_OPTIONS = ("seed", "cfg_scale", "cfg_filter_top_k", "sample_rate")  # the rest are Dia 1.6B's

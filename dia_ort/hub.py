@@ -178,3 +178,14 @@ def _export_on_first_use(
     )
     export_checkpoint(str(checkpoint), out, dtypes)
     return out
+
+
+def model_family(model: str | os.PathLike) -> str:
+    """ "dia2" for a local Dia2 folder (exported, or a checkpoint to export on first use); else "dia"
+    (a Hub id included: `Dia` names Dia2 when the folder it downloads holds one)."""
+    from dia_ort.dia2_config import is_dia2_checkpoint
+
+    folder = Path(model).expanduser()
+    if (folder / MANIFEST_NAME).is_file():
+        return Manifest.load(folder).family
+    return "dia2" if is_dia2_checkpoint(folder) else "dia"

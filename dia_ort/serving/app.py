@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dia_ort.hub import model_family
 from dia_ort.scheduler import Scheduler
 from dia_ort.serving.auth import ApiKeys
 from dia_ort.serving.errors import ApiError, api_error
@@ -35,12 +36,12 @@ from dia_ort.serving.service import SpeechService, SpeechStream
 from dia_ort.serving.voices import Voice, upload_voice
 
 if TYPE_CHECKING:
+    from dia_ort.dia2 import Dia2
     from dia_ort.model import Dia
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-MODEL_ID = "dia"
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,14 @@ class ServerSettings:
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
-    """Load the model and voices, start the scheduler, and return the app; the scheduler stops with it."""
+    """Load the model (Dia or Dia2, as its folder says) and voices, start the scheduler, and return the
+    app; the scheduler stops with it."""
+    from dia_ort.dia2 import Dia2
     from dia_ort.model import Dia
     from dia_ort.serving.voices import load_voices
 
-    dia = Dia.from_pretrained(
+    family = Dia2 if model_family(settings.model) == "dia2" else Dia
+    dia = family.from_pretrained(
         settings.model, compute_dtype=settings.dtype, device=settings.device, threads=settings.threads
     )
     voices = load_voices(dia, settings.voices, strict=settings.strict_voices)
@@ -79,13 +83,14 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
 
 def create_app(
-    dia: Dia,
+    dia: Dia | Dia2,
     scheduler: Scheduler,
     voices: dict[str, Voice],
     api_key: str | None = None,
     requests_per_minute: int | None = None,
 ) -> FastAPI:
-    """The speech server's app over a started `scheduler` of `dia`; it closes the scheduler at shutdown.
+    """The speech server's app over a started `scheduler` of `dia` (a Dia or a Dia2); it closes the
+    scheduler at shutdown.
 
     `api_key` holds one key or several separated by commas; `requests_per_minute` bounds the speech
     requests each key (or client address, without keys) may start a minute.
@@ -158,7 +163,7 @@ def _add_routes(
     async def list_voices() -> dict:
         return {
             "voices": [
-                {"name": v.name, "prompt": v.codes is not None, "transcript": v.transcript}
+                {"name": v.name, "prompt": v.prompt is not None, "transcript": v.transcript}
                 for v in sorted(service.voices.values(), key=lambda v: v.name)
             ],
             "formats": available_formats(),
@@ -174,12 +179,12 @@ def _add_routes(
             )
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc), "invalid_request_error", "invalid_voice") from exc
-        seconds = len(voice.codes) / dia.engine.frame_rate
-        return {"name": voice.name, "transcript": voice.transcript, "seconds": round(seconds, 2)}
+        return {"name": voice.name, "transcript": voice.transcript, "seconds": round(voice.seconds, 2)}
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "dia-ort"}]}
+        family = "dia2" if service.dia2 else "dia"
+        return {"object": "list", "data": [{"id": family, "object": "model", "owned_by": "dia-ort"}]}
 
     @app.get("/health")
     async def health() -> dict:
@@ -191,6 +196,7 @@ def _add_routes(
             "batch_occupancy": scheduler.occupancy,
             "max_batch": scheduler.max_batch,
             "model": service.dia.folder.name,
+            "family": "dia2" if service.dia2 else "dia",
             "compute_dtype": service.dia.compute_dtype,
         }
 

@@ -1,6 +1,7 @@
 """Speech requests -> audio chunks: checks a request, submits it, and hands its audio to the event loop.
 
-Every request runs on the continuous-batching scheduler. A long-form request's parts are requests of
+Every request runs on the continuous-batching scheduler, of a Dia or a Dia2 model. Dia2 takes the
+options it has (seed, cfg_scale, cfg_filter_top_k) and no long-form scripts. A long-form request's parts are requests of
 the scheduler too, submitted one after another (each part needs the one before it as its prompt) by a
 thread of the request's own, which only waits for each part's audio: the scheduler's loop is the one
 that runs the model.
@@ -33,22 +34,25 @@ from dia_ort.streaming import AudioChunk
 from dia_ort.text import encode_text
 
 if TYPE_CHECKING:
+    from dia_ort.dia2 import Dia2
     from dia_ort.model import Dia
 
 STOP_POLL_SECONDS = 0.05  # how soon a long-form request notices that its client has gone
 # Dia's options a request body carries (the rest of GenerationOptions is the server's to set)
 OPTION_FIELDS = [f.name for f in fields(GenerationOptions) if f.name in SpeechRequest.model_fields]
+DIA2_OPTIONS = {"seed": "seed", "cfg_scale": "cfg_scale", "cfg_filter_top_k": "cfg_filter_k"}  # body -> Dia2
 
 
 @dataclass(frozen=True)
 class Speech:
-    """A checked request: the text (a voice's transcript first), its prompt codes, options and format."""
+    """A checked request: the text (a Dia voice's transcript first), its prompt, options and format."""
 
     text: str
-    prompt: np.ndarray | None
-    options: GenerationOptions
+    prompt: object  # Dia's prompt codes, Dia2's prefix, or None
+    options: GenerationOptions | None  # Dia's; None for Dia2
     format: str
     long_form: bool
+    keywords: dict  # the options as the scheduler's `submit` takes them
 
 
 class _Stopped(Exception):
@@ -110,8 +114,11 @@ class SpeechStream:
 class SpeechService:
     """Maps `SpeechRequest`s to the scheduler, with the server's voices."""
 
-    def __init__(self, dia: Dia, scheduler: Scheduler, voices: dict[str, Voice]) -> None:
+    def __init__(self, dia: Dia | Dia2, scheduler: Scheduler, voices: dict[str, Voice]) -> None:
+        from dia_ort.dia2 import Dia2
+
         self.dia, self.scheduler, self.voices = dia, scheduler, voices
+        self.dia2 = isinstance(dia, Dia2)
 
     def prepare(self, body: SpeechRequest) -> Speech:
         """Check a request against the model, the voices and the formats; ValueError says what is wrong."""
@@ -130,14 +137,30 @@ class SpeechService:
         voice = self.voices.get(body.voice)
         if voice is None:
             raise ValueError(f"unknown voice {body.voice!r}; the voices are {sorted(self.voices)}")
+        rate = FORMATS[body.response_format].sample_rate
+        if self.dia2:
+            return self._prepare_dia2(body, voice, rate)
         text = f"{voice.transcript} {body.input}" if voice.transcript else body.input
         values = {name: getattr(body, name) for name in OPTION_FIELDS}
-        options = GenerationOptions(
-            **values, sample_rate=FORMATS[body.response_format].sample_rate
-        ).validate()
+        options = GenerationOptions(**values, sample_rate=rate).validate()
         if not body.long_form:
             encode_text(text, self.dia.config.text_length)  # over the window: an error naming long_form
-        return Speech(text, voice.codes, options, body.response_format, body.long_form)
+        return Speech(text, voice.codes, options, body.response_format, body.long_form, vars(options))
+
+    def _prepare_dia2(self, body: SpeechRequest, voice: Voice, rate: int) -> Speech:
+        if body.long_form:
+            raise ValueError("long_form is Dia's; Dia2 speaks a script whole in one request")
+        given = sorted(
+            name for name in set(OPTION_FIELDS) & body.model_fields_set if name not in DIA2_OPTIONS
+        )
+        if given:
+            raise ValueError(f"{given}: not options of Dia2; it takes {sorted(DIA2_OPTIONS)}")
+        keywords = {
+            key: getattr(body, name) for name, key in DIA2_OPTIONS.items() if name in body.model_fields_set
+        }
+        return Speech(
+            body.input, voice.prefix, None, body.response_format, False, keywords | {"sample_rate": rate}
+        )
 
     def start(self, speech: Speech) -> SpeechStream:
         """Submit a checked request (raises QueueFull at the bound); iterate the result for its audio."""
@@ -145,7 +168,7 @@ class SpeechService:
         queue: asyncio.Queue = asyncio.Queue()
         sink = _LoopSink(loop, queue)
         if not speech.long_form:
-            request = self.scheduler.submit(speech.text, speech.prompt, sink=sink, **vars(speech.options))
+            request = self.scheduler.submit(speech.text, speech.prompt, sink=sink, **speech.keywords)
             return SpeechStream(queue, request.cancel)
         self.scheduler.check_room()  # a script's first part queues like any request
         stop = threading.Event()

@@ -1,7 +1,8 @@
 """Named voices for the server: `NAME.wav|flac|mp3` with `NAME.txt` (its transcript) in a folder, and
 voices uploaded by clients (`POST /v1/audio/voices`, the page's voice cloning).
 
-Each voice is encoded once, at startup or when uploaded, and kept as codes. A request names a voice; the name is only
+Each voice is read once, at startup or when uploaded: for Dia it is encoded and kept as DAC codes,
+for Dia2 kept as a prefix (the clip at 24 kHz and its words), which each request encodes with Mimi. A request names a voice; the name is only
 ever a key into this table, never part of a path. OpenAI's built-in voice names mean "no prompt"
 unless the folder has a voice of that name.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from dia_ort.audio import DAC_SAMPLE_RATE, load_audio
 
 if TYPE_CHECKING:
+    from dia_ort.dia2 import Dia2, PrefixConfig
     from dia_ort.model import Dia
 
 log = logging.getLogger(__name__)
@@ -39,15 +41,35 @@ _UPLOADS = threading.Lock()  # held while an upload changes the table
 
 @dataclass(frozen=True)
 class Voice:
-    """A voice prompt: its DAC codes `[T, C]` and the transcript that goes before the request's text."""
+    """A voice prompt: Dia's DAC codes `[T, C]` and the transcript that goes before the request's text,
+    or Dia2's prefix (the clip and its words)."""
 
     name: str
-    codes: np.ndarray | None  # None: no prompt (an OpenAI name the folder does not define)
+    codes: np.ndarray | None  # None: no prompt (an OpenAI name the folder does not define), or Dia2's
     transcript: str = ""
     uploaded: bool = False  # sent by a client, not read from the voices folder
+    prefix: PrefixConfig | None = None  # Dia2's prompt
+    seconds: float = 0.0  # of audio
+
+    @property
+    def prompt(self) -> np.ndarray | PrefixConfig | None:
+        """What a request of this voice is prompted with: Dia's codes, Dia2's prefix or nothing."""
+        return self.prefix if self.prefix is not None else self.codes
 
 
-def load_voices(dia: Dia, folder: str | Path | None, strict: bool = False) -> dict[str, Voice]:
+def read_voice(model: Dia | Dia2, name: str, audio: object, transcript: str, uploaded: bool = False) -> Voice:
+    """A voice of `model`'s family from a clip (a path, or samples with their rate as `(array, rate)`)."""
+    from dia_ort.dia2 import Dia2, PrefixConfig, Speaker
+
+    if isinstance(model, Dia2):
+        wave = load_audio(audio, to_rate=model.sample_rate)
+        prefix = PrefixConfig(Speaker(wave, transcript))
+        return Voice(name, None, transcript, uploaded, prefix, len(wave) / model.sample_rate)
+    codes = model.encode_audio(audio)
+    return Voice(name, codes, transcript, uploaded, seconds=len(codes) / model.engine.frame_rate)
+
+
+def load_voices(dia: Dia | Dia2, folder: str | Path | None, strict: bool = False) -> dict[str, Voice]:
     """Every voice of `folder` plus OpenAI's names; a voice that cannot be read is skipped with a
     warning that names the file and why (or refused with `strict`)."""
     voices = {name: Voice(name, None) for name in OPENAI_VOICES}
@@ -66,7 +88,7 @@ def load_voices(dia: Dia, folder: str | Path | None, strict: bool = False) -> di
     return voices
 
 
-def _load_voice(dia: Dia, folder: Path, audio: Path) -> Voice:
+def _load_voice(dia: Dia | Dia2, folder: Path, audio: Path) -> Voice:
     if not _NAME.fullmatch(audio.stem):
         raise ValueError("a voice name has letters, digits, '_', '.' and '-' only, at most 64")
     transcript_file = audio.with_suffix(".txt")
@@ -78,12 +100,12 @@ def _load_voice(dia: Dia, folder: Path, audio: Path) -> Voice:
     transcript = transcript_file.read_text(encoding="utf-8").strip()
     if not transcript:
         raise ValueError(f"its transcript {transcript_file.name} is empty")
-    codes = dia.encode_audio(str(audio))
-    log.info("voice %s: %.1f s of audio", audio.stem, len(codes) / dia.engine.frame_rate)
-    return Voice(audio.stem, codes, transcript)
+    voice = read_voice(dia, audio.stem, str(audio), transcript)
+    log.info("voice %s: %.1f s of audio", audio.stem, voice.seconds)
+    return voice
 
 
-def upload_voice(dia: Dia, voices: dict[str, Voice], name: str, transcript: str, audio: str) -> Voice:
+def upload_voice(dia: Dia | Dia2, voices: dict[str, Voice], name: str, transcript: str, audio: str) -> Voice:
     """Encode a clip sent as base64 (any format libsndfile reads, at most MAX_UPLOAD_SECONDS) as the
     voice `name`, beside the startup voices (whose names it may not take); ValueError says what is
     wrong. Runs the codec: call it off the event loop."""
@@ -109,13 +131,12 @@ def upload_voice(dia: Dia, voices: dict[str, Voice], name: str, transcript: str,
             wave = load_audio(file.name, max_seconds=MAX_UPLOAD_SECONDS)
         except ValueError as exc:  # say what is wrong with the clip, not where the server put it
             raise ValueError(str(exc).replace(f"audio file {file.name}", "the clip")) from exc
-    seconds = len(wave) / DAC_SAMPLE_RATE
-    voice = Voice(name, dia.encode_audio((wave, DAC_SAMPLE_RATE)), transcript, uploaded=True)
+    voice = read_voice(dia, name, (wave, DAC_SAMPLE_RATE), transcript, uploaded=True)
     with _UPLOADS:  # uploads run on worker threads
         uploaded = [n for n, v in voices.items() if v.uploaded and n != name]
         for oldest in uploaded[: max(0, len(uploaded) - MAX_UPLOADED_VOICES + 1)]:
             del voices[oldest]
         voices.pop(name, None)
         voices[name] = voice
-    log.info("voice %s uploaded: %.1f s of audio", name, seconds)
+    log.info("voice %s uploaded: %.1f s of audio", name, voice.seconds)
     return voice

@@ -12,10 +12,18 @@ function headers() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+let family = "dia"; // the served model's family: Dia2 takes seed and cfg_scale, not temperature or top_p
+
 async function loadHealth() {
   const health = await (await fetch("/health")).json();
+  family = health.family;
   $("server").textContent =
-    `model ${health.model} · variant ${health.compute_dtype} · batch of up to ${health.max_batch} requests`;
+    `model ${health.model} (${family}) · variant ${health.compute_dtype} · ` +
+    `batch of up to ${health.max_batch} requests`;
+  if (family === "dia2") {
+    for (const id of ["temperature", "top_p"]) $(id).closest("label").style.display = "none";
+    $("cfg_scale").value = "2.0"; // Dia2's default
+  }
 }
 
 // -- cloning a voice -----------------------------------------------------------------------------
@@ -131,14 +139,13 @@ for (const button of document.querySelectorAll("button[data-tag]")) {
 function request() {
   const number = (id) => Number($(id).value);
   const body = {
-    model: "dia",
+    model: family,
     input: $("script").value,
     voice: $("voice").value || "alloy",
     response_format: "pcm",
-    temperature: number("temperature"),
-    top_p: number("top_p"),
     cfg_scale: number("cfg_scale"),
   };
+  if (family === "dia") Object.assign(body, { temperature: number("temperature"), top_p: number("top_p") });
   if ($("seed").value !== "") body.seed = number("seed");
   return body;
 }
