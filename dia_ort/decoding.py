@@ -85,8 +85,28 @@ class Sink(Protocol):
     def put(self, item: AudioChunk | Exception | None) -> None: ...
 
 
+class ChunkedRequest:
+    """What the scheduler and its callers see of a request of either family: its chunks (to a `Sink`,
+    or a queue that iterating it reads), and cancelling it."""
+
+    chunks: Sink
+    cancelled: bool
+
+    def cancel(self) -> None:
+        """Leave the batch (or the queue) at the next step; a no-op once the request has ended."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Its audio chunks as they come (with the default sink); raises what failed it."""
+        while (chunk := self.chunks.get()) is not None:
+            if isinstance(chunk, Exception):
+                raise chunk
+            if len(chunk.audio):
+                yield chunk.audio
+
+
 @dataclass(eq=False)
-class Request:
+class Request(ChunkedRequest):
     """One text being decoded, from submission to its last audio chunk.
 
     Iterate it (from any thread) for its float32 audio chunks at its sample rate (with the default
@@ -120,18 +140,6 @@ class Request:
         """A request for byte ids `text` and checked prompt codes, sampling from a generator of its own."""
         item = ItemState(engine.config, prompt, options.max_new_tokens, engine.frame_rate)
         return cls(id, text, item, options, audio, np.random.default_rng(options.seed))
-
-    def cancel(self) -> None:
-        """Leave the batch (or the queue) at the next step; a no-op once the request has ended."""
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """Its audio chunks as they come (with the default sink); raises what failed it."""
-        while (chunk := self.chunks.get()) is not None:
-            if isinstance(chunk, Exception):
-                raise chunk
-            if len(chunk.audio):
-                yield chunk.audio
 
     def codes(self) -> np.ndarray:
         """Its `[T, C]` audio codes (once it is done)."""

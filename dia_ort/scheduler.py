@@ -1,8 +1,8 @@
 """Continuous batching: many requests share one engine, each joining the running batch at the next step.
 
 A small state machine in the spirit of vLLM's scheduler: `waiting` (a bounded FIFO) in front of the
-decoding loop (decoding.py), which runs at most `max_batch` requests on host cache rows
-(batching.py). Each `step()` drops cancelled waiting requests and runs one step of the loop with the
+decoding loop, which runs at most `max_batch` requests: Dia's on host cache rows (decoding.py,
+batching.py), Dia2's a frame at a time (dia2/decoding.py). Each `step()` drops cancelled waiting requests and runs one step of the loop with the
 waiting requests that fit the batch joining. A joint admission that fails is retried request by
 request, so a request that cannot join fails alone and the batch goes on without it.
 """
@@ -17,7 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from dia_ort.batching import HostRows
-from dia_ort.decoding import Decoding, Request, Sink
+from dia_ort.decoding import ChunkedRequest, Decoding, Request, Sink
 from dia_ort.item import PAIR
 from dia_ort.options import GenerationOptions
 from dia_ort.streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, ItemStream, check_chunk_frames
@@ -89,7 +89,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.requests = requests_of(model, (first_chunk_frames, chunk_frames))
         self.decoding = self.requests.decoding(max_batch)
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[ChunkedRequest] = deque()
         self.ids = itertools.count(1)
         self.work = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -98,7 +98,7 @@ class Scheduler:
         self.step_times: deque[float] = deque(maxlen=64)  # when the last steps ended
 
     @property
-    def running(self) -> list[Request]:
+    def running(self) -> list[ChunkedRequest]:
         """The requests in the batch."""
         return self.decoding.running
 
@@ -106,7 +106,7 @@ class Scheduler:
 
     def submit(
         self, text: str, audio_prompt: AudioPrompt | None = None, sink: Sink | None = None, **options: Any
-    ) -> Request:
+    ) -> ChunkedRequest:
         """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound.
 
         Its chunks go to `sink` (for example an asyncio queue fed thread-safely), else to a queue that
@@ -206,7 +206,7 @@ class Scheduler:
             self.step_times.append(time.perf_counter())
         return bool(self.running or self.waiting)
 
-    def _join(self, requests: list[Request]) -> None:
+    def _join(self, requests: list[ChunkedRequest]) -> None:
         """Admit `requests` together; where their joint admission fails, each joins alone."""
         try:
             self.decoding.join(requests)

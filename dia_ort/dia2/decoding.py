@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dia_ort.audio import StreamResampler
-from dia_ort.decoding import Sink
+from dia_ort.decoding import ChunkedRequest, Sink
 from dia_ort.dia2.batch import FrameBatch
 from dia_ort.dia2.frames import FrameLoop
 from dia_ort.dia2.model import CHUNK_FRAMES, Dia2, GenerationResult, SpeechAudio
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class Dia2Request:
+class Dia2Request(ChunkedRequest):
     """One Dia2 script from submission to its last chunk; iterate it for its float32 audio (with the
     default sink), `cancel()` to leave at the next step, `result` once it is done."""
 
@@ -41,16 +40,6 @@ class Dia2Request:
     result: GenerationResult | None = None
     cancelled: bool = False
     done: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while (chunk := self.chunks.get()) is not None:
-            if isinstance(chunk, Exception):
-                raise chunk
-            if len(chunk.audio):
-                yield chunk.audio
 
     def hand_out(self, chunks: list[np.ndarray], last: bool) -> None:
         """Put a frame's chunks to the sink, resampled; with `last`, the resampler's tail too."""
@@ -85,10 +74,9 @@ class Dia2Requests:
         reader = ScriptReader(model.tokenizer.encode, model.tokenizer.ids, model.frame_rate)
         if not isinstance(text, str) or not (reader.feed(text) + reader.close()):
             raise ValueError("script is empty: give the text to speak, e.g. '[S1] Hello there.'")
-        loop = model.frame_loop(text, prefix=prefix, **options)
-        audio = SpeechAudio(model, loop, CHUNK_FRAMES, prefix is not None and prefix.include_audio)
+        audio = model.stream(text, prefix=prefix, chunk_frames=CHUNK_FRAMES, **options).audio
         resampler = None if rate == model.sample_rate else StreamResampler(rate, model.sample_rate)
-        return Dia2Request(id, loop, audio, resampler)
+        return Dia2Request(id, audio.loop, audio, resampler)
 
 
 class Dia2Decoding:

@@ -213,21 +213,6 @@ class Dia2:
         `chunk_frames` frames, from the first word on; the result (codes, timestamps) once it ends."""
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
-        loop = self.frame_loop(script, config, seed=seed, draw=draw, prefix=prefix, **overrides)
-        audio = SpeechAudio(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
-        return AudioStream(self, audio)
-
-    def frame_loop(
-        self,
-        script: str | Iterable[str],
-        config: GenerationConfig | None = None,
-        *,
-        seed: int | None = None,
-        draw: Draw | None = None,
-        prefix: PrefixConfig | None = None,
-        **overrides: float | int,
-    ) -> FrameLoop:
-        """One generation's frames, checked and ready to join a `FrameBatch` (`stream`'s arguments)."""
         config = _merged(config or GenerationConfig(), overrides)
         pieces = _pieces(script)
         reader = ScriptReader(self.tokenizer.encode, self.tokenizer.ids, self.frame_rate)
@@ -239,7 +224,10 @@ class Dia2:
                 "the first frame (nari-labs/dia2 fails there too); give this model a prefix"
             )
         plan = self._plan(prefix) if prefix is not None else None
-        return FrameLoop(self.config, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
+        loop = FrameLoop(self.config, self.tokenizer.ids, reader, pieces, sampling, draw, plan)
+        return AudioStream(
+            self, SpeechAudio(self, loop, chunk_frames, prefix is not None and prefix.include_audio)
+        )
 
     def encode(self, waveform: np.ndarray) -> np.ndarray:
         """A clip at the model's rate `[N]` -> its codes `[K, ceil(N / hop)]` (Mimi's encoder)."""
@@ -354,17 +342,20 @@ class SpeechAudio:
 
 
 class AudioStream(Iterator[np.ndarray]):
-    """The chunks of one generation, run as a batch of one; `result` holds it whole (codes, timestamps,
-    the chunks joined) once the stream is exhausted."""
+    """The chunks of one generation, run as a batch of one from the first `next`; `result` holds it
+    whole (codes, timestamps, the chunks joined) once the stream is exhausted. Until then it holds no
+    rows, so its `audio` (and loop) may join another batch instead: the server's scheduler does."""
 
     def __init__(self, model: Dia2, audio: SpeechAudio) -> None:
-        self.audio, self.loop = audio, audio.loop
-        self.batch = FrameBatch(model.config, model.graphs)
-        self.batch.join(self.loop)
+        self.model, self.audio, self.loop = model, audio, audio.loop
+        self.batch: FrameBatch | None = None
         self.pending: deque[np.ndarray] = deque()
         self.result: GenerationResult | None = None
 
     def __next__(self) -> np.ndarray:
+        if self.batch is None:
+            self.batch = FrameBatch(self.model.config, self.model.graphs)
+            self.batch.join(self.loop)
         while not self.pending:
             if self.audio.ended:
                 if self.result is None:
