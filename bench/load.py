@@ -89,12 +89,14 @@ def percentile(ordered: list[float], p: float) -> float:
 
 
 async def _request(
-    http: httpx.AsyncClient, url: str, key: str | None, kind: str, seed: int, frames: int, client: int
+    http: httpx.AsyncClient, url: str, key: str | None, kind: str, seed: int, frames: int | None, client: int
 ) -> Outcome:
-    """Send one request of `kind` and read its answer (all of it, or the first bytes for "leave")."""
+    """Send one request of `kind` and read its answer (all of it, or the first bytes for "leave");
+    `frames` None: as long as the model speaks the text (Dia2, which takes no max_new_tokens)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm"}
-    body |= {"seed": seed, "max_new_tokens": frames}
+    body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", "seed": seed}
+    if frames is not None:
+        body["max_new_tokens"] = frames
     content = None
     if kind == "wrong_key":
         headers = {"Authorization": "Bearer not-the-key"}
@@ -151,7 +153,7 @@ async def _client(
     key: str | None,
     index: int,
     deadline: float,
-    frames: int,
+    frames: int | None,
     max_requests: int,
     report: LoadReport,
     kinds: tuple[str, ...],
@@ -187,7 +189,7 @@ async def run_load(
     keys: str | list[str] | None,
     clients: int = 50,
     seconds: float = 20,
-    frames: int = 40,
+    frames: int | None = 40,
     max_requests: int = 200,
     kinds: tuple[str, ...] = KINDS,
     timeout: float = 120,

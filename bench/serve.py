@@ -1,6 +1,7 @@
 """`python -m bench.serve`: the speech server under 1, 4, 8 and 16 concurrent clients.
 
-For each model size and variant, `dia-ort serve` runs in a subprocess on a loopback port; C clients
+For each model size and variant (and each Dia2 folder of `--dia2`, whose requests run as long as the
+model speaks the text), `dia-ort serve` runs in a subprocess on a loopback port; C clients
 (bench.load's) each stream one request at once. Reported: audio seconds produced per wall second over the
 round (the server's throughput) and the time from sending a request to its first audio bytes, p50
 and p95. The table replaces the serving section of bench/RESULTS.md (or of --results).
@@ -15,18 +16,19 @@ from pathlib import Path
 
 from bench.exports import ensure_export
 from bench.load import run_load
-from bench.machine import describe, physical_cores
+from bench.machine import Machine, describe, physical_cores
 from bench.process import REPO
 from bench.report import number, publish_section, table
 from bench.server import Server
+from dia_ort.manifest import Manifest
 
 SIZES = {"tiny": ("float32",), "full": ("int8", "int4")}
 FRAMES = {"tiny": 200, "full": 129}  # per request; full: 1.5 s of audio, so 16 clients finish
 CLIENTS = (1, 4, 8, 16)
-SECTION = "serve"
+SECTIONS = {"dia": "serve", "dia2": "serve_dia2"}  # each family's table, a section of its own
 
 
-def round_of(url: str, clients: int, frames: int) -> dict:
+def round_of(url: str, clients: int, frames: int | None) -> dict:
     """C clients at once, one request each."""
     report = asyncio.run(
         run_load(url, None, clients, 3600, frames, max_requests=1, kinds=("speech",), timeout=3600)
@@ -46,55 +48,58 @@ def round_of(url: str, clients: int, frames: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="*", choices=sorted(SIZES), default=list(SIZES))
     parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
     parser.add_argument("--frames", type=int, help="frames per request (default: tiny 200, full 129)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
+    parser.add_argument("--dia2", nargs="+", type=Path, default=[], help="exported Dia2 folders to serve too")
     args = parser.parse_args(argv)
     machine = describe(physical_cores(), "cpu")
-    rows = []
+    served = []  # (family, label, folder, variants, frames per request, frames of the warm-up)
     for size in args.sizes:
         folder = (REPO / "models" / f"bench-{size}").resolve()
         ensure_export(size, folder, 0, SIZES[size], re_export=False)
-        for variant in SIZES[size]:
+        served.append(("dia", size, folder, SIZES[size], args.frames or FRAMES[size], 20))
+    for folder in args.dia2:
+        variants = tuple(sorted(Manifest.load(folder).variants))
+        served.append(("dia2", folder.name, folder.resolve(), variants, None, None))
+    rows: dict[str, list[list[str]]] = {}
+    for family, label, folder, variants, frames, warm_up in served:
+        for variant in variants:
             batch = str(max(args.clients))
             flags = ("--dtype", variant, "--max-batch", batch, "--max-queue", str(4 * int(batch)))
             server = Server(folder, *flags, timeout=600)
             url = server.url
             try:
-                round_of(url, 1, 20)  # warm-up
+                round_of(url, 1, warm_up)
                 for clients in args.clients:
-                    result = round_of(url, clients, args.frames or FRAMES[size])
-                    print(f"{size} {variant}: {result}", file=sys.stderr)
-                    rows.append(
-                        [size, variant, str(clients), number(result["audio_per_wall"])]
+                    result = round_of(url, clients, frames)
+                    print(f"{label} {variant}: {result}", file=sys.stderr)
+                    rows.setdefault(family, []).append(
+                        [label, variant, str(clients), number(result["audio_per_wall"])]
                         + [number(result["first_p50"]), number(result["first_p95"]), number(result["wall"])]
                     )
             finally:
                 server.stop()
-    markdown = "\n\n".join(
+    for family, family_rows in rows.items():
+        publish_section(args.results, SECTIONS[family], _section(family, machine, family_rows))
+    return 0
+
+
+def _section(family: str, machine: Machine, rows: list[list[str]]) -> str:
+    title = "Serving" if family == "dia" else "Serving Dia2"
+    length = "" if family == "dia" else " Dia2 requests run as long as the model speaks the load's text."
+    header = ["model", "variant", "clients", "audio s / wall s", "first audio p50 s", "first audio p95 s"]
+    return "\n\n".join(
         [
-            "## Serving (`python -m bench.serve`)",
+            f"## {title} (`python -m bench.serve`)",
             f"{machine.date}, {machine.cpu}, {machine.physical_cores} cores. `dia-ort serve` on loopback with "
             "`--max-batch` the largest client count; C clients each stream one request (pcm, seeded "
             "sampling) at once. audio s / wall s is the round's audio over its wall time; time to first "
-            "audio runs from sending a request to its first bytes.",
-            table(
-                [
-                    "model",
-                    "variant",
-                    "clients",
-                    "audio s / wall s",
-                    "first audio p50 s",
-                    "first audio p95 s",
-                    "wall s",
-                ],
-                rows,
-            ),
+            f"audio runs from sending a request to its first bytes.{length}",
+            table([*header, "wall s"], rows),
         ]
     )
-    publish_section(args.results, SECTION, markdown)
-    return 0
 
 
 if __name__ == "__main__":
