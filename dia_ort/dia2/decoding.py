@@ -2,9 +2,9 @@
 
 `Dia2Requests` makes the requests and `Dia2Decoding` has the interface of Dia's
 `dia_ort.decoding.Decoding` (`running`, `steps`, `join`, `step`, `fail`), so one scheduler runs
-either family. Each step runs one frame of every running
-request in one `FrameBatch`, then hands out the audio that frame completed, resampled to the request's
-rate; a request gets the same codes and audio alone as in any batch.
+either family. Each step runs one frame of every running request in one `FrameBatch`, then hands out
+the audio that frame completed, resampled to the request's rate; a request gets the same codes and
+audio alone as in any batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 from dia_ort.audio import StreamResampler
 from dia_ort.decoding import ChunkedRequest, Sink
 from dia_ort.dia2.batch import FrameBatch
-from dia_ort.dia2.frames import FrameLoop
 from dia_ort.dia2.model import CHUNK_FRAMES, Dia2, GenerationResult, SpeechAudio
 from dia_ort.dia2.prefix import PrefixConfig
 from dia_ort.dia2.script import ScriptReader
@@ -33,8 +32,7 @@ class Dia2Request(ChunkedRequest):
     default sink), `cancel()` to leave at the next step, `result` once it is done."""
 
     id: int
-    loop: FrameLoop
-    audio: SpeechAudio
+    audio: SpeechAudio  # its generation (`audio.loop`) and the chunks it completes
     resampler: StreamResampler | None
     chunks: Sink = field(default_factory=queue.SimpleQueue)
     result: GenerationResult | None = None
@@ -76,7 +74,7 @@ class Dia2Requests:
             raise ValueError("script is empty: give the text to speak, e.g. '[S1] Hello there.'")
         audio = model.stream(text, prefix=prefix, chunk_frames=CHUNK_FRAMES, **options).audio
         resampler = None if rate == model.sample_rate else StreamResampler(rate, model.sample_rate)
-        return Dia2Request(id, audio.loop, audio, resampler)
+        return Dia2Request(id, audio, resampler)
 
 
 class Dia2Decoding:
@@ -92,7 +90,7 @@ class Dia2Decoding:
         alone."""
         for request in requests:
             try:
-                self.batch.join(request.loop)
+                self.batch.join(request.audio.loop)
             except Exception as exc:
                 self.fail(request, exc)
                 continue
@@ -101,14 +99,14 @@ class Dia2Decoding:
     def step(self) -> None:
         """Drop cancelled requests, run one frame of the others, hand out the audio it completed."""
         for request in [r for r in self.running if r.cancelled]:
-            self.batch.leave(request.loop)
+            self.batch.leave(request.audio.loop)
             self._retire(request)
         if not self.running:
             return
         ended = self.batch.step()
         self.steps += 1
         for request in list(self.running):
-            stepped = request.loop not in ended
+            stepped = request.audio.loop not in ended
             request.hand_out(request.audio.after_frame(stepped), last=not stepped)
             if not stepped:
                 request.result, request.done = request.audio.result(), True

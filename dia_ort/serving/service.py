@@ -1,10 +1,10 @@
 """Speech requests -> audio chunks: checks a request, submits it, and hands its audio to the event loop.
 
 Every request runs on the continuous-batching scheduler, of a Dia or a Dia2 model. Dia2 takes the
-options it has (seed, cfg_scale, cfg_filter_top_k) and no long-form scripts. A long-form request's parts are requests of
-the scheduler too, submitted one after another (each part needs the one before it as its prompt) by a
-thread of the request's own, which only waits for each part's audio: the scheduler's loop is the one
-that runs the model.
+options it has (seed, cfg_scale, cfg_filter_top_k) and no long-form scripts. A long-form request's
+parts are requests of the scheduler too, submitted one after another (each part needs the one before
+it as its prompt) by a thread of the request's own, which only waits for each part's audio: the
+scheduler's loop is the one that runs the model.
 """
 
 from __future__ import annotations
