@@ -8,6 +8,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
 import shutil
 
 import av
@@ -20,6 +21,7 @@ import soundfile as sf
 from bench.server import Server
 from dia_ort.audio import StreamResampler, load_audio, pcm16
 from dia_ort.dia2 import Dia2, PrefixConfig, Speaker
+from dia_ort.serving.ray import REPLICA_HEADER
 from export.dia2_pipeline import dia2_random_sources, export_dia2
 
 SCRIPT = "[S1] Hello there, how are you? [S2] Fine, thanks."
@@ -191,3 +193,21 @@ def test_the_page_plays_dia2_with_its_own_options(server):
             assert page.inner_text("#error") == ""
         finally:
             browser.close()
+
+
+def test_ray_serves_a_dia2_folder(dia2_folder):
+    """`dia-ort serve --ray` on a Dia2 folder, through Ray's proxy: streamed answers equal the library's
+    (as a replica runs it: the cores shared out among the replicas)."""
+    running = Server(
+        dia2_folder, "--ray", "--replicas", "1", "--max-batch", "2", "--max-queue", "4", timeout=300
+    )
+    try:
+        replica = Dia2(dia2_folder, device="cpu", threads=os.cpu_count() or 1)
+        body = {"model": "dia2", "voice": "alloy", "input": SCRIPT, "response_format": "pcm", "seed": 8}
+        with httpx.stream("POST", f"{running.url}/v1/audio/speech", json=body, timeout=120) as response:
+            assert response.status_code == 200 and response.headers[REPLICA_HEADER]
+            chunks = list(response.iter_bytes())
+        assert len(chunks) > 1 and b"".join(chunks) == pcm16(replica.generate(SCRIPT, seed=8).waveform)
+        assert httpx.get(f"{running.url}/health", timeout=10).json()["family"] == "dia2"
+    finally:
+        running.stop()
