@@ -24,6 +24,7 @@ from reference import dia2_reference
 
 from dia_ort.audio import StreamResampler
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
+from dia_ort.dia2.prefix import spread_words
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
 from dia_ort.dia2.script import parse_script
 from dia_ort.dia2.stage_weights import StageWeights
@@ -704,23 +705,39 @@ def test_requests_batched_on_the_scheduler_equal_their_solo_generations(dia2_cas
 
 
 def test_the_scheduler_refuses_a_bad_dia2_request_and_runs_on(dia2_case):
+    """Bad requests are refused at submission and queue nothing; a request cancelled while it runs
+    leaves the batch, the last request's rows moving into its own, and the others go on as alone."""
     model = Dia2(dia2_case[1] / "exported")
-    scheduler = Scheduler(model, max_batch=2)
-    for script, options, message in (
-        ("   ", {}, "script is empty"),
-        ("[S1]", {}, "script is empty"),
-        (SCRIPT, {"temperature": 0.5}, "unknown options"),
-        (SCRIPT, {"cfg_scale": -1}, "cfg_scale"),
+    scheduler = Scheduler(model, max_batch=3)
+    for script, options, error, message in (
+        ("   ", {}, ValueError, "script is empty"),
+        ("[S1]", {}, ValueError, "script is empty"),
+        (["[S1] lines"], {}, TypeError, "a request's script is a string"),
+        (SCRIPT, {"temperature": 0.5}, TypeError, "unknown options"),
+        (SCRIPT, {"cfg_scale": -1}, ValueError, "cfg_scale"),
     ):
-        with pytest.raises((ValueError, TypeError), match=message):
+        with pytest.raises(error, match=message):
             scheduler.submit(script, **options)
     assert scheduler.queue_depth == 0
-    request = scheduler.submit(SCRIPT, seed=4)
     leaving = scheduler.submit(SCRIPT, seed=5)
+    requests = [scheduler.submit(SCRIPT, seed=4), scheduler.submit("[S2] Another one, a bit longer.", seed=6)]
     scheduler.step()
     leaving.cancel()
     while scheduler.step():
         pass
-    assert request.done and not leaving.done and scheduler.occupancy == 0
+    assert not leaving.done and scheduler.occupancy == 0 and scheduler.decoding.batch.rows.rows == 0
     list(leaving)  # its chunks end
-    np.testing.assert_array_equal(request.result.audio_tokens, model.generate(SCRIPT, seed=4).audio_tokens)
+    for request, (script, seed) in zip(
+        requests, ((SCRIPT, 4), ("[S2] Another one, a bit longer.", 6)), strict=True
+    ):
+        solo = model.generate(script, seed=seed)
+        np.testing.assert_array_equal(request.result.audio_tokens, solo.audio_tokens)
+        assert np.array_equal(np.concatenate(list(request)), solo.waveform)
+
+
+def test_speaker_tags_in_a_prefix_transcript_are_not_words():
+    """The prefix puts its speaker's tag before the first word itself; a tag in the transcript would
+    be spoken as a word of its own and take a share of the clip's time."""
+    assert spread_words("[S1] hello there [S2]", 1.0) == spread_words("hello there", 1.0)
+    with pytest.raises(ValueError, match="transcript is empty"):
+        spread_words("[S1]", 1.0)

@@ -17,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server import Server
 from dia_ort.audio import StreamResampler, load_audio, pcm16
@@ -104,10 +105,26 @@ def test_streaming_and_sse_carry_the_same_audio(server, client, model):
     assert b"".join(base64.b64decode(p["audio"]) for p in payloads[:-1]) == streamed
 
 
+def frames_run(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "dia_ort_decoder_steps"
+        for s in f.samples
+    )
+
+
 def test_concurrent_requests_share_the_batch_and_each_equals_its_own(server, client, model):
+    """Four requests at once share frames (counted, not timed), and each is its solo result."""
     seeds = [11, 12, 13, 14]
+    before = frames_run(server)
+    speech(client, seed=seeds[0], cfg_scale=1.5)
+    one = frames_run(server) - before
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         bodies = list(pool.map(lambda seed: speech(client, seed=seed, cfg_scale=1.5), seeds))
+    four = frames_run(server) - before - one
+    assert four < 2.5 * one, (one, four)  # one after another would take about 4x
     for seed, data in zip(seeds, bodies, strict=True):
         assert data == pcm16(model.generate(SCRIPT, seed=seed, cfg_scale=1.5).waveform)
     assert server.health()["batch_occupancy"] == 0
@@ -133,13 +150,22 @@ def test_a_voice_is_a_prefix_from_the_folder_or_uploaded(server, client, model, 
     added = httpx.post(f"{server.url}/v1/audio/voices", json=body, timeout=60)
     assert added.status_code == 201 and added.json()["seconds"] == 1.0
     (tmp_path / "clip.flac").write_bytes(buffer.getvalue())
-    uploaded = load_audio((load_audio(str(tmp_path / "clip.flac")), 44100), to_rate=24000)
+    uploaded = load_audio(str(tmp_path / "clip.flac"), to_rate=24000)
     prefix = PrefixConfig(Speaker(uploaded, "[S1] My own words."))
     assert speech(client, voice="mine", seed=6) == pcm16(
         model.generate(SCRIPT, seed=6, prefix=prefix).waveform
     )
     listed = httpx.get(f"{server.url}/v1/audio/voices", timeout=10).json()["voices"]
     assert {"name": "mine", "prompt": True, "transcript": "[S1] My own words."} in listed
+
+    buffer = io.BytesIO()  # over half of the tiny model's 7.7 s window
+    sf.write(buffer, np.zeros(16000 * 5, np.float32), 16000, format="WAV")
+    body |= {"name": "long", "audio": base64.b64encode(buffer.getvalue()).decode()}
+    refused = httpx.post(f"{server.url}/v1/audio/voices", json=body, timeout=60)
+    assert (
+        refused.status_code == 400
+        and "a Dia2 voice takes at most 3.8 s" in refused.json()["error"]["message"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -53,9 +53,10 @@ class Dia2Request(ChunkedRequest):
 class Dia2Requests:
     """The scheduler's Dia2 side: a request from a script and its options, and the decoding loop.
 
-    A request takes the server's options that Dia2 has (seed, cfg_scale, cfg_filter_k) and the
-    sample rate to resample to; its prompt is a `PrefixConfig` (the voice to continue). Audio comes one
-    frame first, then CHUNK_FRAMES at a time, as from `Dia2.stream`.
+    A request takes `Dia2.stream`'s options (the server passes seed, cfg_scale and cfg_filter_k) and
+    the sample rate to resample to; its prompt is a `PrefixConfig` (the voice to continue). Audio comes
+    one frame first, then CHUNK_FRAMES at a time, as from `Dia2.stream` (the scheduler's chunk sizes
+    are Dia's).
     """
 
     def __init__(self, model: Dia2) -> None:
@@ -70,7 +71,9 @@ class Dia2Requests:
         rate = options.pop("sample_rate", None) or self.model.sample_rate
         model = self.model
         reader = ScriptReader(model.tokenizer.encode, model.tokenizer.ids, model.frame_rate)
-        if not isinstance(text, str) or not (reader.feed(text) + reader.close()):
+        if not isinstance(text, str):
+            raise TypeError(f"a request's script is a string, got {type(text).__name__}")
+        if not reader.feed(text) + reader.close():
             raise ValueError("script is empty: give the text to speak, e.g. '[S1] Hello there.'")
         audio = model.stream(text, prefix=prefix, chunk_frames=CHUNK_FRAMES, **options).audio
         resampler = None if rate == model.sample_rate else StreamResampler(rate, model.sample_rate)
@@ -83,7 +86,7 @@ class Dia2Decoding:
     def __init__(self, model: Dia2, max_batch: int) -> None:
         self.batch = FrameBatch(model.config, model.graphs, max_batch)
         self.running: list[Dia2Request] = []
-        self.steps = 0  # frames run
+        self.steps = 0  # frames run (for the scheduler's metrics)
 
     def join(self, requests: list[Dia2Request]) -> None:
         """Admit `requests` (each one's prefix fed in calls of its own); a request that cannot join fails
@@ -104,7 +107,7 @@ class Dia2Decoding:
         if not self.running:
             return
         ended = self.batch.step()
-        self.steps += 1
+        self.steps += len(ended) < len(self.running)  # a frame ran
         for request in list(self.running):
             stepped = request.audio.loop not in ended
             request.hand_out(request.audio.after_frame(stepped), last=not stepped)

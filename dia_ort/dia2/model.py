@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from dia_ort.hub import resolve_model_folder
 from dia_ort.manifest import Manifest
 
 CHUNK_FRAMES = 4  # frames a stream decodes at once (320 ms); `generate` joins the same chunks
+PLANNED_PREFIXES = 16  # prefixes whose plan (the clips' codes and words) a model keeps, the last used
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class Dia2:
         paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
         sessions = open_sessions([self.folder / p for p in paths], self.device)
         backbone, depformer, self.mimi, self.mimi_encoder = sessions
+        self.plans: OrderedDict[int, tuple[PrefixConfig, PrefixPlan]] = OrderedDict()  # by prefix object
+        self.plans_lock = threading.Lock()
         self.graphs = DecoderGraphs(
             backbone, depformer, StageWeights(self.folder / stage.bound.path, config.depth)
         )
@@ -234,17 +238,29 @@ class Dia2:
         return self.mimi_encoder.run(["codes"], {"waveform": np.asarray(waveform, np.float32)[None]})[0][0]
 
     def _plan(self, prefix: PrefixConfig) -> PrefixPlan:
+        """The prefix's plan, kept for the PLANNED_PREFIXES prefix objects used last: a server's voice is
+        one object that every request of it passes (a plan is only read, never changed)."""
         if not isinstance(prefix, PrefixConfig):
             raise TypeError(f"prefix must be a PrefixConfig, got {type(prefix).__name__}")
+        with self.plans_lock:
+            kept = self.plans.get(id(prefix))
+            if kept is not None and kept[0] is prefix:
+                self.plans.move_to_end(id(prefix))
+                return kept[1]
         rate = self.sample_rate
 
         def load(audio: object) -> np.ndarray:
             return load_audio(audio if not isinstance(audio, np.ndarray) else (audio, rate), to_rate=rate)
 
         tokenizer = self.tokenizer
-        return build_plan(
+        plan = build_plan(
             prefix, tokenizer.ids, tokenizer.encode, tokenizer.tags, load, self.encode, self.frame_rate, rate
         )
+        with self.plans_lock:
+            self.plans[id(prefix)] = (prefix, plan)
+            while len(self.plans) > PLANNED_PREFIXES:
+                self.plans.popitem(last=False)
+        return plan
 
     def decoder(self) -> MimiDecoder:
         """A fresh streaming decoder on this model's Mimi."""
@@ -354,8 +370,9 @@ class AudioStream(Iterator[np.ndarray]):
 
     def __next__(self) -> np.ndarray:
         if self.batch is None:
-            self.batch = FrameBatch(self.model.config, self.model.graphs)
-            self.batch.join(self.loop)
+            batch = FrameBatch(self.model.config, self.model.graphs)
+            batch.join(self.loop)  # a prefix that fails to feed leaves no batch behind
+            self.batch = batch
         while not self.pending:
             if self.audio.ended:
                 if self.result is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dia_ort.dia2.script import SPEAKER_TAGS
 from dia_ort.dia2.state_machine import Entry, TokenIds
 
 SPEAKER_ONE_OFFSET = 3  # the reference's "legacy BOS/PAD offset" of the first speaker's word frames
@@ -77,8 +78,8 @@ def words_to_entries(
 
 def spread_words(transcript: str, seconds: float) -> list[Word]:
     """A transcript without times: its words spread evenly over the clip (an approximation of what
-    Whisper would find)."""
-    texts = transcript.split()
+    Whisper would find). Speaker tags are not words: the prefix puts its speaker's tag first itself."""
+    texts = [word for word in transcript.split() if word not in SPEAKER_TAGS]
     if not texts:
         raise ValueError("the prefix transcript is empty")
     share = seconds / len(texts)

@@ -144,7 +144,7 @@ def _add_routes(
             rate_headers = {} if rate is None else rate.count(caller)
             prepared = service.prepare(body)
             encoder = AudioEncoder(prepared.format)
-            stream = service.start(prepared)
+            stream = await service.start(prepared)
         except Exception as exc:
             error = api_error(exc)
             if error is None:

@@ -162,13 +162,17 @@ class SpeechService:
             body.input, voice.prefix, None, body.response_format, False, keywords | {"sample_rate": rate}
         )
 
-    def start(self, speech: Speech) -> SpeechStream:
-        """Submit a checked request (raises QueueFull at the bound); iterate the result for its audio."""
+    async def start(self, speech: Speech) -> SpeechStream:
+        """Submit a checked request (raises QueueFull at the bound); iterate the result for its audio.
+
+        Submitting runs off the event loop: it checks the request and, for Dia2, reads the voice's
+        prefix (Mimi's encoder, the first time a voice is used)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         sink = _LoopSink(loop, queue)
         if not speech.long_form:
-            request = self.scheduler.submit(speech.text, speech.prompt, sink=sink, **speech.keywords)
+            submit = partial(self.scheduler.submit, speech.text, speech.prompt, sink=sink, **speech.keywords)
+            request = await asyncio.to_thread(submit)
             return SpeechStream(queue, request.cancel)
         self.scheduler.check_room()  # a script's first part queues like any request
         stop = threading.Event()

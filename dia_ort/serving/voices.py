@@ -58,13 +58,16 @@ class Voice:
 
 
 def read_voice(model: Dia | Dia2, name: str, audio: object, transcript: str, uploaded: bool = False) -> Voice:
-    """A voice of `model`'s family from a clip (a path, or samples with their rate as `(array, rate)`)."""
+    """A voice of `model`'s family from a clip (a path, or samples with their rate as `(array, rate)`).
+    A Dia2 voice may take at most half the model's window, so that it leaves the other half to speak."""
     from dia_ort.dia2 import Dia2, PrefixConfig, Speaker
 
     if isinstance(model, Dia2):
         wave = load_audio(audio, to_rate=model.sample_rate)
-        prefix = PrefixConfig(Speaker(wave, transcript))
-        return Voice(name, None, transcript, uploaded, prefix, len(wave) / model.sample_rate)
+        seconds, most = len(wave) / model.sample_rate, model.config.max_context_steps / 2 / model.frame_rate
+        if seconds > most:
+            raise ValueError(f"the clip is {seconds:.1f} s; a Dia2 voice takes at most {most:.1f} s")
+        return Voice(name, None, transcript, uploaded, PrefixConfig(Speaker(wave, transcript)), seconds)
     codes = model.encode_audio(audio)
     return Voice(name, codes, transcript, uploaded, seconds=len(codes) / model.engine.frame_rate)
 
@@ -124,14 +127,17 @@ def upload_voice(dia: Dia | Dia2, voices: dict[str, Voice], name: str, transcrip
         data = base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"audio is not base64: {exc}") from exc
+    from dia_ort.dia2 import Dia2
+
+    rate = dia.sample_rate if isinstance(dia, Dia2) else DAC_SAMPLE_RATE  # the codec's
     with tempfile.NamedTemporaryFile(prefix="voice-", suffix=".audio") as file:
         file.write(data)
         file.flush()
         try:
-            wave = load_audio(file.name, max_seconds=MAX_UPLOAD_SECONDS)
+            wave = load_audio(file.name, max_seconds=MAX_UPLOAD_SECONDS, to_rate=rate)
         except ValueError as exc:  # say what is wrong with the clip, not where the server put it
             raise ValueError(str(exc).replace(f"audio file {file.name}", "the clip")) from exc
-    voice = read_voice(dia, name, (wave, DAC_SAMPLE_RATE), transcript, uploaded=True)
+    voice = read_voice(dia, name, (wave, rate), transcript, uploaded=True)
     with _UPLOADS:  # uploads run on worker threads
         uploaded = [n for n, v in voices.items() if v.uploaded and n != name]
         for oldest in uploaded[: max(0, len(uploaded) - MAX_UPLOADED_VOICES + 1)]:

@@ -24,6 +24,7 @@ async function loadHealth() {
     for (const id of ["temperature", "top_p"]) $(id).closest("label").style.display = "none";
     $("cfg_scale").value = "2.0"; // Dia2's default
   }
+  $("play").disabled = false; // a request needs the family's options
 }
 
 // -- cloning a voice -----------------------------------------------------------------------------
