@@ -26,6 +26,7 @@ from dia_ort.text import encode_text
 if TYPE_CHECKING:
     from dia_ort.dia2.decoding import Dia2Requests
     from dia_ort.dia2.model import Dia2
+    from dia_ort.dia2.prefix import PrefixConfig
     from dia_ort.model import AudioPrompt, Dia
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,14 @@ class Scheduler:
     # -- the caller's side --------------------------------------------------------------------------
 
     def submit(
-        self, text: str, audio_prompt: AudioPrompt | None = None, sink: Sink | None = None, **options: Any
+        self,
+        text: str,
+        audio_prompt: AudioPrompt | PrefixConfig | None = None,
+        sink: Sink | None = None,
+        **options: Any,
     ) -> ChunkedRequest:
-        """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound.
+        """Queue a request (checked here, in the caller's thread); raises QueueFull at the bound. The
+        prompt is Dia's audio prompt or Dia2's prefix.
 
         Its chunks go to `sink` (for example an asyncio queue fed thread-safely), else to a queue that
         iterating the request reads.

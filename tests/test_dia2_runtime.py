@@ -24,6 +24,7 @@ from reference import dia2_reference
 
 from dia_ort.audio import StreamResampler
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
+from dia_ort.dia2.model import MimiDecoder
 from dia_ort.dia2.prefix import spread_words
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
 from dia_ort.dia2.script import parse_script
@@ -733,6 +734,27 @@ def test_the_scheduler_refuses_a_bad_dia2_request_and_runs_on(dia2_case):
         solo = model.generate(script, seed=seed)
         np.testing.assert_array_equal(request.result.audio_tokens, solo.audio_tokens)
         assert np.array_equal(np.concatenate(list(request)), solo.waveform)
+
+
+def test_a_request_whose_audio_fails_leaves_alone(dia2_case, monkeypatch):
+    """One request's Mimi decode raises: it ends with that error, the other goes on as alone."""
+    model = Dia2(dia2_case[1] / "exported")
+    scheduler = Scheduler(model, max_batch=2)
+    failing, going = scheduler.submit(SCRIPT, seed=7), scheduler.submit(SCRIPT, seed=8)
+    decode = MimiDecoder.decode
+
+    def broken(self, codes):
+        if self is failing.audio.decoder:
+            raise RuntimeError("the codec broke")
+        return decode(self, codes)
+
+    monkeypatch.setattr(MimiDecoder, "decode", broken)
+    while scheduler.step():
+        pass
+    with pytest.raises(RuntimeError, match="the codec broke"):
+        list(failing)
+    assert going.done and scheduler.decoding.batch.rows.rows == 0
+    assert np.array_equal(np.concatenate(list(going)), model.generate(SCRIPT, seed=8).waveform)
 
 
 def test_speaker_tags_in_a_prefix_transcript_are_not_words():

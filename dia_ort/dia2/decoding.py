@@ -110,9 +110,17 @@ class Dia2Decoding:
         self.steps += len(ended) < len(self.running)  # a frame ran
         for request in list(self.running):
             stepped = request.audio.loop not in ended
-            request.hand_out(request.audio.after_frame(stepped), last=not stepped)
+            try:
+                request.hand_out(request.audio.after_frame(stepped), last=not stepped)
+                if not stepped:
+                    request.result, request.done = request.audio.result(), True
+            except Exception as exc:  # its audio failed: it leaves alone, the others go on
+                if stepped:
+                    self.batch.leave(request.audio.loop)
+                self.running.remove(request)
+                self.fail(request, exc)
+                continue
             if not stepped:
-                request.result, request.done = request.audio.result(), True
                 self._retire(request)
 
     def fail(self, request: Dia2Request, exc: Exception) -> None:
