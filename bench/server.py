@@ -67,6 +67,14 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()
 
+    def decoder_steps(self) -> float:
+        """The decoder steps (Dia2: frames) the server has run, from its Prometheus metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        families = text_string_to_metric_families(text)
+        return next(s.value for f in families if f.name == "dia_ort_decoder_steps" for s in f.samples)
+
     def resident_bytes(self) -> int:
         """The server process's resident memory."""
         return memory_bytes("VmRSS", self.process.pid)

@@ -17,7 +17,6 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server import Server
 from dia_ort.audio import StreamResampler, load_audio, pcm16
@@ -105,25 +104,15 @@ def test_streaming_and_sse_carry_the_same_audio(server, client, model):
     assert b"".join(base64.b64decode(p["audio"]) for p in payloads[:-1]) == streamed
 
 
-def frames_run(server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return next(
-        s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "dia_ort_decoder_steps"
-        for s in f.samples
-    )
-
-
 def test_concurrent_requests_share_the_batch_and_each_equals_its_own(server, client, model):
     """Four requests at once share frames (counted, not timed), and each is its solo result."""
     seeds = [11, 12, 13, 14]
-    before = frames_run(server)
+    before = server.decoder_steps()
     speech(client, seed=seeds[0], cfg_scale=1.5)
-    one = frames_run(server) - before
+    one = server.decoder_steps() - before
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         bodies = list(pool.map(lambda seed: speech(client, seed=seed, cfg_scale=1.5), seeds))
-    four = frames_run(server) - before - one
+    four = server.decoder_steps() - before - one
     assert four < 2.5 * one, (one, four)  # one after another would take about 4x
     for seed, data in zip(seeds, bodies, strict=True):
         assert data == pcm16(model.generate(SCRIPT, seed=seed, cfg_scale=1.5).waveform)

@@ -260,9 +260,9 @@ def test_four_concurrent_requests_share_the_batch(client, server, served_dia):
         ).content
 
     def counted(run):
-        before = decoder_steps(server)
+        before = server.decoder_steps()
         result = run()
-        return decoder_steps(server) - before, result
+        return server.decoder_steps() - before, result
 
     one = counted(lambda: speak(texts[0]))[0]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -354,28 +354,18 @@ def test_health_models_and_metrics(server, client):
     assert steps > 0
 
 
-def decoder_steps(server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return next(
-        s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "dia_ort_decoder_steps"
-        for s in f.samples
-    )
-
-
 def test_a_client_that_leaves_frees_its_row(server):
     """It stops decoding: far fewer steps run than its 239-frame budget would take."""
     body = {"model": "dia", "voice": "alloy", "input": TEXT, "response_format": "pcm", "max_new_tokens": 239}
     assert server.health()["batch_occupancy"] == 0
-    before = decoder_steps(server)
+    before = server.decoder_steps()
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
         next(response.iter_bytes())  # the first audio: the request is in the batch
     deadline = time.monotonic() + 10
     while server.health()["batch_occupancy"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.health()["batch_occupancy"] == 0
-    assert decoder_steps(server) - before < 150  # the whole request would take 239 + 15 steps
+    assert server.decoder_steps() - before < 150  # the whole request would take 239 + 15 steps
 
 
 def test_a_long_form_client_that_leaves_stops_its_script(server):
@@ -384,7 +374,7 @@ def test_a_long_form_client_that_leaves_stops_its_script(server):
     script = " ".join(f"[S{1 + i % 2}] Line number {i} of a script that goes on and on." for i in range(48))
     body = {"model": "dia", "voice": "alloy", "response_format": "pcm", "long_form": True}
     assert server.health()["batch_occupancy"] == 0
-    before = decoder_steps(server)
+    before = server.decoder_steps()
     with httpx.stream(
         "POST",
         f"{server.url}/v1/audio/speech",
@@ -397,9 +387,9 @@ def test_a_long_form_client_that_leaves_stops_its_script(server):
     while server.health()["batch_occupancy"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.health()["batch_occupancy"] == 0
-    stopped = decoder_steps(server)
+    stopped = server.decoder_steps()
     time.sleep(0.5)  # time for a next part to join, were one submitted
-    assert decoder_steps(server) == stopped and server.health()["batch_occupancy"] == 0
+    assert server.decoder_steps() == stopped and server.health()["batch_occupancy"] == 0
     assert stopped - before < 150  # the first part alone would take 239 + 15 steps
 
 
