@@ -24,6 +24,7 @@ from reference import dia2_reference
 
 from dia_ort.audio import StreamResampler
 from dia_ort.dia2 import Dia2, GenerationConfig, PrefixConfig, SamplingConfig, Speaker, Word
+from dia_ort.dia2 import batch as dia2_batch
 from dia_ort.dia2.model import MimiDecoder
 from dia_ort.dia2.prefix import spread_words
 from dia_ort.dia2.sampling import guide, lerp, mask_ids, sample
@@ -732,6 +733,34 @@ def test_the_scheduler_refuses_a_bad_dia2_request_and_runs_on(dia2_case):
         requests, ((SCRIPT, 4), ("[S2] Another one, a bit longer.", 6)), strict=True
     ):
         solo = model.generate(script, seed=seed)
+        np.testing.assert_array_equal(request.result.audio_tokens, solo.audio_tokens)
+        assert np.array_equal(np.concatenate(list(request)), solo.waveform)
+
+
+def test_a_joining_prefix_is_fed_in_chunks_between_the_others_frames(dia2_case, monkeypatch):
+    """A voice's frames go in a chunk a step while the running request advances a frame each step; both
+    equal their solo generations (chunked alike)."""
+    monkeypatch.setattr(dia2_batch, "PREFILL_FRAMES", 4)
+    root = dia2_case[1]
+    model = Dia2(root / "exported")
+    prefix = PrefixConfig(*(Speaker(root / f"speaker{i}.wav", CLIP_WORDS[i]) for i in (1, 2)))
+    later = "[S2] Just a few words. [S1] Yes."
+    alone = [model.generate(SCRIPT, seed=1), model.generate(later, seed=2, prefix=prefix)]
+    scheduler = Scheduler(model, max_batch=2)
+    running = scheduler.submit(SCRIPT, seed=1)
+    scheduler.step()
+    joining = scheduler.submit(later, prefix, seed=2)
+    frames, t = joining.audio.loop.prefill.shape[1], running.audio.loop.t
+    chunks = -(-frames // 4)
+    assert chunks >= 3
+    for step in range(1, chunks + 1):
+        scheduler.step()  # the first: a frame of the running request, then the joining one's first chunk
+        assert running.audio.loop.t == t + step and (joining.audio.loop in scheduler.decoding.batch.held) == (
+            step < chunks
+        )
+    while scheduler.step():
+        pass
+    for request, solo in zip((running, joining), alone, strict=True):
         np.testing.assert_array_equal(request.result.audio_tokens, solo.audio_tokens)
         assert np.array_equal(np.concatenate(list(request)), solo.waveform)
 

@@ -12,6 +12,11 @@ The caches live in host buffers with room for `max_rows` rows, and the active on
 first rows of them (one that leaves has the last pair moved into its place), so a call binds
 contiguous views and nothing is copied per frame. The backbone's caches grow by CACHE_GROWTH slots
 as the furthest generation needs them.
+
+A generation with a prefix (a voice) feeds its frames PREFILL_FRAMES at a time: the first chunk when
+it joins, then one chunk after each frame of the others, as vLLM's chunked prefill does, so a long
+voice never holds the running generations for more than a chunk. Its rows ride along in the frames
+meanwhile, fed the next prefix frame at its own slot, which the next chunk writes again.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dia_ort.dia2_config import Dia2Config
 from dia_ort.engine import bind_caches, grown_capacity
 
 PAIR = 2  # a generation's rows: conditional and unconditional
-PREFILL_FRAMES = 64  # prefix frames per backbone call
+PREFILL_FRAMES = 16  # prefix frames per backbone call: a joining prefix holds the others' frames this long
 
 
 @dataclass(frozen=True)
@@ -117,24 +122,20 @@ class FrameBatch:
         self.config = config
         self.rows = FrameRows(config, graphs, PAIR * max_generations)
         self.loops: list[FrameLoop] = []  # loop i holds rows 2i and 2i + 1
+        self.held: dict[FrameLoop, int] = {}  # generations still feeding their prefix -> frames fed
 
     def join(self, loop: FrameLoop) -> None:
-        """Admit a generation: its pair of rows, and its prefix's frames fed in calls of PREFILL_FRAMES.
-        A prefix that fails leaves the batch as it was, and raises."""
-        first = self.rows.add()
+        """Admit a generation: its pair of rows, and its prefix's first chunk. A chunk that fails leaves
+        the batch as it was, and raises."""
+        self.rows.add()
         self.loops.append(loop)
-        if loop.prefill is None:
-            return
-        try:
-            frames = loop.prefill.shape[1]
-            self.rows.grow(frames)
-            for start in range(0, frames, PREFILL_FRAMES):
-                chunk = loop.prefill[:, start : start + PREFILL_FRAMES]
-                at = np.broadcast_to(np.arange(start, start + chunk.shape[1]), (PAIR, chunk.shape[1]))
-                self.rows.run_backbone(first, first + PAIR, chunk, at, at)
-        except Exception:
-            self.leave(loop)
-            raise
+        if loop.prefill is not None:
+            self.held[loop] = 0
+            try:
+                self._feed_chunk(loop)
+            except Exception:
+                self.leave(loop)
+                raise
 
     def leave(self, loop: FrameLoop) -> None:
         """Free a generation's rows (the last generation's move into them)."""
@@ -142,24 +143,33 @@ class FrameBatch:
         if self.rows.remove(PAIR * index) is not None:
             self.loops[index] = self.loops[-1]
         self.loops.pop()
+        self.held.pop(loop, None)
 
     def step(self) -> list[FrameLoop]:
-        """One frame of every generation; those that ended before it leave, and are returned."""
-        ended = [loop for loop in self.loops if not loop.begin()]
+        """One frame of every generation whose prefix is in, then the next prefix chunk of the others;
+        those that ended before the frame leave, and are returned."""
+        ended = [loop for loop in self.loops if loop not in self.held and not loop.begin()]
         for loop in ended:
             self.leave(loop)
-        loops = self.loops
-        if not loops:
-            return ended
-        tokens = np.stack([loop.frame for loop in loops]).reshape(PAIR * len(loops), 1, -1)
-        positions = np.repeat([loop.t for loop in loops], PAIR)[:, None]
-        slots = np.repeat([loop.slot for loop in loops], PAIR)[:, None]
+        if len(self.held) < len(self.loops):
+            self._frame()
+        for loop in list(self.held):
+            self._feed_chunk(loop)
+        return ended
+
+    def _frame(self) -> None:
+        loops, held = self.loops, self.held
+        tokens = np.stack([loop.prefill[:, held[loop]] if loop in held else loop.frame for loop in loops])
+        positions = np.repeat([held.get(loop, loop.t) for loop in loops], PAIR)[:, None]
+        slots = np.repeat([held.get(loop, loop.slot) for loop in loops], PAIR)[:, None]
         self.rows.grow(int(slots.max()) + 1)
         hidden, action_logits, cb0_logits = self.rows.run_backbone(
-            0, self.rows.rows, tokens, positions, slots
+            0, self.rows.rows, tokens.reshape(PAIR * len(loops), 1, -1), positions, slots
         )
-        pairs = [slice(PAIR * i, PAIR * (i + 1)) for i in range(len(loops))]
-        for loop, rows in zip(loops, pairs, strict=True):
+        running = [
+            (loop, slice(PAIR * i, PAIR * (i + 1))) for i, loop in enumerate(loops) if loop not in held
+        ]
+        for loop, rows in running:
             loop.take_backbone(action_logits[rows], cb0_logits[rows])
         text = (
             np.concatenate([loop.text_tokens for loop in loops])
@@ -169,11 +179,24 @@ class FrameBatch:
         for stage in range(self.config.depth):
             previous = np.repeat([loop.code for loop in loops], PAIR)
             logits = self.rows.run_stage(stage, previous, hidden, text)
-            for loop, rows in zip(loops, pairs, strict=True):
+            for loop, rows in running:
                 loop.take_stage(stage, logits[rows])
-        for loop in loops:
+        for loop, _ in running:
             loop.end_frame()
-        return ended
+
+    def _feed_chunk(self, loop: FrameLoop) -> None:
+        """The next PREFILL_FRAMES frames of a generation's prefix, on its own rows."""
+        assert loop.prefill is not None
+        start, first = self.held[loop], PAIR * self.loops.index(loop)
+        chunk = loop.prefill[:, start : start + PREFILL_FRAMES]
+        end = start + chunk.shape[1]
+        self.rows.grow(end)
+        at = np.broadcast_to(np.arange(start, end), (PAIR, chunk.shape[1]))
+        self.rows.run_backbone(first, first + PAIR, chunk, at, at)
+        if end == loop.prefill.shape[1]:
+            del self.held[loop]
+        else:
+            self.held[loop] = end
 
 
 def _run(
