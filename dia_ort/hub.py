@@ -181,11 +181,31 @@ def _export_on_first_use(
 
 
 def model_family(model: str | os.PathLike) -> str:
-    """ "dia2" for a local Dia2 folder (exported, or a checkpoint to export on first use); else "dia"
-    (a Hub id included: `Dia` names Dia2 when the folder it downloads holds one)."""
-    from dia_ort.dia2_config import is_dia2_checkpoint
+    """ "dia2" for a Dia2 folder (exported, or a checkpoint to export on first use) or a Hub repo of
+    one, else "dia". Of a Hub repo only its manifest (or config) is fetched, into the cache that
+    `from_pretrained` downloads to; where it cannot be fetched, "dia" (whose loading says why)."""
+    from dia_ort.dia2_config import ASSETS_NAME, is_dia2_checkpoint
 
-    folder = Path(model).expanduser()
+    folder: Path | None = Path(model).expanduser()
+    if not folder.exists() and is_hub_id(str(model)):
+        folder = _hub_folder(str(model), (MANIFEST_NAME, "config.json", ASSETS_NAME))
+    if folder is None:
+        return "dia"
     if (folder / MANIFEST_NAME).is_file():
         return Manifest.load(folder).family
     return "dia2" if is_dia2_checkpoint(folder) else "dia"
+
+
+def _hub_folder(model_id: str, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` a Hub repo holds, fetched into the cache: the folder it is in (None where
+    the repo has none of them or cannot be reached)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hub = str(cache_root(None) / "hub")
+    for name in names:
+        try:
+            return Path(hf_hub_download(model_id, name, cache_dir=hub)).parent
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+            continue
+    return None

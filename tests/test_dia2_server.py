@@ -226,3 +226,24 @@ def test_ray_serves_a_dia2_folder(dia2_folder):
         assert httpx.get(f"{running.url}/health", timeout=10).json()["family"] == "dia2"
     finally:
         running.stop()
+
+
+def test_serve_reads_the_family_of_a_hub_repo(dia2_folder, model, monkeypatch):
+    """`dia-ort serve --model ORG/NAME` of a repo holding an exported Dia2 folder (tests/fake_hub.py on
+    loopback): the family comes from the repo's manifest, and the answers are the library's."""
+    from fake_hub import FakeHub
+
+    hub = FakeHub("nari-labs/Dia2-served", dia2_folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        running = Server("nari-labs/Dia2-served", timeout=120)
+        try:
+            assert running.health()["family"] == "dia2"
+            body = {"model": "dia2", "voice": "alloy", "input": SCRIPT, "response_format": "pcm", "seed": 9}
+            answer = httpx.post(f"{running.url}/v1/audio/speech", json=body, timeout=120)
+            assert answer.content == pcm16(model.generate(SCRIPT, seed=9).waveform)
+        finally:
+            running.stop()
+    finally:
+        hub.close()
