@@ -182,13 +182,13 @@ def _export_on_first_use(
 
 def model_family(model: str | os.PathLike) -> str:
     """ "dia2" for a Dia2 folder (exported, or a checkpoint to export on first use) or a Hub repo of
-    one, else "dia". Of a Hub repo only its manifest (or config) is fetched, into the cache that
-    `from_pretrained` downloads to; where it cannot be fetched, "dia" (whose loading says why)."""
+    one, else "dia". Of a Hub repo only its manifest (or assets list, or config) is fetched, into the
+    cache that `from_pretrained` downloads to."""
     from dia_ort.dia2_config import ASSETS_NAME, is_dia2_checkpoint
 
     folder: Path | None = Path(model).expanduser()
     if not folder.exists() and is_hub_id(str(model)):
-        folder = _hub_folder(str(model), (MANIFEST_NAME, "config.json", ASSETS_NAME))
+        folder = _hub_folder(str(model), (MANIFEST_NAME, ASSETS_NAME, "config.json"))
     if folder is None:
         return "dia"
     if (folder / MANIFEST_NAME).is_file():
@@ -197,15 +197,20 @@ def model_family(model: str | os.PathLike) -> str:
 
 
 def _hub_folder(model_id: str, names: tuple[str, ...]) -> Path | None:
-    """The first of `names` a Hub repo holds, fetched into the cache: the folder it is in (None where
-    the repo has none of them or cannot be reached)."""
+    """The first of `names` a Hub repo holds, fetched into the cache: the folder it is in; None where
+    the repo has none of them or is no repo (`from_pretrained` then says so). Offline, or with the Hub
+    out of reach, a ConnectionError that says what to do."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     hub = str(cache_root(None) / "hub")
     for name in names:
         try:
             return Path(hf_hub_download(model_id, name, cache_dir=hub)).parent
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        except LocalEntryNotFoundError as exc:  # offline, or unreachable, and not in the cache
+            raise ConnectionError(no_network_message(model_id, exc)) from exc
+        except EntryNotFoundError:  # the repo has no such file
             continue
+        except OSError:
+            return None
     return None

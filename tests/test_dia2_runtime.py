@@ -765,6 +765,38 @@ def test_a_joining_prefix_is_fed_in_chunks_between_the_others_frames(dia2_case, 
         assert np.array_equal(np.concatenate(list(request)), solo.waveform)
 
 
+def test_a_voice_whose_later_chunk_fails_leaves_alone(dia2_case, monkeypatch):
+    """The second chunk of a joining voice fails: that request ends with the error, the running one
+    goes on as alone; a stream whose prefix fails so raises it, at every later `next` too."""
+    monkeypatch.setattr(dia2_batch, "PREFILL_FRAMES", 4)
+    root = dia2_case[1]
+    model = Dia2(root / "exported")
+    prefix = PrefixConfig(*(Speaker(root / f"speaker{i}.wav", CLIP_WORDS[i]) for i in (1, 2)))
+    feed = dia2_batch.FrameBatch._feed_chunk
+
+    def failing(self, loop):
+        if self.held[loop] > 0:
+            raise RuntimeError("the chunk broke")
+        feed(self, loop)
+
+    solo = model.generate(SCRIPT, seed=1)
+    monkeypatch.setattr(dia2_batch.FrameBatch, "_feed_chunk", failing)
+    scheduler = Scheduler(model, max_batch=2)
+    running = scheduler.submit(SCRIPT, seed=1)
+    scheduler.step()
+    joining = scheduler.submit("[S2] Just a few words.", prefix, seed=2)
+    while scheduler.step():
+        pass
+    with pytest.raises(RuntimeError, match="the chunk broke"):
+        list(joining)
+    np.testing.assert_array_equal(running.result.audio_tokens, solo.audio_tokens)
+    assert scheduler.decoding.batch.rows.rows == 0 and scheduler.decoding.steps == scheduler.steps
+    stream = model.stream("[S2] Just a few words.", prefix=prefix, seed=2)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the chunk broke"):
+            next(stream)
+
+
 def test_a_request_whose_audio_fails_leaves_alone(dia2_case, monkeypatch):
     """One request's Mimi decode raises: it ends with that error, the other goes on as alone."""
     model = Dia2(dia2_case[1] / "exported")

@@ -15,7 +15,7 @@ as the furthest generation needs them.
 
 A generation with a prefix (a voice) feeds its frames PREFILL_FRAMES at a time: the first chunk when
 it joins, then one chunk after each frame of the others, as vLLM's chunked prefill does, so a long
-voice never holds the running generations for more than a chunk. Its rows ride along in the frames
+voice holds the running generations one chunk at a time (each voice still feeding adds its chunk). Its rows ride along in the frames
 meanwhile, fed the next prefix frame at its own slot, which the next chunk writes again.
 """
 
@@ -123,6 +123,8 @@ class FrameBatch:
         self.rows = FrameRows(config, graphs, PAIR * max_generations)
         self.loops: list[FrameLoop] = []  # loop i holds rows 2i and 2i + 1
         self.held: dict[FrameLoop, int] = {}  # generations still feeding their prefix -> frames fed
+        self.failed: dict[FrameLoop, Exception] = {}  # generations whose prefix failed at the last step
+        self.frames = 0  # frames run
 
     def join(self, loop: FrameLoop) -> None:
         """Admit a generation: its pair of rows, and its prefix's first chunk. A chunk that fails leaves
@@ -147,14 +149,21 @@ class FrameBatch:
 
     def step(self) -> list[FrameLoop]:
         """One frame of every generation whose prefix is in, then the next prefix chunk of the others;
-        those that ended before the frame leave, and are returned."""
+        those that ended before the frame leave, and are returned. A generation whose chunk fails
+        leaves too, with its error in `failed`."""
         ended = [loop for loop in self.loops if loop not in self.held and not loop.begin()]
         for loop in ended:
             self.leave(loop)
         if len(self.held) < len(self.loops):
             self._frame()
+            self.frames += 1
+        self.failed = {}
         for loop in list(self.held):
-            self._feed_chunk(loop)
+            try:
+                self._feed_chunk(loop)
+            except Exception as exc:
+                self.leave(loop)
+                self.failed[loop] = exc
         return ended
 
     def _frame(self) -> None:

@@ -86,7 +86,11 @@ class Dia2Decoding:
     def __init__(self, model: Dia2, max_batch: int) -> None:
         self.batch = FrameBatch(model.config, model.graphs, max_batch)
         self.running: list[Dia2Request] = []
-        self.steps = 0  # frames run (for the scheduler's metrics)
+
+    @property
+    def steps(self) -> int:
+        """Frames run (for the scheduler's metrics)."""
+        return self.batch.frames
 
     def join(self, requests: list[Dia2Request]) -> None:
         """Admit `requests` (each one's prefix fed in calls of its own); a request that cannot join fails
@@ -107,7 +111,9 @@ class Dia2Decoding:
         if not self.running:
             return
         ended = self.batch.step()
-        self.steps += len(ended) < len(self.running)  # a frame ran
+        for request in [r for r in self.running if r.audio.loop in self.batch.failed]:
+            self.running.remove(request)
+            self.fail(request, self.batch.failed[request.audio.loop])
         for request in list(self.running):
             stepped = request.audio.loop not in ended
             try:

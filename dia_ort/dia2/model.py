@@ -367,8 +367,11 @@ class AudioStream(Iterator[np.ndarray]):
         self.batch: FrameBatch | None = None
         self.pending: deque[np.ndarray] = deque()
         self.result: GenerationResult | None = None
+        self.failure: Exception | None = None  # what ended it, raised again by every later `next`
 
     def __next__(self) -> np.ndarray:
+        if self.failure is not None:
+            raise self.failure
         if self.batch is None:
             batch = FrameBatch(self.model.config, self.model.graphs)
             batch.join(self.loop)  # a prefix that fails to feed leaves no batch behind
@@ -379,6 +382,9 @@ class AudioStream(Iterator[np.ndarray]):
                     self.result = self.audio.result()
                 raise StopIteration
             stepped = not self.batch.step()  # a batch of one returns its generation once it has ended
+            if self.loop in self.batch.failed:
+                self.failure = self.batch.failed[self.loop]
+                raise self.failure
             self.pending.extend(self.audio.after_frame(stepped))
         return self.pending.popleft()
 
