@@ -34,6 +34,7 @@ from bench.machine import describe, physical_cores, read_bandwidth
 from bench.measure import median_ms
 from bench.process import REPO
 from bench.report import number, publish_section, table
+from dia_ort.integer_gemm import signed_sums_exact
 from export import qgemm
 from export.quantize import nbits_quantizer
 
@@ -51,10 +52,12 @@ class WeightFormat:
     zero_points: bool = False
     accuracy_level: int = 4
     qgemm_passes: int = 0
+    signed: bool = False  # QGEMM on int8 weights (the signed twin), where VNNI or AMX sum them exactly
 
     def __str__(self) -> str:
         if self.qgemm_passes:
-            return f"8-bit QGEMM, rows quantized {'once' if self.qgemm_passes == 1 else 'twice'}"
+            weights = "int8" if self.signed else "uint8"
+            return f"8-bit QGEMM, {weights}, rows quantized {'once' if self.qgemm_passes == 1 else 'twice'}"
         if self.bits == 32:
             return "float32 MatMul"
         zero = ", zero points" if self.zero_points else ""
@@ -65,6 +68,8 @@ FORMATS = (
     WeightFormat(),
     WeightFormat(8, qgemm_passes=1),
     WeightFormat(8, qgemm_passes=2),
+    WeightFormat(8, qgemm_passes=1, signed=True),
+    WeightFormat(8, qgemm_passes=2, signed=True),
     WeightFormat(8, 32),
     WeightFormat(8, 128),
     WeightFormat(8, 128, zero_points=True),
@@ -98,7 +103,10 @@ def stored(model: onnx.ModelProto, weight: WeightFormat) -> onnx.ModelProto:
     if weight.qgemm_passes:
         k = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
         two_pass = ["matmul"] if weight.qgemm_passes == 2 else []
-        return qgemm.rewrite(copy.deepcopy(model), ["matmul"], {"x": np.ones(k, np.float32)}, two_pass)
+        rewritten = qgemm.rewrite(copy.deepcopy(model), ["matmul"], {"x": np.ones(k, np.float32)}, two_pass)
+        if weight.signed:
+            qgemm.sign_weights(rewritten)
+        return rewritten
     if weight.bits == 32:
         return model
     nbits = nbits_quantizer()
@@ -152,11 +160,16 @@ def copies(model: onnx.ModelProto, total_bytes: int, seed: int = 0) -> tuple[onn
     return helper.make_model(side_by_side, opset_imports=list(model.opset_import)), count * per_copy
 
 
-def measure(k: int, n: int, total_bytes: int, threads: list[int], rows: list[int]) -> list[dict]:
-    """GB/s of weights read by every format, thread count and row count."""
+def measure(
+    k: int, n: int, total_bytes: int, threads: list[int], rows: list[int], formats: list[str]
+) -> list[dict]:
+    """GB/s of weights read by each format named in `formats` (substrings), thread count and row count
+    (int8 QGEMM where its sums are exact)."""
     results = []
     base = one_matmul(k, n)
     for weight in FORMATS:
+        if (weight.signed and not signed_sums_exact()) or not any(text in str(weight) for text in formats):
+            continue
         graph, nbytes = copies(stored(base, weight), total_bytes)
         for count in threads:
             options = ort.SessionOptions()
@@ -191,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gigabytes", type=float, default=1.5, help="weight bytes per graph, past the cache")
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, physical_cores()}))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--formats", nargs="+", default=[""], metavar="TEXT", help="only the formats whose name holds a TEXT"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
     # before the graphs: after gigabytes of them came and went, numpy read at half the rate
     machine = describe(max(args.threads), "cpu")
     bandwidth = {count: read_bandwidth(count) for count in args.threads}
-    results = measure(*args.shape, int(args.gigabytes * 1e9), args.threads, args.rows)
+    results = measure(*args.shape, int(args.gigabytes * 1e9), args.threads, args.rows, args.formats)
     rows = [
         [
             r["format"],

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dia_ort.config import ModelConfig
+from dia_ort.integer_gemm import graph_file
 from dia_ort.manifest import Manifest, cache_names, cross_names
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,9 @@ class Engine:
         self.frame_rate = manifest.codec_config.frame_rate  # decoder rows in one second of audio
         self.device = device
         self.dtype = dtype
-        self.step_path = folder / graphs["decoder_step"].file.path
+        self.step_path = folder / graph_file(graphs["decoder_step"], device.kind == "cpu")
         self.encoder, self.step = open_sessions(
-            [folder / graphs["encoder"].file.path, self.step_path], device
+            [folder / graph_file(graphs["encoder"], device.kind == "cpu"), self.step_path], device
         )
         self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
         self.cuda_graph_error: str | None = None  # why ONNX Runtime refused to, once it did

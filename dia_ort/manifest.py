@@ -77,16 +77,19 @@ class FileEntry:
 class GraphEntry:
     """An ONNX graph: its file, external weight files, its input and output names in order, and the
     tensors the runtime binds to inputs of the same names (`bound`, a safetensors file: Dia2's
-    per-stage depformer kernels, `dia_ort.dia2.stage_weights`)."""
+    per-stage depformer kernels, `dia_ort.dia2.stage_weights`), and a QGEMM graph's signed twin
+    (`signed`: the same graph on int8 weights read from the same data files, `dia_ort.integer_gemm`)."""
 
     file: FileEntry
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     data_files: tuple[FileEntry, ...] = ()
     bound: FileEntry | None = None
+    signed: FileEntry | None = None
 
     def files(self) -> tuple[FileEntry, ...]:
-        return (self.file, *self.data_files, *([self.bound] if self.bound else []))
+        extra = [entry for entry in (self.bound, self.signed) if entry]
+        return (self.file, *self.data_files, *extra)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
@@ -96,6 +99,7 @@ class GraphEntry:
             outputs=tuple(data["outputs"]),
             data_files=tuple(FileEntry(**f) for f in data.get("data_files", ())),
             bound=FileEntry(**data["bound"]) if data.get("bound") else None,
+            signed=FileEntry(**data["signed"]) if data.get("signed") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +108,7 @@ class GraphEntry:
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
             "data_files": [vars(f) for f in self.data_files],
-        } | ({"bound": vars(self.bound)} if self.bound else {})
+        } | {name: vars(entry) for name, entry in (("bound", self.bound), ("signed", self.signed)) if entry}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from dia_ort.hub import download, is_hub_id, missing_path_message
+from dia_ort.integer_gemm import signed_sums_exact
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
 from export import GRAPH_REVISION
 from export.architecture import PRESETS, DiaArchitecture
@@ -119,10 +120,15 @@ def export_verified(
     bound: Callable[[tuple[torch.Tensor, ...]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[GraphEntry, float]:
     """Write the graph for `spec` (by `make`, else by exporting it) and verify it against torch
-    (`verify_graph`'s `bound`: the feeds bound in place of a sample's, once `make` has run)."""
+    (`verify_graph`'s `bound`: the feeds bound in place of a sample's, once `make` has run); its signed
+    twin too where this CPU runs it exactly (`dia_ort.integer_gemm`; elsewhere the runtime never opens it)."""
     began = time.perf_counter()
     entry = make() if make else export_graph(spec, folder)
-    error = verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance, bound)
+    files = [entry.file] + ([entry.signed] if entry.signed and signed_sums_exact() else [])
+    error = max(
+        verify_graph(folder / file.path, spec.module, samples, spec.inputs, tolerance, bound)
+        for file in files
+    )
     log.info(
         "exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error
     )

@@ -224,9 +224,9 @@ def quantize_graph(
             quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
             quantizer.process()
             model = quantizer.model.model
-    onnx_file, data_file = f"{name}.onnx", f"{name}.onnx.data"
+    onnx_file, data_file, signed_file = f"{name}.onnx", f"{name}.onnx.data", f"{name}.signed.onnx"
     dst_folder.mkdir(parents=True, exist_ok=True)
-    for stale in (dst_folder / onnx_file, dst_folder / data_file):
+    for stale in (dst_folder / onnx_file, dst_folder / data_file, dst_folder / signed_file):
         stale.unlink(missing_ok=True)
     onnx.save_model(
         model,
@@ -238,9 +238,11 @@ def quantize_graph(
     )
     log.info("quantized %s by %s", src_onnx.name, recipe)
     data_files = (FileEntry.of(dst_folder, data_file),) if (dst_folder / data_file).exists() else ()
+    twin = qgemm.signed_twin(dst_folder / onnx_file) if recipe.kernel == "qgemm" else None
     return GraphEntry(
         file=FileEntry.of(dst_folder, onnx_file),
         inputs=tuple(i.name for i in model.graph.input),
         outputs=tuple(o.name for o in model.graph.output),
         data_files=data_files,
+        signed=FileEntry.of(dst_folder, twin.name) if twin else None,
     )

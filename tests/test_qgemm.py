@@ -10,7 +10,7 @@ import pytest
 from conftest import export_tiny
 from onnx import TensorProto, helper, numpy_helper
 
-from dia_ort import Dia
+from dia_ort import Dia, integer_gemm
 from dia_ort.manifest import Manifest
 from dia_ort.scheduler import Scheduler
 from export import qgemm
@@ -166,6 +166,65 @@ def test_every_step_matmul_but_the_head_runs_on_qgemm(int8_folder):
         assert weights[integer.input[1]].data_type == TensorProto.UINT8
         assert len(integer.input) == 4  # both zero points
         assert (producers[integer.input[0]].op_type == "Concat") == (kind == "down")  # two passes
+
+
+def test_the_signed_twin_reads_the_same_weights_as_int8(int8_folder):
+    entry = Manifest.load(int8_folder).variants["int8"]["decoder_step"]
+    assert entry.signed is not None and entry.signed.path == "decoder_step.int8.signed.onnx"
+    plain = onnx.load(str(int8_folder / entry.file.path), load_external_data=False)
+    twin = onnx.load(str(int8_folder / entry.signed.path), load_external_data=False)
+    external = {t.name: list(t.external_data) for t in plain.graph.initializer if t.external_data}
+    assert {t.name: list(t.external_data) for t in twin.graph.initializer if t.external_data} == external
+    assert entry.signed.size < 1.2 * entry.file.size  # the graph and a few nodes: no weights of its own
+    producers = {o: n for n in twin.graph.node for o in n.output}
+    integer = [n for n in twin.graph.node if n.op_type == "MatMulInteger"]
+    assert integer and all(producers[n.input[1]].op_type == "Cast" for n in integer)
+    assert all(n.input[3] == "qgemm.signed_zero_point" for n in integer)
+
+
+def test_the_signed_twin_equals_int8_bit_for_bit(int8_folder, tiny_state):
+    """Where this CPU sums uint8 x int8 exactly (VNNI, AMX), the twin gives int8's every output exactly;
+    the export verified it against torch too."""
+    if not integer_gemm.signed_sums_exact():
+        pytest.skip("this CPU's uint8 x int8 GEMM is not exact (no VNNI or AMX): the twin is never opened")
+    entry = Manifest.load(int8_folder).variants["int8"]["decoder_step"]
+    model = DiaModel.from_state(TINY, tiny_state)
+    inputs = step_inputs(model, rows=3, start=4, cache_slots=12, text_length=9, seed=5, batch=4)
+    feeds = dict(zip(entry.inputs, (t.numpy() for t in inputs), strict=True))
+    plain, twin = (
+        ort.InferenceSession(str(int8_folder / path), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for path in (entry.file.path, entry.signed.path)
+    )
+    for a, b in zip(plain, twin, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_runtime_opens_the_twin_only_where_its_sums_are_exact(int8_folder, tmp_path, monkeypatch):
+    entry = Manifest.load(int8_folder).variants["int8"]["decoder_step"]
+    exact = integer_gemm.signed_sums_exact()
+    assert integer_gemm.graph_file(entry, on_cpu=True) == (entry.signed.path if exact else entry.file.path)
+    assert integer_gemm.graph_file(entry, on_cpu=False) == entry.file.path
+    dia = Dia.from_pretrained(int8_folder, compute_dtype="int8", device="cpu")
+    assert dia.engine.step_path.name == (entry.signed.path if exact else entry.file.path)
+    monkeypatch.setenv(integer_gemm.OVERRIDE, "unsigned")
+    assert integer_gemm.graph_file(entry, on_cpu=True) == entry.file.path
+    monkeypatch.delenv(integer_gemm.OVERRIDE)
+    # a CPU whose sums come out wrong: the probe's weights changed stand in for saturated pairs
+    probe = qgemm.probe_model()
+    weight = next(t for t in probe.graph.initializer if t.name == "weight")
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) // 2, "weight"))
+    (tmp_path / "probe.onnx").write_bytes(probe.SerializeToString())
+    monkeypatch.setattr(integer_gemm, "PROBE", tmp_path / "probe.onnx")
+    integer_gemm.signed_sums_exact.cache_clear()
+    try:
+        assert not integer_gemm.signed_sums_exact()
+        assert integer_gemm.graph_file(entry, on_cpu=True) == entry.file.path
+    finally:
+        integer_gemm.signed_sums_exact.cache_clear()
+
+
+def test_the_shipped_probe_is_probe_model():
+    assert integer_gemm.PROBE.read_bytes() == qgemm.probe_model().SerializeToString()
 
 
 def test_int8_batches_rows_at_different_positions_bit_for_bit(int8_folder, tiny_state):

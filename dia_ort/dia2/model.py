@@ -32,6 +32,7 @@ from dia_ort.dia2.state_machine import TokenIds
 from dia_ort.dia2_config import Dia2Config
 from dia_ort.engine import Device, open_sessions
 from dia_ort.hub import resolve_model_folder
+from dia_ort.integer_gemm import graph_file
 from dia_ort.manifest import Manifest
 
 CHUNK_FRAMES = 4  # frames a stream decodes at once (320 ms); `generate` joins the same chunks
@@ -155,7 +156,8 @@ class Dia2:
                 f"{self.folder} was exported by an older dia-ort (its depformer stage has no kernels file); "
                 "re-export it with `python -m export`"
             )
-        paths = [graphs["backbone_step"].file.path, stage.file.path]
+        on_cpu = self.device.kind == "cpu"
+        paths = [graph_file(graphs["backbone_step"], on_cpu), graph_file(stage, on_cpu)]
         paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
         sessions = open_sessions([self.folder / p for p in paths], self.device)
         backbone, depformer, self.mimi, self.mimi_encoder = sessions
