@@ -20,7 +20,8 @@ from dia_ort.manifest import GraphEntry
 
 PROBE = Path(__file__).with_name("integer_gemm_probe.onnx")
 PROBE_ROW_COUNTS = (1, 2, 64)  # MLAS takes a vector kernel for one row, its GEMM kernels for more
-LEVELS = 127  # the probe's weights are +-127, its rows 255 (127 above their zero point 128)
+LEVELS = 127  # the probe's weights are +-127, its rows 255 (127 above their zero point)
+ZERO_POINT = 128  # of uint8 weights and rows
 OVERRIDE = "DIA_ORT_INTEGER_GEMM"
 
 
@@ -41,3 +42,8 @@ def graph_file(entry: GraphEntry, on_cpu: bool) -> str:
     """The file of `entry` to open: its signed twin on a CPU whose uint8 x int8 sums are exact."""
     signed = entry.signed is not None and on_cpu and os.environ.get(OVERRIDE, "") != "unsigned"
     return entry.signed.path if signed and signed_sums_exact() else entry.file.path
+
+
+def signed_kernel(kernel: np.ndarray) -> np.ndarray:
+    """A uint8 kernel around 128 as the int8 one (the same values) a signed twin's bound input takes."""
+    return (kernel ^ np.uint8(ZERO_POINT)).view(np.int8)

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from dia_ort.hub import download, is_hub_id, missing_path_message
-from dia_ort.integer_gemm import signed_sums_exact
+from dia_ort.integer_gemm import signed_kernel, signed_sums_exact
 from dia_ort.manifest import MANIFEST_NAME, CodecConfig, GraphEntry, Manifest
 from export import GRAPH_REVISION
 from export.architecture import PRESETS, DiaArchitecture
@@ -124,15 +124,24 @@ def export_verified(
     twin too where this CPU runs it exactly (`dia_ort.integer_gemm`; elsewhere the runtime never opens it)."""
     began = time.perf_counter()
     entry = make() if make else export_graph(spec, folder)
-    files = [entry.file] + ([entry.signed] if entry.signed and signed_sums_exact() else [])
+    checks = [(entry.file, bound)]
+    if entry.signed and signed_sums_exact():
+        checks.append((entry.signed, bound and partial(_signed_feeds, bound)))
     error = max(
-        verify_graph(folder / file.path, spec.module, samples, spec.inputs, tolerance, bound)
-        for file in files
+        verify_graph(folder / file.path, spec.module, samples, spec.inputs, tolerance, feeds)
+        for file, feeds in checks
     )
     log.info(
         "exported %s in %.1f s (max error vs torch %.2g)", entry.file.path, time.perf_counter() - began, error
     )
     return entry, error
+
+
+def _signed_feeds(
+    bound: Callable[[tuple[torch.Tensor, ...]], dict[str, np.ndarray]], sample: tuple[torch.Tensor, ...]
+) -> dict[str, np.ndarray]:
+    """`bound`'s feeds for a signed twin: its uint8 kernels as the int8 ones the twin takes."""
+    return {name: signed_kernel(a) if a.dtype == np.uint8 else a for name, a in bound(sample).items()}
 
 
 def _codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:

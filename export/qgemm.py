@@ -28,7 +28,8 @@ uint8 x uint8 is also the slow kernel where MLAS has a faster one: on CPUs with 
 or AMX its uint8 x int8 kernel sums with `vpdpbusd`, exactly, and ran a two-row MatMul 1.4x and 256
 rows 3.6x faster on the project's Intel Xeon (AVX-512 VNNI). So each QGEMM graph has a signed twin
 (`signed_twin`) that reads the same weight file: every constant weight goes through `BitwiseXor` with
-128 and a `Cast` to int8, which ONNX Runtime folds into int8 constants when the session starts. The
+128 and a `Cast` to int8, which ONNX Runtime folds into int8 constants when the session starts (a
+kernel bound at run time is an int8 input, flipped once by the runtime). The
 runtime opens the twin where a probe (`PROBE_MODEL`) finds the uint8 x int8 sums exact
 (`dia_ort.integer_gemm`). Both give the same integer sums, so the same results bit for bit.
 
@@ -304,19 +305,26 @@ def _signed_constants() -> list[onnx.TensorProto]:
 
 
 def sign_weights(model: onnx.ModelProto) -> bool:
-    """Make each MatMulInteger of `model` whose weight is a constant read it as int8 (`_signed_weight`,
-    folded when a session starts) with zero point 0; weights bound at run time stay uint8. In place;
-    False when no MatMulInteger has a constant weight."""
+    """Make each MatMulInteger of `model` read its weight as int8 with zero point 0: a constant one
+    through `_signed_weight` (folded when a session starts), one bound at run time as an int8 input
+    (the runtime flips it once, `dia_ort.integer_gemm.signed_kernel`). In place; False when no
+    MatMulInteger has a uint8 weight."""
     graph = model.graph
     constants = {t.name for t in graph.initializer}
-    nodes = []
+    bound = {i.name: i for i in graph.input if i.type.tensor_type.elem_type == TensorProto.UINT8}
+    nodes, signed_any = [], False
     for node in graph.node:
-        if node.op_type == "MatMulInteger" and node.input[1] in constants:
-            flip, signed = _signed_weight(node.input[1])
+        weight = node.input[1] if node.op_type == "MatMulInteger" else None
+        if weight in constants:
+            flip, node.input[1] = _signed_weight(weight)
             nodes += flip
-            node.input[1], node.input[3] = signed, "qgemm.signed_zero_point"
+        elif weight in bound:
+            bound[weight].type.tensor_type.elem_type = TensorProto.INT8
+        if weight in constants or weight in bound:
+            node.input[3] = "qgemm.signed_zero_point"
+            signed_any = True
         nodes.append(node)
-    if len(nodes) == len(graph.node):
+    if not signed_any:
         return False
     del graph.node[:]
     graph.node.extend(nodes)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from reference import dia2_reference
@@ -32,6 +33,7 @@ from dia_ort.dia2.script import parse_script
 from dia_ort.dia2.stage_weights import StageWeights
 from dia_ort.dia2.state_machine import Entry, StateMachine, TokenIds
 from dia_ort.dia2_config import Dia2Config
+from dia_ort.integer_gemm import signed_sums_exact
 from dia_ort.manifest import Manifest
 from dia_ort.scheduler import Scheduler
 from export.dia2_checkpoint import PRESETS, random_state, write_checkpoint
@@ -362,7 +364,7 @@ def test_the_int8_stage_on_the_kernels_the_runtime_binds_follows_torch(dia2_case
     assert weighted == ["MatMulInteger"] * (2 + 2 * sources.config.depformer.layers)
     model = Dia2Model.from_state(sources.config, sources.state)
     spec = stage_spec(model, "stage")
-    kernels = StageWeights(folder / entry.bound.path, sources.config.depth)
+    kernels = StageWeights(folder / entry.bound.path, sources.config.depth, {})
 
     def kernels_of(sample: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         return {name: value.numpy() for name, value in kernels[int(sample[0][0])].items()}
@@ -372,6 +374,34 @@ def test_the_int8_stage_on_the_kernels_the_runtime_binds_follows_torch(dia2_case
     assert (
         verify_graph(folder / entry.file.path, spec.module, samples, spec.inputs, tolerance, kernels_of) > 0
     )
+
+
+def test_the_signed_stage_on_its_flipped_kernels_equals_the_int8_stage(dia2_case):
+    """The depformer stage's signed twin takes its bound kernels as int8 inputs; on the kernels
+    StageWeights flips for it, it gives the int8 stage's outputs bit for bit where this CPU sums uint8 x
+    int8 exactly."""
+    _, root, sources = dia2_case
+    folder = root / "exported"
+    entry = Manifest.load(folder).variants["int8"]["depformer_stage"]
+    twin = ort.InferenceSession(str(folder / entry.signed.path), providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in twin.get_inputs()}
+    signed = StageWeights(folder / entry.bound.path, sources.config.depth, types)
+    plain = StageWeights(folder / entry.bound.path, sources.config.depth, {})
+    flipped = [name for name, array in signed.arrays.items() if array.dtype == np.int8]
+    assert flipped and all(types[name] == "tensor(int8)" for name in flipped)
+    for name in flipped:
+        np.testing.assert_array_equal(signed.arrays[name].astype(np.int16) + 128, plain.arrays[name])
+    if not signed_sums_exact():
+        pytest.skip("this CPU's uint8 x int8 GEMM is not exact (no VNNI or AMX): the twin is never opened")
+    session = ort.InferenceSession(str(folder / entry.file.path), providers=["CPUExecutionProvider"])
+    model = Dia2Model.from_state(sources.config, sources.state)
+    names = stage_spec(model, "stage").inputs
+    for stage in range(sources.config.depth):
+        sample = dict(zip(names, (t.numpy() for t in stage_inputs(model, stage, seed=stage)), strict=True))
+        want = session.run(None, sample | {k: v.numpy() for k, v in plain[stage].items()})
+        got = twin.run(None, sample | {k: v.numpy() for k, v in signed[stage].items()})
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_the_accuracy_benchmark_forces_the_picks_it_compares(dia2_case):
@@ -413,12 +443,12 @@ def test_a_kernels_file_without_a_row_for_each_stage_is_refused(dia2_case, tmp_p
 
     folder, depth = dia2_case[1] / "exported", dia2_case[2].config.depth
     entry = Manifest.load(folder).variants["float32"]["depformer_stage"]
-    kernels = StageWeights(folder / entry.bound.path, depth)
+    kernels = StageWeights(folder / entry.bound.path, depth, {})
     assert sorted(kernels[0]) == sorted(kernels.arrays)
     path = tmp_path / "kernels.safetensors"
     save_file({"logits_head": np.zeros((depth, 2, 3), np.float32)}, str(path))
     with pytest.raises(ValueError, match="kernels.safetensors holds no depformer stage kernels"):
-        StageWeights(path, depth)
+        StageWeights(path, depth, {})
     for rows in ([0] * (depth - 1), [depth] * depth):
         save_file(
             {"logits_head": np.zeros((depth, 2, 3), np.float32)},
@@ -426,7 +456,7 @@ def test_a_kernels_file_without_a_row_for_each_stage_is_refused(dia2_case, tmp_p
             {"stage_rows": json.dumps({"logits_head": rows})},
         )
         with pytest.raises(ValueError, match=f"no row for each of the {depth} stages"):
-            StageWeights(path, depth)
+            StageWeights(path, depth, {})
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -164,7 +164,13 @@ class Dia2:
         self.plans: OrderedDict[int, tuple[PrefixConfig, PrefixPlan]] = OrderedDict()  # by prefix object
         self.plans_lock = threading.Lock()
         self.graphs = DecoderGraphs(
-            backbone, depformer, StageWeights(self.folder / stage.bound.path, config.depth)
+            backbone,
+            depformer,
+            StageWeights(
+                self.folder / stage.bound.path,
+                config.depth,
+                {i.name: i.type for i in depformer.get_inputs()},
+            ),
         )
 
     @classmethod

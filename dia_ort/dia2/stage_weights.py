@@ -10,18 +10,23 @@ lie instead of a graph copying them out of stacked constants.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from dia_ort.integer_gemm import signed_kernel
+
 STAGE_ROWS = "stage_rows"  # the metadata entry: input name -> the row of its stack each stage reads
 
 
 class StageWeights:
-    """Stage -> {input name: OrtValue of its kernel} for a depformer of `depth` stages."""
+    """Stage -> {input name: OrtValue of its kernel} for a depformer of `depth` stages, each kernel in
+    the type its input takes (`input_types`, name -> "tensor(int8)", ...): a signed twin's int8
+    kernels are the stored uint8 ones flipped (`dia_ort.integer_gemm`)."""
 
-    def __init__(self, path: Path, depth: int) -> None:
+    def __init__(self, path: Path, depth: int, input_types: Mapping[str, str]) -> None:
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -32,6 +37,9 @@ class StageWeights:
             raise ValueError(
                 f"{path} holds no depformer stage kernels ({exc!r}); re-export the model"
             ) from exc
+        for name, array in self.arrays.items():
+            if array.dtype == np.uint8 and input_types.get(name) == "tensor(int8)":
+                self.arrays[name] = signed_kernel(array)
         for name, stage_rows in rows.items():
             if len(stage_rows) != depth or not all(0 <= r < len(self.arrays[name]) for r in stage_rows):
                 raise ValueError(
