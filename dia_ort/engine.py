@@ -134,9 +134,10 @@ class Engine:
         self.frame_rate = manifest.codec_config.frame_rate  # decoder rows in one second of audio
         self.device = device
         self.dtype = dtype
-        self.step_path = folder / graph_file(graphs["decoder_step"], device.kind == "cpu")
+        on_cpu = device.kind == "cpu"
+        self.step_path = folder / graph_file(graphs["decoder_step"], on_cpu)
         self.encoder, self.step = open_sessions(
-            [folder / graph_file(graphs["encoder"], device.kind == "cpu"), self.step_path], device
+            [folder / graph_file(graphs["encoder"], on_cpu), self.step_path], device
         )
         self.cuda_graph = False  # whether `step` was opened with CUDA graphs enabled
         self.cuda_graph_error: str | None = None  # why ONNX Runtime refused to, once it did

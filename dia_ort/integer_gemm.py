@@ -20,8 +20,8 @@ from dia_ort.manifest import GraphEntry
 
 PROBE = Path(__file__).with_name("integer_gemm_probe.onnx")
 PROBE_ROW_COUNTS = (1, 2, 64)  # MLAS takes a vector kernel for one row, its GEMM kernels for more
-LEVELS = 127  # the probe's weights are +-127, its rows 255 (127 above their zero point)
-ZERO_POINT = 128  # of uint8 weights and rows
+LEVELS = 127  # QGEMM's weights and activations (export/qgemm.py): each side of zero...
+ZERO_POINT = 128  # ... stored as uint8 around 128
 OVERRIDE = "DIA_ORT_INTEGER_GEMM"
 
 
@@ -32,7 +32,8 @@ def signed_sums_exact() -> bool:
     depth = session.get_inputs()[0].shape[1]
     want = np.array([LEVELS * LEVELS * depth, -LEVELS * LEVELS * depth], np.int32)
     for count in PROBE_ROW_COUNTS:
-        (sums,) = session.run(None, {"rows": np.full((count, depth), 255, np.uint8)})
+        rows = np.full((count, depth), ZERO_POINT + LEVELS, np.uint8)  # 255: its pairs pass int16
+        (sums,) = session.run(None, {"rows": rows})
         if not (sums == want).all():
             return False
     return True

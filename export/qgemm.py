@@ -30,7 +30,7 @@ rows 3.6x faster on the project's Intel Xeon (AVX-512 VNNI). So each QGEMM graph
 (`signed_twin`) that reads the same weight file: every constant weight goes through `BitwiseXor` with
 128 and a `Cast` to int8, which ONNX Runtime folds into int8 constants when the session starts (a
 kernel bound at run time is an int8 input, flipped once by the runtime). The
-runtime opens the twin where a probe (`PROBE_MODEL`) finds the uint8 x int8 sums exact
+runtime opens the twin where a probe (`probe_model`) finds the uint8 x int8 sums exact
 (`dia_ort.integer_gemm`). Both give the same integer sums, so the same results bit for bit.
 
 Activation outliers (a few hidden channels 20-100x larger than the rest, which trained transformers
@@ -54,8 +54,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-LEVELS = 127  # each side of zero, for weights and activations
-ZERO_POINT = 128  # both are uint8 around 128
+from dia_ort.integer_gemm import LEVELS, ZERO_POINT
+
 FINER = 254  # the second pass' step: the first's rounding error spans 1/254 of a row's range
 OUTLIER_RATIO = 8.0  # a channel this many times the median channel's largest |x| stays float
 PROBE_DEPTH = 64  # input channels of the probe graph (probe_model)
