@@ -10,12 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import export_tiny
 from onnx import numpy_helper
 
-from bench import kernels
+from bench import dac_quantized, kernels
 from bench.__main__ import PROMPT_SECONDS
 from bench.accuracy import measure, sweep, with_recipes
 from bench.measure import TEXT, random_codes, step_ms
@@ -207,3 +208,26 @@ def test_kernel_table_has_every_format_thread_and_row_count(tmp_path, monkeypatc
         for count in "12"
     ]
     assert all(_positive(row[3:]) for row in rows), rows
+
+
+def test_snr_is_signal_over_noise_power_in_decibels():
+    signal = np.sin(np.linspace(0, 100, 10_000)).astype(np.float32)
+    assert dac_quantized.snr_db(signal, signal) == float("inf")
+    assert dac_quantized.snr_db(signal, 1.01 * signal) == pytest.approx(40.0)
+
+
+def test_quantized_codec_paths_run_integer_convolutions_and_are_compared_with_float32(tiny_folder, tmp_path):
+    manifest = Manifest.load(tiny_folder)
+    graph = tiny_folder / manifest.codec["dac_decoder"].file.path
+    config = manifest.codec_config
+    paths = dac_quantized.quantized_decoders(graph, tmp_path, config.n_codebooks, config.codebook_size)
+    ops = {
+        name: {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+        for name, path in paths.items()
+    }
+    assert "ConvInteger" in ops["dynamic"] and "Conv" not in ops["dynamic"]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops["static"]
+    result = dac_quantized.measure(tiny_folder, seconds=0.1, repeats=1, threads=1)
+    assert result["frames"] == 9 and result["float32_s"] > 0
+    for name in paths:
+        assert result[name]["speedup"] > 0 and np.isfinite(result[name]["snr_db"])

@@ -1,0 +1,135 @@
+"""What int8 would cost the DAC decoder: ONNX Runtime's own quantization tools applied to a folder's
+float32 `dac_decoder`, each result timed against it and its audio compared with it, in one run.
+
+    python -m bench.dac_quantized FOLDER [--seconds 3] [--repeats 2] [--threads N]
+
+Two ways ONNX Runtime quantizes a convolution:
+- dynamic (`quantize_dynamic`): `ConvInteger` on activations quantized per tensor at run time, int8
+  weights per output channel;
+- static (`quantize_static`, QDQ): `QLinearConv` with activation scales calibrated on random codes,
+  the Snake activations in float32 between them.
+Issue 20 asks a quantized codec to keep its audio within 35 dB SNR of the float32 codec's, and to be
+faster; this measures both before one is shipped. Prints JSON: per path the decode seconds, the
+speedup over float32 and the SNR in dB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from bench.machine import physical_cores
+from dia_ort.manifest import Manifest
+
+CALIBRATION = (4, 60)  # random code sequences of this many frames calibrate the static scales
+QUANTIZED_OPS = ["Conv", "ConvTranspose"]
+
+
+class RandomCodes(CalibrationDataReader):
+    """Uniformly random codes `[1, C, frames]`, the calibration input of the static path."""
+
+    def __init__(self, codebooks: int, codebook_size: int, count: int, frames: int) -> None:
+        rng = np.random.default_rng(1)
+        self.feeds: Iterator[dict[str, np.ndarray]] = iter(
+            {"codes": rng.integers(0, codebook_size, size=(1, codebooks, frames))} for _ in range(count)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def quantized_decoders(graph: Path, out: Path, codebooks: int, codebook_size: int) -> dict[str, Path]:
+    """The decoder `graph` quantized both ways into `out`: {"dynamic": path, "static": path}."""
+    paths = {"dynamic": out / "dac_decoder.dynamic.onnx", "static": out / "dac_decoder.static.onnx"}
+    common = dict(op_types_to_quantize=QUANTIZED_OPS, per_channel=True, use_external_data_format=True)
+    quantize_dynamic(graph, paths["dynamic"], weight_type=QuantType.QInt8, **common)
+    quantize_static(
+        graph,
+        paths["static"],
+        RandomCodes(codebooks, codebook_size, *CALIBRATION),
+        quant_format=QuantFormat.QDQ,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        **common,
+    )
+    return paths
+
+
+def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal-to-noise ratio of `other` against `reference`, in dB (inf when equal)."""
+    noise = float(np.sum((reference.astype(np.float64) - other) ** 2))
+    return (
+        float("inf")
+        if noise == 0
+        else 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
+    )
+
+
+def decode_seconds(path: Path, codes: np.ndarray, threads: int, repeats: int) -> tuple[float, np.ndarray]:
+    """Fastest of `repeats` decodes of `codes` after a warm-up, and the waveform."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wave = session.run(None, {"codes": codes})[0]
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        wave = session.run(None, {"codes": codes})[0]
+        best = min(best, time.perf_counter() - began)
+    return best, wave
+
+
+def measure(folder: Path, seconds: float, repeats: int, threads: int) -> dict:
+    """Each quantized decoder's speed and SNR against the folder's float32 decoder, on random codes."""
+    manifest = Manifest.load(folder)
+    config = manifest.codec_config
+    graph = folder / manifest.codec["dac_decoder"].file.path
+    frames = max(1, round(seconds * config.frame_rate))
+    codes = np.random.default_rng(0).integers(0, config.codebook_size, size=(1, config.n_codebooks, frames))
+    float_s, reference = decode_seconds(graph, codes, threads, repeats)
+    result = {
+        "frames": frames,
+        "audio_seconds": reference.shape[-1] / config.sample_rate,
+        "float32_s": float_s,
+    }
+    with tempfile.TemporaryDirectory(prefix="dac-int8-") as tmp:
+        for name, path in quantized_decoders(
+            graph, Path(tmp), config.n_codebooks, config.codebook_size
+        ).items():
+            elapsed, wave = decode_seconds(path, codes, threads, repeats)
+            result[name] = {
+                "seconds": elapsed,
+                "speedup": float_s / elapsed,
+                "snr_db": snr_db(reference, wave),
+            }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.dac_quantized", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("folder", type=Path, help="an exported model folder")
+    parser.add_argument("--seconds", type=float, default=3.0, help="audio decoded per timed run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs (the fastest counts)")
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.folder, args.seconds, args.repeats, args.threads), indent=2))
+
+
+if __name__ == "__main__":
+    main()
