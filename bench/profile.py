@@ -1,6 +1,6 @@
-"""`python -m bench.profile FOLDER --variant V`: where a decoder step's time goes, by operator type.
+"""`python -m bench.profile FOLDER --variant V [--requests N]`: where a decoder step's time goes, by operator type.
 
-Runs single-row CFG steps with ONNX Runtime's profiler on the optimized step graph and prints the node
+Runs single-row CFG steps of N requests at once with ONNX Runtime's profiler on the optimized step graph and prints the node
 count and the operator types that take the most kernel time (JSON with `--out`). Run it torch-free:
 `python -m bench.torch_free bench.profile ...`.
 """
@@ -24,8 +24,11 @@ from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 
 
-def profile_step(folder: Path, variant: str, threads: int, steps: int, position: int) -> dict:
-    """Kernel time per operator type over `steps` one-row steps at `position`, and the node count."""
+def profile_step(
+    folder: Path, variant: str, threads: int, steps: int, position: int, requests: int = 1
+) -> dict:
+    """Kernel time per operator type over `steps` one-row steps at `position` of `requests` CFG pairs
+    at once (the batch a server steps), and the node count."""
     manifest = Manifest.load(folder)
     with tempfile.TemporaryDirectory(prefix="dia-profile-") as tmp:
         engine = Engine(folder, manifest, variant, Device.parse("cpu", threads))
@@ -35,9 +38,14 @@ def profile_step(folder: Path, variant: str, threads: int, steps: int, position:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "step")
         engine.step = ort.InferenceSession(str(engine.step_path), options, providers=["CPUExecutionProvider"])
-        ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)])
+        ids, mask = cfg_text_rows([encode_text(TEXT, manifest.model.text_length)] * requests)
         stepper = RowsStepper(encoded_rows(engine, ids, mask, slots=position + steps))
-        step_ms(stepper, random_codes(2, position + steps, manifest.model.num_channels), position, steps)
+        step_ms(
+            stepper,
+            random_codes(2 * requests, position + steps, manifest.model.num_channels),
+            position,
+            steps,
+        )
         trace = json.loads(Path(engine.step.end_profiling()).read_text())
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     runs = [e for e in trace if e.get("name") == "model_run"]
@@ -50,6 +58,7 @@ def profile_step(folder: Path, variant: str, threads: int, steps: int, position:
     total = sum(per_op.values())
     return {
         "variant": variant,
+        "requests": requests,
         "position": position,
         "nodes": sum(nodes.values()),
         "step_ms": float(np.median([e["dur"] for e in runs[1:]]) / 1000) if len(runs) > 1 else None,
@@ -68,12 +77,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--position", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=1, help="CFG pairs stepped at once")
     parser.add_argument("--top", type=int, default=10, help="operator types to print")
     parser.add_argument("--out", type=Path, help="write the whole profile as JSON")
     args = parser.parse_args()
-    result = profile_step(args.folder, args.variant, args.threads, args.steps, args.position)
+    result = profile_step(args.folder, args.variant, args.threads, args.steps, args.position, args.requests)
     print(
-        f"{args.folder.name} {result['variant']} @{result['position']}: {result['nodes']} nodes, "
+        f"{args.folder.name} {result['variant']} @{result['position']}, {args.requests} requests: "
+        f"{result['nodes']} nodes, "
         f"step {result['step_ms']:.2f} ms, kernels {result['kernel_ms']:.2f} ms"
     )
     for op in result["ops"][: args.top]:

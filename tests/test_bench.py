@@ -124,8 +124,10 @@ def test_floor_counts_weights_text_keys_and_cache(float32_int8_folder):
     assert text_kv_bytes(graph, 30) == 2 * text_kv
 
 
-def test_step_profile_sums_its_operator_types(float32_int8_folder):
-    result = profile_step(float32_int8_folder, "int8", threads=1, steps=2, position=4)
+@pytest.mark.parametrize("requests", [1, 3])
+def test_step_profile_sums_its_operator_types(float32_int8_folder, requests):
+    result = profile_step(float32_int8_folder, "int8", threads=1, steps=2, position=4, requests=requests)
+    assert result["requests"] == requests
     assert result["nodes"] == sum(op["nodes"] for op in result["ops"]) > 0
     assert abs(sum(op["share"] for op in result["ops"]) - 1) < 1e-6
     assert "MatMulInteger" in {op["op"] for op in result["ops"]}  # the int8 weights (QGEMM)
