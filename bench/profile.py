@@ -1,8 +1,8 @@
-"""`python -m bench.profile FOLDER --variant V [--requests N]`: where a decoder step's time goes, by operator type.
+"""`python -m bench.profile FOLDER --variant V [--requests N]`: where a decoder step's time goes.
 
-Runs single-row CFG steps of N requests at once with ONNX Runtime's profiler on the optimized step graph and prints the node
-count and the operator types that take the most kernel time (JSON with `--out`). Run it torch-free:
-`python -m bench.torch_free bench.profile ...`.
+Runs single-row CFG steps of N requests at once (1 by default) with ONNX Runtime's profiler on the
+optimized step graph and prints the node count and the operator types that take the most kernel time
+(JSON with `--out`). Run it torch-free: `python -m bench.torch_free bench.profile ...`.
 """
 
 from __future__ import annotations
