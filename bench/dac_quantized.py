@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -33,6 +32,8 @@ from onnxruntime.quantization import (
 )
 
 from bench.machine import physical_cores
+from bench.measure import fastest
+from dia_ort.engine import Device, open_session
 from dia_ort.manifest import Manifest
 
 CALIBRATION = (4, 60)  # random code sequences of this many frames calibrate the static scales
@@ -71,51 +72,41 @@ def quantized_decoders(graph: Path, out: Path, codebooks: int, codebook_size: in
 
 def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
     """Signal-to-noise ratio of `other` against `reference`, in dB (inf when equal)."""
-    noise = float(np.sum((reference.astype(np.float64) - other) ** 2))
-    return (
-        float("inf")
-        if noise == 0
-        else 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
-    )
-
-
-def decode_seconds(path: Path, codes: np.ndarray, threads: int, repeats: int) -> tuple[float, np.ndarray]:
-    """Fastest of `repeats` decodes of `codes` after a warm-up, and the waveform."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    wave = session.run(None, {"codes": codes})[0]
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        wave = session.run(None, {"codes": codes})[0]
-        best = min(best, time.perf_counter() - began)
-    return best, wave
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - other) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(reference**2)) / noise)
 
 
 def measure(folder: Path, seconds: float, repeats: int, threads: int) -> dict:
-    """Each quantized decoder's speed and SNR against the folder's float32 decoder, on random codes."""
+    """Each quantized decoder's speed and SNR against the folder's float32 decoder, on random codes.
+
+    The three decoders take turns in each timed round (`bench.measure.fastest`).
+    """
     manifest = Manifest.load(folder)
     config = manifest.codec_config
     graph = folder / manifest.codec["dac_decoder"].file.path
     frames = max(1, round(seconds * config.frame_rate))
     codes = np.random.default_rng(0).integers(0, config.codebook_size, size=(1, config.n_codebooks, frames))
-    float_s, reference = decode_seconds(graph, codes, threads, repeats)
+    device = Device.parse("cpu", threads)
+    with tempfile.TemporaryDirectory(prefix="dac-int8-") as tmp:
+        quantized = quantized_decoders(graph, Path(tmp), config.n_codebooks, config.codebook_size)
+        sessions = {
+            name: open_session(path, device) for name, path in {"float32": graph, **quantized}.items()
+        }
+    runs = {name: partial(session.run, None, {"codes": codes}) for name, session in sessions.items()}
+    times, outputs = fastest(runs, repeats)
+    reference = outputs["float32"][0]
     result = {
         "frames": frames,
         "audio_seconds": reference.shape[-1] / config.sample_rate,
-        "float32_s": float_s,
+        "float32_s": times["float32"],
     }
-    with tempfile.TemporaryDirectory(prefix="dac-int8-") as tmp:
-        for name, path in quantized_decoders(
-            graph, Path(tmp), config.n_codebooks, config.codebook_size
-        ).items():
-            elapsed, wave = decode_seconds(path, codes, threads, repeats)
-            result[name] = {
-                "seconds": elapsed,
-                "speedup": float_s / elapsed,
-                "snr_db": snr_db(reference, wave),
-            }
+    for name in quantized:
+        result[name] = {
+            "seconds": times[name],
+            "speedup": times["float32"] / times[name],
+            "snr_db": snr_db(reference, outputs[name][0]),
+        }
     return result
 
 
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("folder", type=Path, help="an exported model folder")
     parser.add_argument("--seconds", type=float, default=3.0, help="audio decoded per timed run")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (the fastest counts)")
     parser.add_argument("--threads", type=int, default=physical_cores())
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.folder, args.seconds, args.repeats, args.threads), indent=2))

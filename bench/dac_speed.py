@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DacModel
 
+from bench.measure import fastest
 from dia_ort.codec import Codec
 from dia_ort.engine import Device
 from dia_ort.manifest import Manifest
@@ -36,22 +34,6 @@ def dac_model(codec: DacCodec) -> DacModel:
     with tempfile.TemporaryDirectory() as folder:
         save_hf_folder(codec, folder, "folded")
         return DacModel.from_pretrained(folder).eval()
-
-
-def fastest(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[dict[str, float], dict]:
-    """Best wall time and last output of each run over `repeats` rounds after a warm-up round.
-
-    The runs take turns within each round, so load from other processes slows them alike.
-    """
-    best = dict.fromkeys(runs, math.inf)
-    outputs = {}
-    for round_ in range(repeats + 1):
-        for name, run in runs.items():
-            began = time.perf_counter()
-            outputs[name] = run()
-            if round_:
-                best[name] = min(best[name], time.perf_counter() - began)
-    return best, outputs
 
 
 def measure_dac(

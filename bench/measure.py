@@ -3,6 +3,7 @@ and peak memory, so both engines are measured the same way."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -48,6 +49,22 @@ def median_ms(run: Callable[[], object], repeats: int = REPEATS) -> float:
         run()
         times.append(time.perf_counter() - began)
     return 1000 * statistics.median(times)
+
+
+def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict]:
+    """Best wall time and last output of each run over `repeats` rounds after a warm-up round.
+
+    The runs take turns within each round, so load from other processes slows them alike.
+    """
+    best = dict.fromkeys(runs, math.inf)
+    outputs = {}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            began = time.perf_counter()
+            outputs[name] = run()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - began)
+    return best, outputs
 
 
 def memory_bytes(field: str, pid: int | str = "self") -> int:
