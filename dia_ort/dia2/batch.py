@@ -10,7 +10,7 @@ rounding of the batched matrix products.
 
 The caches live in host buffers with room for `max_rows` rows, and the active ones are always the
 first rows of them (one that leaves has the last pair moved into its place), so a call binds
-contiguous views and nothing is copied per frame. The backbone's caches grow by CACHE_GROWTH slots
+contiguous views and nothing is copied per frame. The backbone's caches grow (`grown_capacity`)
 as the furthest generation needs them.
 
 A generation with a prefix (a voice) feeds its frames PREFILL_FRAMES at a time: the first chunk when
