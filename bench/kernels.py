@@ -3,9 +3,9 @@
 A decoder step reads every weight once for its rows (2, a CFG pair), so a weight format reaches the
 memory floor only if its kernel streams the weights at the machine's read bandwidth. For each format
 (a float32 `MatMul`, and `MatMulNBits` at 8 and 4 bits, several block sizes, with and without zero
-points, accuracy levels 4 and 1) this times a graph of MatMuls of one shape, with 1 and 2 rows and
-each thread count, and reports GB/s of weights read against the bandwidth measured with as many
-threads. The float32 MatMul is the yardstick: it streams at the memory's pace for each thread count
+points, accuracy levels 4 and 1, and the int8 QGEMM graphs) this times a graph of MatMuls of one
+shape, from a two-row step to a prefill's 1,024 rows, and reports GB/s of weights read against the
+bandwidth measured with as many threads. The float32 MatMul is the yardstick: it streams at the memory's pace for each thread count
 (one core of a server CPU reads well below the whole socket's bandwidth). A format slower than it at
 the same thread count is held back by its kernel's arithmetic, not by the bytes it reads.
 
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("K", "N"),
         help="the weight's shape (default: the full model's gate/up projection)",
     )
-    parser.add_argument("--gigabytes", type=float, default=1.5, help="weight bytes per graph, past the cache")
-    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, physical_cores()}))
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--gigabytes", type=float, default=0.5, help="weight bytes per graph, past the cache")
+    parser.add_argument("--threads", type=int, nargs="+", default=[physical_cores()])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 32, 256, 1024])
     parser.add_argument(
         "--formats", nargs="+", default=[""], metavar="TEXT", help="only the formats whose name holds a TEXT"
     )
