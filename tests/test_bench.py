@@ -16,7 +16,7 @@ import pytest
 from conftest import export_tiny
 from onnx import numpy_helper
 
-from bench import dac_quantized, kernels
+from bench import dac_quantized, kernels, longform
 from bench.__main__ import PROMPT_SECONDS
 from bench.accuracy import measure, sweep, with_recipes
 from bench.measure import TEXT, random_codes, step_ms
@@ -25,6 +25,7 @@ from bench.profile import profile_step
 from bench.report import number
 from bench.roofline import step_floor_bytes, step_weight_bytes, text_kv_bytes
 from dia_ort.codec import DECODE_CONTEXT_FRAMES
+from dia_ort.item import PREFILL_CHUNK
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
 from export.architecture import TINY
@@ -233,3 +234,12 @@ def test_quantized_codec_paths_run_integer_convolutions_and_are_compared_with_fl
     assert result["frames"] == 9 and result["float32_s"] > 0
     for name in paths:
         assert result[name]["speedup"] > 0 and np.isfinite(result[name]["snr_db"])
+
+
+def test_longform_times_a_chained_parts_prefill_apart_from_its_decoding(tiny_folder):
+    frames = PREFILL_CHUNK + 6  # the previous part: a prefill of two chunks
+    result = longform.measure(tiny_folder, "float32", frames, threads=1, repeats=1)
+    assert result["prompt_frames"] == frames and result["prefill_chunks"] == 2
+    assert 1 <= result["decode_steps"] <= frames + max(TINY.delay_pattern)
+    assert result["decode_s"] > 0
+    assert result["prefill_share"] == pytest.approx(result["prefill_s"] / result["decode_s"])
