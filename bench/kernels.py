@@ -5,9 +5,10 @@ memory floor only if its kernel streams the weights at the machine's read bandwi
 (a float32 `MatMul`, and `MatMulNBits` at 8 and 4 bits, several block sizes, with and without zero
 points, accuracy levels 4 and 1, and the int8 QGEMM graphs) this times a graph of MatMuls of one
 shape, from a two-row step to a prefill's 1,024 rows, and reports GB/s of weights read against the
-bandwidth measured with as many threads. The float32 MatMul is the yardstick: it streams at the memory's pace for each thread count
-(one core of a server CPU reads well below the whole socket's bandwidth). A format slower than it at
-the same thread count is held back by its kernel's arithmetic, not by the bytes it reads.
+bandwidth measured with as many threads. The float32 MatMul is the yardstick: it streams at the
+memory's pace for each thread count (one core of a server CPU reads well below the whole socket's
+bandwidth). A format slower than it at the same thread count is held back by its kernel's
+arithmetic, not by the bytes it reads.
 
 The weights total more than the last-level cache, and every copy holds its own random bytes. Copies
 of one array read faster than memory allows on the project's Intel VM (2.5x for 8-bit weights), so
