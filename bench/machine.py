@@ -75,6 +75,10 @@ def read_bandwidth(threads: int) -> float:
 
 
 def _version(package: str) -> str:
+    if package == "onnxruntime":  # the build imported: onnxruntime-gpu installs the same module
+        import onnxruntime
+
+        return f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
     try:
         return version(package)
     except PackageNotFoundError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,13 @@ from dia_ort.item import cfg_text_rows
 from dia_ort.text import encode_text
 from export.architecture import PRESETS, DiaArchitecture
 from export.checkpoint import random_state
+
+# The cache's keyword: `cache` in newer transformers, `past_key_values` before (5.17 ignored `cache`).
+CACHE_ARGUMENT = next(
+    name
+    for name in ("cache", "past_key_values")
+    if name in inspect.signature(DiaForConditionalGeneration.forward).parameters
+)
 
 
 def build_model(arch: DiaArchitecture, seed: int) -> DiaForConditionalGeneration:
@@ -53,8 +61,8 @@ class TorchDecoder:
             encoder_outputs=(self.memory,),
             attention_mask=self.mask,
             decoder_input_ids=torch.from_numpy(tokens).to(self.memory.device),
-            cache=self.cache,
             use_cache=True,
+            **{CACHE_ARGUMENT: self.cache},
         )
         batch, channels = tokens.shape[0], tokens.shape[2]
         return out.logits[:, -1].reshape(batch, channels, -1).float().cpu().numpy()  # waits for the GPU

@@ -53,6 +53,14 @@ def _get_default_device() -> str:
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
+# cuDNN picks each convolution's algorithm from its heuristics instead of timing the candidates
+# (ONNX Runtime's default, EXHAUSTIVE). On an H200 with onnxruntime-gpu 1.31.1, the full DAC decoder on
+# one 431-frame window ran in 22.4 ms a call with HEURISTIC against 74.4 ms with EXHAUSTIVE, after the
+# first call; with EXHAUSTIVE, the codec decoding 5 s of audio on its grid of windows of 7 widths
+# took 3.5 s (bench/RESULTS-cuda.md).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
 @dataclass(frozen=True)
 class Device:
     """Where sessions run and tensors live: ("cpu", 0) or ("cuda", N), and how many CPU threads."""
@@ -80,7 +88,8 @@ class Device:
 
     def providers(self, cuda_graph: bool = False) -> list:
         if self.kind == "cuda":
-            options = {"device_id": self.index} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
+            options = {"device_id": self.index, **CUDA_OPTIONS}
+            options |= {"enable_cuda_graph": "1"} if cuda_graph else {}
             return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
