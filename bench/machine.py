@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 PACKAGES = ("onnxruntime", "numpy", "torch", "transformers", "onnx")
 BANDWIDTH_BYTES = 1 << 30  # a float32 array far larger than any cache
@@ -76,8 +77,6 @@ def read_bandwidth(threads: int) -> float:
 
 def _version(package: str) -> str:
     if package == "onnxruntime":  # the build imported: onnxruntime-gpu installs the same module
-        import onnxruntime
-
         return f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
     try:
         return version(package)

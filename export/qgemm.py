@@ -12,8 +12,8 @@ rewritten MatMul becomes, in standard ops:
 (`DequantizeLinear` on the int32 sums for the column scale, one node where Cast and a Mul are two,
 measured slower in alternating runs of the full step, 80-89 ms against 73-77. So did
 `MatMulIntegerToFloat` with the column scale, which fuses the Cast and that Mul into the GEMM's
-output: one request 55.3-56.5 ms against 54.3-54.7, 16 requests no different, on the AMX Xeon.) A row's scale depends
-on that row alone and integer sums are exact, so a row's result does not depend
+output: one request 55.3-56.5 ms against 54.3-54.7, 16 requests no different, on the AMX Xeon.)
+A row's scale depends on that row alone and integer sums are exact, so a row's result does not depend
 on the other rows of the batch, nor on the kernel MLAS picks for the row count (batch invariance).
 Weights are uint8 around 128 (`-127..127`): MLAS' uint8 x int8 kernel on AVX2 without VNNI sums
 products in pairs to int16 (`vpmaddubsw`), which saturates (255 * 127 * 2 > 32767) and gave sums off
