@@ -71,8 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--dia2",
         nargs="*",
         choices=DIA2_PRESETS,
-        default=["dia2-bench"],
-        help="Dia2 shapes measured beside Dia, float32 and int8 (none: skip Dia2)",
+        help="Dia2 shapes measured beside Dia on the CPU, float32 and int8 (default: dia2-bench on the "
+        "CPU, none on cuda; none: skip Dia2)",
     )
     parser.add_argument("--re-export", action="store_true", help="export even where a finished folder exists")
     parser.add_argument(
@@ -91,6 +91,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--model-folder needs exactly one --sizes")
     if args.steps < 1 or args.threads < 1:
         parser.error("--steps and --threads must be at least 1")
+    if args.dia2 is None:
+        args.dia2 = [] if args.device == "cuda" else ["dia2-bench"]
+    elif args.dia2 and args.device == "cuda":  # bench/dia2_speed.py runs Dia2 on the CPU only
+        parser.error("--dia2 measures Dia2 on the CPU; on --device cuda pass --dia2 with no shape")
     return args
 
 

@@ -17,7 +17,7 @@ from conftest import export_tiny
 from onnx import numpy_helper
 
 from bench import dac_quantized, kernels, longform
-from bench.__main__ import PROMPT_SECONDS
+from bench.__main__ import PROMPT_SECONDS, parse_args
 from bench.accuracy import measure, sweep, with_recipes
 from bench.measure import TEXT, random_codes, step_ms
 from bench.overhead import step_overhead
@@ -243,3 +243,13 @@ def test_longform_times_a_chained_parts_prefill_apart_from_its_decoding(tiny_fol
     assert 1 <= result["decode_steps"] <= frames + max(TINY.delay_pattern)
     assert result["decode_s"] > 0
     assert result["prefill_share"] == pytest.approx(result["prefill_s"] / result["decode_s"])
+
+
+def test_dia2_shapes_are_measured_beside_dia_on_the_cpu_only(capsys):
+    """bench/dia2_speed.py runs Dia2 on the CPU, so a CUDA run must not put CPU figures in its report."""
+    assert parse_args([]).dia2 == ["dia2-bench"]
+    assert parse_args(["--device", "cuda"]).dia2 == []
+    assert parse_args(["--device", "cuda", "--dia2"]).dia2 == []
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda", "--dia2", "dia2-bench"])
+    assert "--dia2 measures Dia2 on the CPU" in capsys.readouterr().err
