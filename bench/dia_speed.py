@@ -13,6 +13,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -106,11 +107,15 @@ def batch_throughput(dia: Dia, batch: int, steps: int, cuda_graph: bool) -> dict
     }
 
 
-def first_audio(dia: Dia, repeats: int, **request: object) -> tuple[float, int, int]:
+def first_audio(
+    dia: Dia, repeats: int, before: Callable[[], None] = lambda: None, **request: object
+) -> tuple[float, int, int]:
     """Seconds from the call to the first chunk of `generate_stream` (median of `repeats` streams stopped
-    there, after one warm-up), and the steps and samples of that chunk's stream."""
+    there, after one warm-up; `before` runs before each), and the steps and samples of that chunk's
+    stream."""
     firsts = []
     for _ in range(repeats + 1):
+        before()
         steps: list[int] = []
         began = time.perf_counter()
         stream = dia.generate_stream(TEXT, callback=lambda i, n, steps=steps: steps.append(i), **request)
@@ -121,19 +126,24 @@ def first_audio(dia: Dia, repeats: int, **request: object) -> tuple[float, int, 
 
 
 def prompt_speed(dia: Dia, frames: int, seconds: float, repeats: int = 3) -> dict:
-    """Time to first audio with a voice prompt of `seconds` given as a waveform (the codec encodes it,
-    then its frames are prefilled), and how much of it the encoding alone takes (medians)."""
+    """Time to first audio with a voice prompt of `seconds` given as a waveform, the first time (the codec
+    encodes it, then its frames are prefilled) and again (its codes are kept: `Dia.encode_audio`), and
+    how much of the first the encoding alone takes (medians)."""
     t = np.arange(round(seconds * 44100)) / 44100
     wave = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     encoded = []
     for _ in range(repeats + 1):
+        dia.encoded_clips.clear()
         began = time.perf_counter()
         dia.encode_audio(wave)
         encoded.append(time.perf_counter() - began)
-    first_s, _, _ = first_audio(dia, repeats, audio_prompt=wave, seed=SEED, max_new_tokens=frames)
+    request = dict(audio_prompt=wave, seed=SEED, max_new_tokens=frames)
+    first_s, _, _ = first_audio(dia, repeats, dia.encoded_clips.clear, **request)
+    again_s, _, _ = first_audio(dia, repeats, **request)
     return {
         "prompt_seconds": seconds,
         "first_audio_prompt_s": first_s,
+        "first_audio_prompt_again_s": again_s,
         "prompt_encode_s": statistics.median(encoded[1:]),
     }
 

@@ -165,6 +165,8 @@ def stream_table(streams: dict[str, dict]) -> str:
         "time to first audio with it s",
         "its encoding s",
         "with / without",
+        "the same voice again s",
+        "again / without",
     ]
     rows = [
         [
@@ -178,8 +180,12 @@ def stream_table(streams: dict[str, dict]) -> str:
             *(
                 [number(s["prompt_seconds"]), number(s["first_audio_prompt_s"]), number(s["prompt_encode_s"])]
                 + [number(s["first_audio_prompt_s"] / s["first_audio_s"])]
+                + [
+                    number(s["first_audio_prompt_again_s"]),
+                    number(s["first_audio_prompt_again_s"] / s["first_audio_s"]),
+                ]
                 if "prompt_seconds" in s
-                else ["–"] * 4
+                else ["–"] * 6
             ),
         ]
         for name, s in streams.items()
@@ -249,7 +255,9 @@ def size_section(result: SizeResult) -> str:
             "chunk needs max_delay + its frames + the codec's 10-frame right context in steps. RTF is audio "
             "seconds over wall seconds for the whole request, for the stream and for a plain `generate`. "
             "With a voice prompt given as a waveform, the codec encodes it and its frames are prefilled "
-            "(PREFILL_CHUNK rows a call) before the first step; its encoding is timed alone too.",
+            "(PREFILL_CHUNK rows a call) before the first step; its encoding is timed alone too. The same "
+            "voice again: a later call with that clip, whose codes the model kept (`Dia.encode_audio`), so "
+            "only the prefill remains.",
             stream_table(result.streams),
         ]
     return "\n\n".join(parts + result.sections + result.notes)

@@ -67,9 +67,45 @@ def test_waveform_prompt_equals_its_codes(tiny_dia):
     wave = (0.2 * np.sin(np.arange(6 * 512) / 9)).astype(np.float32)
     codes = tiny_dia.encode_audio(wave)
     kwargs = dict(temperature=0, max_new_tokens=12)
+    tiny_dia.encoded_clips.clear()  # the generation encodes the waveform itself
     by_wave = tiny_dia.generate_codes(["[S1] Hi."], [wave], **kwargs)[0]
     by_codes = tiny_dia.generate_codes(["[S1] Hi."], [codes], **kwargs)[0]
     np.testing.assert_array_equal(by_wave, by_codes)
+
+
+def test_a_clip_seen_again_skips_the_encoder(tiny_dia, monkeypatch, tmp_path):
+    import soundfile as sf
+
+    runs = []
+    encode = tiny_dia.codec.encode
+    monkeypatch.setattr(tiny_dia.codec, "encode", lambda wave: runs.append(len(wave)) or encode(wave))
+    tiny_dia.encoded_clips.clear()
+    wave = (0.2 * np.random.default_rng(3).standard_normal(9 * 512)).astype(np.float32)
+    first = tiny_dia.encode_audio(wave)
+    first[:] = 0  # the caller's copy: the kept codes stay as they were
+    again = tiny_dia.encode_audio(wave.copy())
+    path = tmp_path / "voice.wav"
+    sf.write(path, wave, 44100, subtype="FLOAT")
+    from_file = tiny_dia.encode_audio(str(path))  # the same samples, read from a file
+    assert len(runs) == 1
+    np.testing.assert_array_equal(again, encode(wave))
+    np.testing.assert_array_equal(from_file, again)
+
+    other = wave.copy()
+    other[100] += 0.01  # one sample differs: another clip
+    np.testing.assert_array_equal(tiny_dia.encode_audio(other), encode(other))
+    assert len(runs) == 2
+    tiny_dia.encoded_clips.clear()
+    tiny_dia.encode_audio(wave)
+    assert len(runs) == 3
+
+
+def test_a_clip_too_long_is_refused_before_it_is_kept(tiny_dia):
+    tiny_dia.encoded_clips.clear()
+    frames = tiny_dia.config.audio_room + 1
+    with pytest.raises(ValueError, match="audio window"):
+        tiny_dia.encode_audio(np.zeros(frames * 512, dtype=np.float32))
+    assert len(tiny_dia.encoded_clips) == 0
 
 
 def open_codec(folder, chunk_frames: int) -> Codec:

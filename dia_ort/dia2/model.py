@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from dia_ort.engine import Device, open_sessions
 from dia_ort.hub import resolve_model_folder
 from dia_ort.integer_gemm import graph_file
 from dia_ort.manifest import Manifest
+from dia_ort.recent import Recent
 
 CHUNK_FRAMES = 4  # frames a stream decodes at once (320 ms); `generate` joins the same chunks
 PLANNED_PREFIXES = 16  # prefixes whose plan (the clips' codes and words) a model keeps, the last used
@@ -161,8 +161,8 @@ class Dia2:
         paths += [self.manifest.codec[name].file.path for name in ("mimi_decoder", "mimi_encoder")]
         sessions = open_sessions([self.folder / p for p in paths], self.device)
         backbone, depformer, self.mimi, self.mimi_encoder = sessions
-        self.plans: OrderedDict[int, tuple[PrefixConfig, PrefixPlan]] = OrderedDict()  # by prefix object
-        self.plans_lock = threading.Lock()
+        # by the prefix object's id (`_plan`)
+        self.plans: Recent[int, tuple[PrefixConfig, PrefixPlan]] = Recent(PLANNED_PREFIXES)
         self.graphs = DecoderGraphs(
             backbone,
             depformer,
@@ -250,11 +250,9 @@ class Dia2:
         one object that every request of it passes (a plan is only read, never changed)."""
         if not isinstance(prefix, PrefixConfig):
             raise TypeError(f"prefix must be a PrefixConfig, got {type(prefix).__name__}")
-        with self.plans_lock:
-            kept = self.plans.get(id(prefix))
-            if kept is not None and kept[0] is prefix:
-                self.plans.move_to_end(id(prefix))
-                return kept[1]
+        kept = self.plans.get(id(prefix))
+        if kept is not None and kept[0] is prefix:
+            return kept[1]
         rate = self.sample_rate
 
         def load(audio: object) -> np.ndarray:
@@ -264,10 +262,7 @@ class Dia2:
         plan = build_plan(
             prefix, tokenizer.ids, tokenizer.encode, tokenizer.tags, load, self.encode, self.frame_rate, rate
         )
-        with self.plans_lock:
-            self.plans[id(prefix)] = (prefix, plan)
-            while len(self.plans) > PLANNED_PREFIXES:
-                self.plans.popitem(last=False)
+        self.plans.put(id(prefix), (prefix, plan))
         return plan
 
     def decoder(self) -> MimiDecoder:
