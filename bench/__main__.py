@@ -213,8 +213,9 @@ def dac_section(folder: Path, seed: int, device: str) -> str:
     return dac_table(json.loads(run_child(argv, "DAC speed", json_out=False).stdout))
 
 
-def dia2_section(preset: str, args: argparse.Namespace) -> str:
-    """A Dia2 shape's frame against its floor, realtime factor and first audio, per variant."""
+def dia2_section(preset: str, args: argparse.Namespace, date: str) -> str:
+    """A Dia2 shape's frame against its floor, realtime factor and first audio, per variant, measured
+    at `date` (the section stays in later reports that skip Dia2)."""
     folder = (args.models / f"bench-{preset}").resolve()
     _, export = ensure_export(preset, folder, args.seed, DIA2_VARIANTS, args.re_export)
     rows = []
@@ -223,7 +224,7 @@ def dia2_section(preset: str, args: argparse.Namespace) -> str:
         argv += ["--threads", str(args.threads)]
         rows.append(run_child(argv, f"Dia2 {preset} {variant}").result)
     argv = ["-m", "bench.torch_free", "bench.dia2_accuracy", str(folder), "--threads", str(args.threads)]
-    return dia2_table(preset, export, rows, run_child(argv, f"Dia2 {preset} int8 accuracy").result)
+    return dia2_table(preset, date, export, rows, run_child(argv, f"Dia2 {preset} int8 accuracy").result)
 
 
 def weights_seed(folder: Path, default: int) -> int:
@@ -242,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_dac
         else dac_section(first, weights_seed(first, args.seed), args.device)
     )
-    dia2 = [marked(DIA2_SECTION, "\n\n".join(dia2_section(p, args) for p in args.dia2))] if args.dia2 else []
+    dia2 = (
+        [marked(DIA2_SECTION, "\n\n".join(dia2_section(p, args, machine.date) for p in args.dia2))]
+        if args.dia2
+        else []
+    )
     kept = kept_sections(args.results, (DIA2_SECTION,) if args.dia2 else ())  # e.g. bench.serve's table
     markdown = render(machine, shlex.join(["python", "-m", "bench", *argv]), results, [*dia2, dac, *kept])
     print(markdown)

@@ -334,9 +334,9 @@ def dac_table(dac: dict) -> str:
     )
 
 
-def dia2_table(preset: str, export: ExportRun, rows: list[dict], accuracy: dict) -> str:
-    """bench/dia2_speed.py's figures for one Dia2 shape, a row per variant, and int8's agreement with
-    float32 (bench/dia2_accuracy.py)."""
+def dia2_table(preset: str, date: str, export: ExportRun, rows: list[dict], accuracy: dict) -> str:
+    """bench/dia2_speed.py's figures for one Dia2 shape measured at `date`, a row per variant, and int8's
+    agreement with float32 (bench/dia2_accuracy.py)."""
     shape = rows[0]["shape"]
     columns = {  # header -> bench/dia2_speed.py's figure
         "backbone ms": "backbone_ms",
@@ -359,7 +359,7 @@ def dia2_table(preset: str, export: ExportRun, rows: list[dict], accuracy: dict)
     return (
         f"## Dia2 {preset}: backbone {shape['backbone'][0]} layers x {shape['backbone'][1]}, depformer "
         f"{shape['depformer'][0]} layers x {shape['depformer'][1]}, {shape['stages']} stages\n\n"
-        f"Random weights (`{export.command}`, {made}). A frame (80 ms of audio) is the backbone step, every "
+        f"{date}. Random weights (`{export.command}`, {made}). A frame (80 ms of audio) is the backbone step, every "
         "depformer stage and Mimi's decode, for the CFG pair; floor = the bytes the frame reads (each "
         "stage its own kernels and the shared MLP again) / read bandwidth. RTF (frame) = 80 ms / frame "
         "ms; RTF (generate) and first audio come from `Dia2.stream` on a long script, warm.\n\n"

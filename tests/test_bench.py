@@ -109,6 +109,8 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
     dia2 = _table(markdown, "| variant | backbone ms |")
     assert [row[0] for row in dia2] == ["float32", "int8"] and all(_positive(row[1:]) for row in dia2), dia2
     assert "## Dia2 dia2-tiny: backbone 2 layers" in markdown
+    # the section says when it was measured: later runs without --dia2 keep it as it is
+    assert re.search(r"## Dia2 dia2-tiny[^\n]*\n\n\d{4}-\d\d-\d\d \d\d:\d\d UTC\. Random weights", markdown)
     agreement = re.search(r"int8 picks float32's argmax on (\S+) % of its draws, text (\S+) %", markdown)
     assert 0 < float(agreement.group(1)) <= 100 and 0 < float(agreement.group(2)) <= 100
 
