@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -33,6 +34,7 @@ from onnxruntime.quantization import (
 
 from bench.machine import physical_cores
 from bench.measure import fastest
+from dia_ort.codec import Codec
 from dia_ort.engine import Device, open_session
 from dia_ort.manifest import Manifest
 
@@ -40,13 +42,26 @@ CALIBRATION = (4, 60)  # random code sequences of this many frames calibrate the
 QUANTIZED_OPS = ["Conv", "ConvTranspose"]
 
 
-class RandomCodes(CalibrationDataReader):
-    """Uniformly random codes `[1, C, frames]`, the calibration input of the static path."""
+def first_block(graph: Path, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoder's feeds for `codes [1, C, T]` as an item's first block (its contexts zeros)."""
+    inputs = onnx.load(graph, load_external_data=False).graph.input
+    contexts = {
+        i.name: np.zeros([1, *(d.dim_value for d in i.type.tensor_type.shape.dim[1:])], dtype=np.float32)
+        for i in inputs
+        if i.name.startswith("past_")
+    }
+    end = np.array([codes.shape[-1]], dtype=np.int64)
+    return {"codes": codes, "first_frame": np.zeros(1, dtype=np.int64), "end_frame": end, **contexts}
 
-    def __init__(self, codebooks: int, codebook_size: int, count: int, frames: int) -> None:
+
+class RandomCodes(CalibrationDataReader):
+    """Uniformly random codes `[1, C, frames]` as first blocks, the calibration input of the static path."""
+
+    def __init__(self, graph: Path, codebooks: int, codebook_size: int, count: int, frames: int) -> None:
         rng = np.random.default_rng(1)
         self.feeds: Iterator[dict[str, np.ndarray]] = iter(
-            {"codes": rng.integers(0, codebook_size, size=(1, codebooks, frames))} for _ in range(count)
+            first_block(graph, rng.integers(0, codebook_size, size=(1, codebooks, frames)))
+            for _ in range(count)
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -61,7 +76,7 @@ def quantized_decoders(graph: Path, out: Path, codebooks: int, codebook_size: in
     quantize_static(
         graph,
         paths["static"],
-        RandomCodes(codebooks, codebook_size, *CALIBRATION),
+        RandomCodes(graph, codebooks, codebook_size, *CALIBRATION),
         quant_format=QuantFormat.QDQ,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
@@ -80,22 +95,24 @@ def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
 def measure(folder: Path, seconds: float, repeats: int, threads: int) -> dict:
     """Each quantized decoder's speed and SNR against the folder's float32 decoder, on random codes.
 
-    The three decoders take turns in each timed round (`bench.measure.fastest`).
+    Each decodes through the runtime's `Codec` (its block grid, contexts and padding block), and the
+    three take turns in each timed round (`bench.measure.fastest`).
     """
     manifest = Manifest.load(folder)
     config = manifest.codec_config
     graph = folder / manifest.codec["dac_decoder"].file.path
     frames = max(1, round(seconds * config.frame_rate))
-    codes = np.random.default_rng(0).integers(0, config.codebook_size, size=(1, config.n_codebooks, frames))
+    codes = np.random.default_rng(0).integers(0, config.codebook_size, size=(frames, config.n_codebooks))
     device = Device.parse("cpu", threads)
+    codecs = {}
     with tempfile.TemporaryDirectory(prefix="dac-int8-") as tmp:
         quantized = quantized_decoders(graph, Path(tmp), config.n_codebooks, config.codebook_size)
-        sessions = {
-            name: open_session(path, device) for name, path in {"float32": graph, **quantized}.items()
-        }
-    runs = {name: partial(session.run, None, {"codes": codes}) for name, session in sessions.items()}
+        for name, path in {"float32": graph, **quantized}.items():
+            codecs[name] = Codec(folder, manifest, device)
+            codecs[name].decoder = open_session(path, device)
+    runs = {name: partial(codec.decode, codes) for name, codec in codecs.items()}
     times, outputs = fastest(runs, repeats)
-    reference = outputs["float32"][0]
+    reference = outputs["float32"]
     result = {
         "frames": frames,
         "audio_seconds": reference.shape[-1] / config.sample_rate,
@@ -105,7 +122,7 @@ def measure(folder: Path, seconds: float, repeats: int, threads: int) -> dict:
         result[name] = {
             "seconds": times[name],
             "speedup": times["float32"] / times[name],
-            "snr_db": snr_db(reference, outputs[name][0]),
+            "snr_db": snr_db(reference, outputs[name]),
         }
     return result
 

@@ -252,7 +252,7 @@ def size_section(result: SizeResult) -> str:
         parts += [
             "Streaming: `generate_stream` with the default chunks. Time to first audio runs from the call "
             "(text, encoder, prefill included) to the first chunk, median of 3 after a warm-up; the first "
-            "chunk needs max_delay + its frames + the codec's 10-frame right context in steps. RTF is audio "
+            "chunk needs max_delay + the codec's first decode block (18 frames on the CPU, 64 on CUDA) in steps. RTF is audio "
             "seconds over wall seconds for the whole request, for the stream and for a plain `generate`. "
             "With a voice prompt given as a waveform, the codec encodes it and its frames are prefilled "
             "(PREFILL_CHUNK rows a call) before the first step; its encoding is timed alone too. The same "

@@ -1,14 +1,15 @@
 """The DAC codec graphs: audio codes `[T, C]` <-> 44.1 kHz mono waveform.
 
-Both graphs are convolutional, so long audio runs in pieces: each piece carries the frames around it
-that its outputs can see (the receptive field) and keeps only its own part of the result, which
-bounds memory and the size of every intermediate tensor.
+Decoding streams: the decoder graph takes one block of an item's codes and the left context each of
+its convolutions kept from the block before, and returns the audio up to `decoder_delay` samples
+before the block's end (the convolutions see that far ahead). A last block of padding codes brings
+out the rest. No frame is decoded twice, whether the codes come all at once or a few at a time while
+they are generated. ONNX Runtime's convolutions round differently for blocks of different lengths
+(their GEMM strides depend on the width), so only the same blocks give the same bits: decoding every
+item on one grid (`DecodeGrid`) is what makes a stream of audio bit-identical to decoding the whole.
 
-Decoding cuts an item's frames into blocks on one fixed grid (`DecodeGrid`), whether the codes come
-all at once or a few at a time while they are generated. ONNX Runtime's convolutions round
-differently for windows of different lengths (their GEMM strides depend on the width), so only the
-same windows give the same bits: decoding every item on one grid is what makes a stream of audio
-bit-identical to decoding the whole item.
+Encoding runs in windows: each chunk carries the frames around it that its outputs can see (the
+receptive field) and keeps only its own part of the result, which bounds memory.
 """
 
 from __future__ import annotations
@@ -23,11 +24,7 @@ import onnxruntime as ort
 from dia_ort.engine import Device, open_sessions
 from dia_ort.manifest import Manifest
 
-# Receptive fields of the 44.1 kHz DAC in frames on each side (the span of nonzero input gradients).
-# Decoder: conv1 (k7) sees 3 frames, each upsampling block's transposed conv about one of its input
-# samples and its residual units (k7, dilations 1, 3, 9) 39 of their own samples, which with rates
-# 8, 8, 4, 2 adds up to 9.9 frames. Encoder: 3733 samples, 7.3 frames.
-DECODE_CONTEXT_FRAMES = 10
+# The encoder's receptive field in frames on each side (3733 samples, 7.3 frames).
 ENCODE_CONTEXT_FRAMES = 8
 # Encoding runs in chunks of about 6 s of audio, so that clips that short take one call; its memory
 # stays bounded (a 35 s decode in one run peaks at 3.7 GB of process memory).
@@ -49,19 +46,28 @@ def chunk_windows(total: int, chunk: int, context: int) -> Iterator[tuple[int, i
 class DecodeGrid:
     """The blocks an item's frames are decoded in: `first` frames, then doubling up to `steady`.
 
-    With the defaults the blocks end at frames 8, 16, 32, 64, 128, 256, 512, 768, ...: a stream's
-    first block is ready soon after its frames are generated (time to first audio), later ones are
-    larger (fewer codec calls). Each block is decoded with DECODE_CONTEXT_FRAMES of context on each
-    side, so a 10 s item costs about 18 % more decoder work than one window would, and no call sees
-    more than `steady` + 20 frames.
+    With the defaults the blocks end at frames 18, 36, 72, 144, 288, 544, 800, ...: the first block
+    brings out 8 frames of audio (its 18 frames less the decoder's lookahead, 4757 samples or 9.3
+    frames), about as soon as one more frame would; later blocks are larger (fewer codec calls), and
+    no call sees more than `steady` frames.
+
+    A `padded` grid runs every call at one width (`first == steady`): the item's last block and the
+    padding blocks after it are filled out with codes past its end. ONNX Runtime's CUDA convolutions
+    pay for every change of shape between calls (cuDNN sets each one up anew): on an H200, 431 frames
+    took 0.39 s on the doubling grid and 0.04 s in blocks of 64.
     """
 
-    first: int = 8
+    first: int = 18
     steady: int = 256
+    padded: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.first <= self.steady:
             raise ValueError(f"a decode grid needs 1 <= first <= steady, got {self.first} and {self.steady}")
+        if self.padded and self.first != self.steady:
+            raise ValueError(
+                f"a padded decode grid has one width, got first {self.first}, steady {self.steady}"
+            )
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         """`(start, end)` of every block, without end."""
@@ -73,6 +79,7 @@ class DecodeGrid:
 
 
 DEFAULT_GRID = DecodeGrid()
+CUDA_GRID = DecodeGrid(first=64, steady=64, padded=True)  # a first chunk after max_delay + 64 steps
 
 
 class Codec:
@@ -84,13 +91,18 @@ class Codec:
         manifest: Manifest,
         device: Device,
         encode_chunk_frames: int = ENCODE_CHUNK_FRAMES,
-        grid: DecodeGrid = DEFAULT_GRID,
+        grid: DecodeGrid | None = None,
     ) -> None:
+        """`grid`: the blocks items are decoded in; by default DEFAULT_GRID, on CUDA CUDA_GRID."""
         self.config = manifest.codec_config
         paths = [folder / manifest.codec[name].file.path for name in ("dac_decoder", "dac_encoder")]
         self.decoder, self.encoder = open_sessions(paths, device)
         self.encode_chunk_frames = encode_chunk_frames
-        self.grid = grid
+        self.grid = grid or (CUDA_GRID if device.kind == "cuda" else DEFAULT_GRID)
+        self.contexts = [
+            (i.name, i.shape[1:]) for i in self.decoder.get_inputs() if i.name.startswith("past_")
+        ]
+        self.outputs = [o.name for o in self.decoder.get_outputs()]
         # Hand the CPU arena's unused memory back after each chunk, which it would otherwise keep for good.
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -123,11 +135,20 @@ class Codec:
         """A decoder for one item whose codes arrive a few frames at a time."""
         return DecodeStream(self)
 
-    def decode_window(self, codes: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """Run the decoder on frames `lo:hi` of `[T, C]` codes: waveform `[(hi - lo) * hop]`."""
-        window = np.ascontiguousarray(codes[lo:hi].T[None], dtype=np.int64)
-        (wave,) = self.decoder.run(None, {"codes": window}, self.run_options)
-        return wave[0]
+    def decode_block(
+        self, codes: np.ndarray, first_frame: int, end_frame: int, contexts: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the decoder on one block `[T, C]` from `first_frame` on, after `contexts`, with the item
+        ending at `end_frame` (codes from there on are padding): waveform `[T * hop]` from sample
+        `first_frame * hop - decoder_delay` on, and the contexts for the next block."""
+        feeds = {
+            "codes": np.ascontiguousarray(codes.T[None], dtype=np.int64),
+            "first_frame": np.array([first_frame], dtype=np.int64),
+            "end_frame": np.array([end_frame], dtype=np.int64),
+            **{name: context for (name, _), context in zip(self.contexts, contexts, strict=True)},
+        }
+        wave, *contexts = self.decoder.run(self.outputs, feeds, self.run_options)
+        return wave[0], contexts
 
     def encode(self, waveform: np.ndarray) -> np.ndarray:
         """Mono float32 waveform at the codec's rate -> `[ceil(N / hop), C]` codes (right-padded)."""
@@ -147,33 +168,53 @@ class Codec:
 class DecodeStream:
     """One item's waveform, decoded block by block on the codec's grid as its frames become final.
 
-    `decode(codes, last)` takes every final frame so far and returns the audio of the blocks that
-    became decodable: a block needs DECODE_CONTEXT_FRAMES final frames after it, or the item's end.
+    `decode(codes, last)` takes every final frame so far and returns the audio that became final: a
+    block is decoded once all its frames are, and its audio lags them by the decoder's delay, which
+    the item's end brings out.
     """
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self.blocks = codec.grid.blocks()
         self.block = next(self.blocks)
-        self.decoded = 0  # frames whose audio was returned
+        self.contexts = [np.zeros([1, *shape], dtype=np.float32) for _, shape in codec.contexts]
+        self.fed = 0  # frames run through the decoder, padding included
+        self.position = -codec.config.decoder_delay  # the sample the decoder's next output starts at
+        self.ended = False
 
     def needs(self) -> int:
         """How many final frames the next block waits for (before the item's end)."""
-        return self.block[1] + DECODE_CONTEXT_FRAMES
+        return self.block[1]
 
     def decode(self, codes: np.ndarray, last: bool = False) -> np.ndarray:
         """New audio for the blocks that `[T, C]` final codes (all of them when `last`) complete."""
-        hop, total = self.codec.config.hop_length, len(codes)
-        if total < self.decoded:
-            raise ValueError(f"{self.decoded} frames were decoded already; got codes of {total} frames")
+        if self.ended:
+            raise ValueError("this item's audio was decoded to its end")
+        total, decoded = len(codes), self.block[0]
+        if total < decoded:
+            raise ValueError(f"{decoded} frames were decoded already; got codes of {total} frames")
+        grid, hop = self.codec.grid, self.codec.config.hop_length
         pieces = []
-        while self.decoded < total:
+        while self.block[0] < total and (self.block[1] <= total or last):
             start, end = self.block
-            if self.needs() > total and not last:
-                break
-            end = min(end, total)
-            lo, hi = max(0, start - DECODE_CONTEXT_FRAMES), min(total, end + DECODE_CONTEXT_FRAMES)
-            pieces.append(self.codec.decode_window(codes, lo, hi)[(start - lo) * hop : (end - lo) * hop])
-            self.decoded = end
+            width = end - start if grid.padded else min(end, total) - start
+            pieces.append(self._run(codes[start:end], width, min(end, total)))
             self.block = next(self.blocks)
+        if last:
+            width = grid.steady if grid.padded else -(-self.codec.config.decoder_delay // hop)
+            while total and self.position < total * hop:  # the audio the decoder's lookahead held back
+                pieces.append(self._run(codes[:0], width, total))
+            self.ended = True
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+
+    def _run(self, codes: np.ndarray, width: int, end_frame: int) -> np.ndarray:
+        """Decode `codes` filled out to `width` frames with padding, the item ending at `end_frame`;
+        return the audio that lies inside the item."""
+        if width > len(codes):
+            codes = np.concatenate([codes, np.zeros((width - len(codes), codes.shape[1]), dtype=codes.dtype)])
+        wave, self.contexts = self.codec.decode_block(codes, self.fed, end_frame, self.contexts)
+        self.fed += width
+        start = self.position
+        self.position += len(wave)
+        end = min(self.position, end_frame * self.codec.config.hop_length)
+        return wave[max(0, -start) : max(0, end - start)]

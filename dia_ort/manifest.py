@@ -120,6 +120,7 @@ class CodecConfig:
     hop_length: int = 512
     n_codebooks: int = 9
     codebook_size: int = 1024
+    decoder_delay: int = 0  # samples the streamed DAC decoder's output lags its codes (Mimi: 0)
 
     @property
     def frame_rate(self) -> float:
@@ -180,6 +181,11 @@ class Manifest:
             raise ValueError(
                 f"{MANIFEST_NAME} in {folder} holds a model of family {family!r}, which this dia_ort does not "
                 f"know (it runs {sorted(FAMILIES)}); upgrade dia-ort to read it"
+            )
+        if family == "dia" and "decoder_delay" not in data.get("codec_config", {}):
+            raise ValueError(
+                f"{MANIFEST_NAME} in {folder} holds a DAC decoder from before the streamed one (graph "
+                f"revision 5); re-export it with `{reexport_command(data, folder)}`"
             )
         graph_names, codec_names, read_config = FAMILIES[family]
         try:

@@ -272,9 +272,10 @@ class Dia:
         """`generate`, yielding float32 chunks at `sample_rate` while the audio is generated.
 
         Takes every keyword of `generate` (`options`: temperature, top_p, seed, sample_rate, ...). The
-        first chunk holds about `first_chunk_frames` frames (86 a second) and comes once those frames
-        and the codec's right context are final; later chunks at least `chunk_frames`. Sizes round up
-        to the codec's decode blocks (8, 8, 16, 32, ... frames), which is what makes the joined
+        first chunk holds about `first_chunk_frames` frames (86 a second) and comes once the codec's
+        decode block that holds them is final (its frames less the decoder's 9.3-frame lookahead); later
+        chunks at least `chunk_frames`. Sizes round up to the codec's decode blocks (18, 18, 36, 72, ...
+        frames), which is what makes the joined
         chunks equal `generate(...)` with the same options bit for bit. The request is checked here,
         before the first chunk is asked for.
         """

@@ -38,9 +38,10 @@ def check_chunk_frames(first_chunk_frames: int, chunk_frames: int) -> None:
 class ItemStream:
     """One item's final codes -> its audio, in chunks of at least `first_chunk_frames`, then `chunk_frames`.
 
-    A chunk is cut at the codec's block boundaries, so its size is rounded up to them: with the
-    default grid a first chunk of 8, 16, 32, 64 ... frames is exact, one of 20 frames holds 32. The
-    first chunk comes max_delay + its rounded size + DECODE_CONTEXT_FRAMES steps after the prefill.
+    A chunk is cut where a codec block's audio ends (the block's frames less the decoder's lookahead
+    of 9.3 frames), so its size is rounded up to that: with the default grid the first chunk comes
+    max_delay + 18 steps after the prefill with 8.7 frames of audio, one of 16 frames after 36 (on
+    CUDA, whose blocks are all 64 frames, after 64).
     """
 
     def __init__(

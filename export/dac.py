@@ -20,6 +20,7 @@ Convolutions hold `weight` and `bias`, Snake activations `alpha` `[1 x C x 1]`, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -208,17 +209,108 @@ class DacCodec(nn.Module):
         self.quantizer = ResidualVectorQuantizer(arch)
         self.decoder = Decoder(arch)
 
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes `LongTensor[B x n_codebooks x T]` -> waveform `Tensor[B x T*hop]`, the whole item at once
+        (what `DacModel.decode` does; the exported decoder streams it, `DacDecodeGraph`)."""
+        return self.decoder(self.quantizer.decode(codes)).squeeze(1)
+
 
 class DacDecodeGraph(nn.Module):
-    """Graph contract of `dac_decoder`: codes -> waveform."""
+    """Graph contract of `dac_decoder`: one block of an item's codes -> waveform, streamed.
+
+    The decoder's convolutions are non-causal (each k7 conv sees 3 * dilation samples either side), so
+    a block's output lags its codes by `delay` samples: the graph returns the audio at samples
+    `first_frame * hop - delay` onwards. Every convolution keeps the last inputs it saw as a context
+    (`past_context_*` in, `present_context_*` out; zeros before the item's first block), so no frame
+    is decoded twice. Each convolution's input is zero outside the item (positions before 0, or from
+    frame `end_frame` on: a block inside the item gives its own end), which is what the full-length
+    decoder's zero padding sees: blocks of padding codes after the item's end bring out its last
+    `delay` samples. Run that way, block by block, the result is the full-length decoder's.
+    """
 
     def __init__(self, codec: DacCodec) -> None:
         super().__init__()
+        if any(rate % 2 for rate in codec.arch.decoder_rates):
+            raise ValueError(f"a streamed DAC decoder needs even rates, got {codec.arch.decoder_rates}")
         self.codec = codec
+        self.hop = codec.arch.hop_length
+        self.contexts, self.delay = self._plan()
 
-    def forward(self, codes: Tensor) -> Tensor:
-        """Codes `LongTensor[B x n_codebooks x T]` -> float32 waveform `Tensor[B x T*hop]`."""
-        return self.codec.decoder(self.codec.quantizer.decode(codes)).squeeze(1)
+    def _plan(self) -> tuple[list[tuple[int, int]], int]:
+        """`(channels, samples)` of each context in the order forward reads them, and the delay."""
+        decoder = self.codec.decoder
+        contexts = [(decoder.conv1.in_channels, _reach(decoder.conv1))]
+        delay = _reach(decoder.conv1) // 2
+        for block in decoder.block:
+            stride = block.conv_t1.stride[0]
+            contexts.append((block.conv_t1.in_channels, 1))
+            delay = delay * stride + block.conv_t1.padding[0]
+            for unit in (block.res_unit1, block.res_unit2, block.res_unit3):
+                contexts.append((unit.conv1.in_channels, _reach(unit.conv1)))
+                delay += _reach(unit.conv1) // 2
+        contexts.append((decoder.conv2.in_channels, _reach(decoder.conv2)))
+        return contexts, delay + _reach(decoder.conv2) // 2
+
+    def forward(self, codes: Tensor, first_frame: Tensor, end_frame: Tensor, *past: Tensor) -> tuple:
+        """Codes `LongTensor[B x n_codebooks x T]`, `first_frame` and `end_frame` `LongTensor[B]`, the
+        contexts `Tensor[B x C x K]` -> waveform `Tensor[B x T*hop]` (samples `first_frame * hop - delay`
+        on) and the next contexts."""
+        decoder = self.codec.decoder
+        stream = _Stream(first_frame, end_frame, iter(past))
+        x = stream.conv(decoder.conv1, self.codec.quantizer.decode(codes))
+        for block in decoder.block:
+            x = stream.conv_transpose(block.snake1, block.conv_t1, x)
+            for unit in (block.res_unit1, block.res_unit2, block.res_unit3):
+                x = stream.residual(unit, x)
+        wave = torch.tanh(stream.conv(decoder.conv2, x, decoder.snake1))
+        return (wave.squeeze(1), *stream.present)
+
+
+def _reach(conv: nn.Conv1d) -> int:
+    """Input samples a conv's output sample sees besides its own: (kernel - 1) * dilation."""
+    return (conv.kernel_size[0] - 1) * conv.dilation[0]
+
+
+class _Stream:
+    """The decoder's layers run on one block, each past its context; tracks where the block's samples
+    sit in each layer's signal (`rate` samples per frame, lagging `delay` samples)."""
+
+    def __init__(self, first_frame: Tensor, end_frame: Tensor, past: Iterator[Tensor]) -> None:
+        self.first_frame, self.end_frame, self.past = first_frame, end_frame, past
+        self.rate, self.delay = 1, 0
+        self.present: list[Tensor] = []
+
+    def _with_context(self, x: Tensor) -> Tensor:
+        """`x` zeroed outside the item, after the context it continues; that tail becomes the next."""
+        position = self.first_frame[:, None] * self.rate - self.delay + torch.arange(x.shape[-1])[None]
+        inside = (position >= 0) & (position < self.end_frame[:, None] * self.rate)
+        past = next(self.past)
+        x = torch.cat([past, torch.where(inside[:, None], x, torch.zeros((), dtype=x.dtype))], dim=-1)
+        self.present.append(x[..., x.shape[-1] - past.shape[-1] :])
+        return x
+
+    def conv(self, conv: nn.Conv1d, x: Tensor, snake: Snake1d | None = None) -> Tensor:
+        x = self._with_context(x)
+        x = snake(x) if snake is not None else x
+        self.delay += _reach(conv) // 2
+        return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation)
+
+    def conv_transpose(self, snake: Snake1d, conv: nn.ConvTranspose1d, x: Tensor) -> Tensor:
+        stride = conv.stride[0]
+        y = F.conv_transpose1d(snake(self._with_context(x)), conv.weight, conv.bias, stride=stride)
+        self.rate, self.delay = self.rate * stride, self.delay * stride + conv.padding[0]
+        return y[..., stride:-stride]  # the samples both input samples reach: the previous and this one
+
+    def residual(self, unit: ResidualUnit, x: Tensor) -> Tensor:
+        x = self._with_context(x)
+        half = _reach(unit.conv1) // 2
+        self.delay += half
+        y = unit.conv2(
+            unit.snake2(
+                F.conv1d(unit.snake1(x), unit.conv1.weight, unit.conv1.bias, dilation=unit.conv1.dilation)
+            )
+        )
+        return x[..., half : x.shape[-1] - half] + y
 
 
 class DacEncodeGraph(nn.Module):

@@ -144,19 +144,25 @@ def _signed_feeds(
     return {name: signed_kernel(a) if a.dtype == np.uint8 else a for name, a in bound(sample).items()}
 
 
-def _codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
+def codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
     hop = codec.arch.hop_length
-    n = codec.arch.n_codebooks
     g = torch.Generator().manual_seed(0)
-    codes = [torch.randint(0, codec.arch.codebook_size, (b, n, t), generator=g) for b, t in ((1, 3), (2, 7))]
     waves = [0.3 * torch.randn(b, t * hop, generator=g) for b, t in ((1, 2), (2, 5))]
+    decoder = DacDecodeGraph(codec)
+    contexts = [f"context_{i}" for i in range(len(decoder.contexts))]
     decode = GraphSpec(
         name="dac_decoder",
-        module=DacDecodeGraph(codec),
-        example=(codes[0],),
-        inputs=("codes",),
-        outputs=("waveform",),
-        dynamic_axes={"codes": {0: "batch", 2: "frames"}, "waveform": {0: "batch", 1: "samples"}},
+        module=decoder,
+        example=decode_sample(decoder, 1, 3, 0, g),
+        inputs=("codes", "first_frame", "end_frame", *(f"past_{name}" for name in contexts)),
+        outputs=("waveform", *(f"present_{name}" for name in contexts)),
+        dynamic_axes={
+            "codes": {0: "batch", 2: "frames"},
+            "first_frame": {0: "batch"},
+            "end_frame": {0: "batch"},
+            "waveform": {0: "batch", 1: "samples"},
+            **{f"{kind}_{name}": {0: "batch"} for name in contexts for kind in ("past", "present")},
+        },
     )
     encode = GraphSpec(
         name="dac_encoder",
@@ -166,7 +172,25 @@ def _codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
         outputs=("codes",),
         dynamic_axes={"waveform": {0: "batch", 1: "samples"}, "codes": {0: "batch", 2: "frames"}},
     )
-    return [(decode, [(c,) for c in codes]), (encode, [(w,) for w in waves])]
+    # a first block, one later in the item (its contexts random), and a last block of padding
+    blocks = [
+        decode_sample(decoder, 1, 3, 0, g),
+        decode_sample(decoder, 2, 7, 40, g),
+        decode_sample(decoder, 2, 4, 9, g, 0),
+    ]
+    return [(decode, blocks), (encode, [(w,) for w in waves])]
+
+
+def decode_sample(
+    decoder: DacDecodeGraph, batch: int, frames: int, first: int, g: torch.Generator, real: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Feeds of `dac_decoder` for a block of `frames` random codes from frame `first` on (`real` of them
+    the item's), with random contexts unless it is the item's first block."""
+    arch = decoder.codec.arch
+    codes = torch.randint(0, arch.codebook_size, (batch, arch.n_codebooks, frames), generator=g)
+    contexts = [0.3 * torch.randn(batch, c, k, generator=g) * (first > 0) for c, k in decoder.contexts]
+    where = (torch.full((batch,), first), torch.full((batch,), first + (frames if real is None else real)))
+    return (codes, *where, *contexts)
 
 
 def _quantized_variant(
@@ -244,7 +268,7 @@ def export_model(
             for name in quantized:
                 variants[name], errors[f"decoder_step.{name}"] = _quantized_variant(*step, graphs, out, name)
     codec = {}
-    for spec, samples in _codec_specs(sources.codec):
+    for spec, samples in codec_specs(sources.codec):
         codec[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
     arch = sources.codec.arch
     manifest = Manifest(
@@ -256,6 +280,7 @@ def export_model(
             hop_length=arch.hop_length,
             n_codebooks=arch.n_codebooks,
             codebook_size=arch.codebook_size,
+            decoder_delay=DacDecodeGraph(sources.codec).delay,
         ),
         source=sources.provenance,
         tools=tools_record(

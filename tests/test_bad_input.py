@@ -247,7 +247,7 @@ def test_export_failing_half_way_leaves_a_refused_folder(folder_copy, tiny_state
     def broken_codec(codec):
         raise RuntimeError("codec export failed")
 
-    monkeypatch.setattr(pipeline, "_codec_specs", broken_codec)
+    monkeypatch.setattr(pipeline, "codec_specs", broken_codec)
     with pytest.raises(RuntimeError, match="codec export failed"):
         pipeline.export_model(pipeline.Sources(TINY, tiny_state, tiny_codec, {}), folder_copy)
     with pytest.raises(FileNotFoundError, match="not an exported dia-ort model folder"):

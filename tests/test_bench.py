@@ -24,7 +24,7 @@ from bench.overhead import step_overhead
 from bench.profile import profile_step
 from bench.report import number
 from bench.roofline import step_floor_bytes, step_weight_bytes, text_kv_bytes
-from dia_ort.codec import DECODE_CONTEXT_FRAMES
+from dia_ort.codec import DEFAULT_GRID
 from dia_ort.item import PREFILL_CHUNK
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
@@ -91,7 +91,7 @@ def test_tiny_benchmark(float32_int8_folder, tmp_path):
 
     streams = _table(markdown, "| engine | frames | first chunk frames |")
     assert [row[0] for row in streams] == names[:2]
-    first_steps = max(TINY.delay_pattern) + 8 + DECODE_CONTEXT_FRAMES  # max_delay + chunk + right context
+    first_steps = max(TINY.delay_pattern) + DEFAULT_GRID.first  # max_delay + the first decode block
     assert all(row[1:4] == ["40", "8", str(first_steps)] and _positive(row[4:]) for row in streams), streams
     assert all(row[7] == number(PROMPT_SECONDS["tiny"]) for row in streams), streams  # with a voice prompt
 

@@ -14,7 +14,7 @@ import torch
 from conftest import export_tiny
 from test_dac import hf_dac
 
-from dia_ort.codec import DECODE_CONTEXT_FRAMES, Codec, DecodeGrid, chunk_windows
+from dia_ort.codec import ENCODE_CONTEXT_FRAMES, Codec, DecodeGrid, chunk_windows
 from dia_ort.engine import Device
 from dia_ort.manifest import Manifest
 from export.architecture import TINY
@@ -120,7 +120,7 @@ def relative_error(have: np.ndarray, want: np.ndarray) -> float:
 
 @pytest.mark.parametrize(("total", "chunk"), [(1, 4), (4, 4), (5, 4), (30, 7), (64, 16), (100, 512)])
 def test_chunk_windows_cover_every_frame_once(total, chunk):
-    context = DECODE_CONTEXT_FRAMES
+    context = ENCODE_CONTEXT_FRAMES
     windows = list(chunk_windows(total, chunk, context))
     assert [f for _, _, start, end in windows for f in range(start, end)] == list(range(total))
     for lo, hi, start, end in windows:
@@ -132,14 +132,40 @@ def test_decode_grid_doubles_to_its_steady_block():
     blocks = DecodeGrid(first=8, steady=256).blocks()
     ends = [next(blocks)[1] for _ in range(9)]
     assert ends == [8, 16, 32, 64, 128, 256, 512, 768, 1024]
+    blocks = DecodeGrid().blocks()
+    assert [next(blocks)[1] for _ in range(7)] == [18, 36, 72, 144, 288, 544, 800]
     blocks = DecodeGrid(first=5, steady=12).blocks()
     assert [next(blocks) for _ in range(4)] == [(0, 5), (5, 10), (10, 20), (20, 32)]
     for first, steady in ((0, 8), (9, 8)):
         with pytest.raises(ValueError, match="first <= steady"):
             DecodeGrid(first, steady)
+    with pytest.raises(ValueError, match="one width"):
+        DecodeGrid(8, 16, padded=True)
 
 
-@pytest.mark.parametrize("frames", [1, 8, 9, 30, 31, 70])
+@pytest.mark.parametrize("frames", [1, 8, 9, 40])
+def test_a_padded_grid_runs_every_block_at_one_width(tiny_folder, frames, monkeypatch):
+    """Blocks of 4 frames, the last filled out past the item's end, then padding blocks of 4 until the
+    decoder's lookahead (9.3 frames) is out: one shape for CUDA, the same audio as unpadded blocks."""
+    codes = np.random.default_rng(frames).integers(0, 1024, size=(frames, 9))
+    manifest = Manifest.load(tiny_folder)
+    codec = Codec(tiny_folder, manifest, Device("cpu"), grid=DecodeGrid(4, 4, padded=True))
+    widths = []
+    decode_block = codec.decode_block
+    monkeypatch.setattr(
+        codec, "decode_block", lambda codes, *rest: widths.append(len(codes)) or decode_block(codes, *rest)
+    )
+    want = codec.decode(codes)
+    delay = manifest.codec_config.decoder_delay
+    assert set(widths) == {4} and len(widths) == -(-(frames * 512 + delay) // (4 * 512))  # no block more
+    np.testing.assert_allclose(want, open_codec(tiny_folder, 4).decode(codes), atol=1e-5)
+    stream = codec.stream()
+    pieces = [stream.decode(codes[:n]) for n in range(3, frames, 3)]
+    pieces.append(stream.decode(codes, last=True))
+    np.testing.assert_array_equal(np.concatenate(pieces), want)
+
+
+@pytest.mark.parametrize("frames", [1, 9, 17, 18, 36, 37, 80])
 def test_decode_stream_is_bit_identical_to_decode(tiny_dia, frames):
     """Codes fed a few frames at a time decode to exactly the bits of the whole item."""
     codes = np.random.default_rng(frames).integers(0, 1024, size=(frames, 9))
@@ -151,12 +177,23 @@ def test_decode_stream_is_bit_identical_to_decode(tiny_dia, frames):
         np.testing.assert_array_equal(np.concatenate(pieces), want)
 
 
-def test_decode_stream_waits_for_the_right_context(tiny_dia):
-    """A block is decoded once DECODE_CONTEXT_FRAMES frames after it are final, not before."""
+def test_decode_stream_decodes_a_block_once_its_frames_are_final(tiny_dia):
+    """The first block (18 frames) brings out its audio less the decoder's lookahead, the item's end
+    the rest; nothing is decoded twice."""
     codes = np.random.default_rng(0).integers(0, 1024, size=(40, 9))
+    delay = tiny_dia.codec.config.decoder_delay
+    assert delay == 4757
     stream = tiny_dia.codec.stream()
-    assert len(stream.decode(codes[: 8 + DECODE_CONTEXT_FRAMES - 1])) == 0
-    assert len(stream.decode(codes[: 8 + DECODE_CONTEXT_FRAMES])) == 8 * 512
+    assert stream.needs() == 18 and len(stream.decode(codes[:17])) == 0
+    first = stream.decode(codes[:18])
+    assert len(first) == 18 * 512 - delay >= 8 * 512  # the first chunk a stream hands out
+    assert stream.needs() == 36 and len(stream.decode(codes[:35])) == 0
+    rest = stream.decode(codes, last=True)
+    assert len(first) + len(rest) == 40 * 512
+    with pytest.raises(ValueError, match="decoded to its end"):
+        stream.decode(codes, last=True)
+    stream = tiny_dia.codec.stream()
+    stream.decode(codes[:18])
     with pytest.raises(ValueError, match="decoded already"):
         stream.decode(codes[:3])
 
@@ -175,14 +212,6 @@ def test_chunked_encode_equals_one_run(tiny_folder, frames):
     want = open_codec(tiny_folder, WHOLE).encode(wave)
     for chunk in (1, 16):
         np.testing.assert_array_equal(open_codec(tiny_folder, chunk).encode(wave), want)
-
-
-def test_context_is_the_receptive_field(tiny_folder, monkeypatch):
-    """One frame less context and the seams show: the constants are not larger than they must be."""
-    codes = np.random.default_rng(3).integers(0, 1024, size=(60, 9))
-    want = open_codec(tiny_folder, WHOLE).decode(codes)
-    monkeypatch.setattr("dia_ort.codec.DECODE_CONTEXT_FRAMES", DECODE_CONTEXT_FRAMES - 1)
-    assert relative_error(open_codec(tiny_folder, 8).decode(codes), want) > 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from conftest import export_tiny
 from cuda_placement import basic_optimized, host_device_copies
 
 from dia_ort import Dia, GenerationOptions
+from dia_ort.codec import CUDA_GRID
 from dia_ort.decoding import encoded_rows, open_rows, run_at
 from dia_ort.engine import DeviceRows, Engine, StepBuffers
 from dia_ort.generation import Generation
@@ -177,6 +178,20 @@ def test_use_torch_compile_on_cuda_generates(cuda_folder):
     codes = dia.generate_codes(TEXTS, temperature=0, max_new_tokens=12, use_torch_compile=True)
     assert [c.shape for c in codes] == [(12, 9)] * 2
     assert dia.engine.cuda_graph and len(dia.engine.buffers) == 1
+
+
+@cuda
+def test_cuda_codec_decodes_at_one_width_and_streams_what_it_decodes(cuda_folder, tiny_dia):
+    """On CUDA every decoder call is one block of CUDA_GRID's width; the audio tracks the CPU's and a
+    stream is bit-identical to decoding the whole item."""
+    dia = Dia(cuda_folder, compute_dtype="float16", device="cuda")
+    assert dia.codec.grid == CUDA_GRID
+    codes = np.random.default_rng(2).integers(0, 1024, size=(150, TINY.decoder.num_channels))
+    want = dia.codec.decode(codes)
+    np.testing.assert_allclose(want, tiny_dia.codec.decode(codes), atol=1e-2)
+    stream = dia.codec.stream()
+    pieces = [stream.decode(codes[:n]) for n in range(10, 150, 10)] + [stream.decode(codes, last=True)]
+    np.testing.assert_array_equal(np.concatenate(pieces), want)
 
 
 def test_step_graph_needs_no_host_device_copies(tiny_folder):

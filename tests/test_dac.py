@@ -19,6 +19,8 @@ from transformers import AutoModel, DacConfig, DacModel
 
 from export.dac import DAC_44KHZ, TINY_DAC, DacArchitecture, DacCodec, DacDecodeGraph, DacEncodeGraph
 from export.dac_weights import HF_WEIGHT_NORMS, load_dac, random_dac, save_descript_pth, save_hf_folder
+from export.onnx_export import export_graph
+from export.pipeline import codec_specs
 
 HOP = TINY_DAC.hop_length
 
@@ -51,7 +53,7 @@ def assert_matches_transformers(hf: DacModel, codec: DacCodec, frames: int) -> N
     audio = random_audio(batch=2, frames=frames)
     with torch.no_grad():
         want_wave = hf.decode(audio_codes=codes).audio_values
-        have_wave = DacDecodeGraph(codec)(codes)
+        have_wave = codec.decode(codes)
         want_codes = hf.encode(audio[:, None]).audio_codes
         have_codes = DacEncodeGraph(codec)(audio)
     assert have_wave.shape == (2, frames * HOP)
@@ -179,19 +181,66 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, names: tuple[str
         )
 
 
+def stream_decode(decoder: DacDecodeGraph, codes: torch.Tensor, ends: list[int], run=None) -> torch.Tensor:
+    """`codes [B, C, T]` decoded by `decoder` (torch, or `run` given its feeds) in blocks ending at
+    `ends` and T, then a block of padding; the audio of the item's samples."""
+    batch, _, frames = codes.shape
+    run = run or decoder
+    contexts = [torch.zeros(batch, c, k) for c, k in decoder.contexts]
+    padding = torch.zeros(batch, codes.shape[1], -(-decoder.delay // HOP), dtype=torch.long)
+    waves = []
+    for start, end in zip([0, *ends, frames], [*ends, frames, None], strict=True):
+        block, real = (codes[..., start:end], end - start) if start < frames else (padding, 0)
+        wave, *contexts = run(
+            block, torch.full((batch,), start), torch.full((batch,), start + real), *contexts
+        )
+        waves.append(wave)
+    wave = torch.cat(waves, dim=-1)
+    return wave[:, decoder.delay : decoder.delay + frames * HOP]
+
+
+@pytest.mark.parametrize("ends", [[], [1, 2, 3], [5, 6, 15], [8]])
+def test_streamed_decoder_equals_the_whole_item_at_once(tiny_codec, ends):
+    """Blocks of any size, each after the contexts of the one before, decode what DacModel decodes."""
+    hf = hf_dac(TINY_DAC)
+    hf.load_state_dict(tiny_codec.state_dict())
+    codes = random_codes(TINY_DAC, batch=2, frames=16, seed=len(ends))
+    with torch.no_grad():
+        have = stream_decode(DacDecodeGraph(tiny_codec), codes, ends)
+        want = hf.decode(audio_codes=codes).audio_values
+    assert have.shape == want.shape == (2, 16 * HOP)
+    assert (have - want).abs().max() < 1e-4
+
+
+def test_streamed_decoder_delay_is_its_lookahead(tiny_codec):
+    """The real DAC's rates and kernels: output lags by 4757 samples, and no context is wider than the
+    widest dilated kernel sees."""
+    decoder = DacDecodeGraph(tiny_codec)
+    assert decoder.delay == DacDecodeGraph(random_dac(DAC_44KHZ, seed=0)).delay == 4757
+    assert max(k for _, k in decoder.contexts) == 6 * 9 and len(decoder.contexts) == 18
+    with pytest.raises(ValueError, match="even rates"):
+        DacDecodeGraph(DacCodec(replace(TINY_DAC, decoder_rates=(8, 8, 4, 3))))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_onnx_decoder_matches_torch(tiny_codec, tmp_path):
-    graph = DacDecodeGraph(tiny_codec)
-    path = tmp_path / "dac_decoder.onnx"
-    export_onnx(graph, random_codes(TINY_DAC, 1, 3), ("codes", "waveform"), path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch, frames in ((1, 5), (2, 11)):
-        codes = random_codes(TINY_DAC, batch, frames, seed=frames)
+    spec, samples = codec_specs(tiny_codec)[0]
+    session = ort.InferenceSession(str(tmp_path / export_graph(spec, tmp_path).file.path))
+    for sample in samples:  # a first block, a later one, one of padding past the end
         with torch.no_grad():
-            want = graph(codes).numpy()
-        (have,) = session.run(None, {"codes": codes.numpy()})
-        assert have.shape == (batch, frames * HOP)
-        assert np.abs(have - want).max() < 1e-4
+            want = [t.numpy() for t in spec.module(*sample)]
+        have = session.run(None, {name: t.numpy() for name, t in zip(spec.inputs, sample, strict=True)})
+        for a, b in zip(have, want, strict=True):
+            assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+    def run(*feeds: torch.Tensor) -> list[torch.Tensor]:
+        out = session.run(None, {name: t.numpy() for name, t in zip(spec.inputs, feeds, strict=True)})
+        return [torch.from_numpy(a) for a in out]
+
+    codes = random_codes(TINY_DAC, batch=2, frames=11, seed=3)
+    with torch.no_grad():
+        want = tiny_codec.decode(codes)
+    assert (stream_decode(spec.module, codes, [4], run) - want).abs().max() < 1e-4
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia_ort.codec import DECODE_CONTEXT_FRAMES
+from dia_ort.codec import DEFAULT_GRID
 from dia_ort.generation import Step
 from dia_ort.options import GenerationOptions
 from dia_ort.streaming import AudioChunk
@@ -13,6 +13,13 @@ from export.architecture import TINY
 
 TEXT = "[S1] Hello there. [S2] Hi! How are you?"
 D = max(TINY.delay_pattern)
+DELAY = 4757  # samples the DAC decoder's audio lags its codes
+
+
+def first_block_end(first_chunk_frames: int) -> int:
+    """The end of the first decode block whose audio holds a first chunk (its frames less the delay)."""
+    blocks = DEFAULT_GRID.blocks()
+    return next(end for _, end in blocks if end * 512 - DELAY >= first_chunk_frames * 512)
 
 
 def joined(chunks) -> np.ndarray:
@@ -26,7 +33,7 @@ def test_stream_equals_generate_bit_for_bit(tiny_dia, first, chunk):
     chunks = list(tiny_dia.generate_stream(TEXT, first_chunk_frames=first, chunk_frames=chunk, **kwargs))
     np.testing.assert_array_equal(joined(chunks), want)
     assert all(c.dtype == np.float32 and len(c) for c in chunks)
-    if first < 70 - DECODE_CONTEXT_FRAMES:
+    if first_block_end(first) < 70 - D:  # that block is final before the item ends
         assert len(chunks) > 1 and len(chunks[0]) >= first * 512
 
 
@@ -72,12 +79,13 @@ def test_batch_stream_per_item_with_items_ending_at_different_steps(tiny_dia, en
 
 
 @pytest.mark.parametrize(
-    ("first", "prompt_frames", "rounded"),
-    [(8, 0, 8), (16, 0, 16), (8, 25, 8), (32, 10, 32), (20, 0, 32), (1, 0, 8)],
+    ("first", "prompt_frames", "block_end"),
+    [(8, 0, 18), (16, 0, 36), (8, 25, 18), (32, 10, 72), (20, 0, 36), (1, 0, 18)],
 )
-def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames, rounded):
-    """The first chunk is out after max_delay + first_chunk_frames + the codec's right context steps,
-    its size rounded up to the decode grid (blocks ending at 8, 16, 32, ...)."""
+def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames, block_end):
+    """The first chunk is out after max_delay + the end of the first decode block (18, 36, 72, ...)
+    whose audio, its frames less the decoder's lookahead, holds first_chunk_frames."""
+    assert first_block_end(first) == block_end
     prompt = np.random.default_rng(0).integers(0, 1024, size=(prompt_frames, 9)) if prompt_frames else None
     options = GenerationOptions(temperature=0, max_new_tokens=120)
     generation = tiny_dia.start([TEXT], [prompt], options)
@@ -86,9 +94,9 @@ def test_first_chunk_comes_within_the_step_bound(tiny_dia, first, prompt_frames,
         if isinstance(event, Step):
             steps = event.index
         else:
-            assert isinstance(event, AudioChunk) and len(event.audio) == rounded * 512
+            assert isinstance(event, AudioChunk) and len(event.audio) == block_end * 512 - DELAY
             break
-    assert steps == D + rounded + DECODE_CONTEXT_FRAMES
+    assert steps == D + block_end
 
 
 def test_an_item_that_ends_early_still_gets_its_last_chunk(tiny_dia):
