@@ -190,6 +190,17 @@ def test_missing_file_is_refused(folder_copy):
         Dia.from_pretrained(folder_copy, compute_dtype="float32", device="cpu")
 
 
+def test_a_dac_decoder_that_does_not_stream_is_refused(folder_copy):
+    """A folder of graph revision 4 or older holds the windowed decoder: no codec_config.decoder_delay."""
+    path = folder_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    del data["codec_config"]["decoder_delay"]
+    path.write_text(json.dumps(data))
+    command = f"python -m export --random-init test --seed 0 --out {folder_copy}"
+    with pytest.raises(ValueError, match=f"before the streamed one .*re-export it with `{re.escape(command)}"):
+        Dia.from_pretrained(folder_copy, device="cpu")
+
+
 def test_manifest_of_another_format_is_refused(folder_copy):
     path = folder_copy / MANIFEST_NAME
     data = json.loads(path.read_text())
