@@ -233,30 +233,15 @@ class DacDecodeGraph(nn.Module):
         if any(rate % 2 for rate in codec.arch.decoder_rates):
             raise ValueError(f"a streamed DAC decoder needs even rates, got {codec.arch.decoder_rates}")
         self.codec = codec
-        self.hop = codec.arch.hop_length
-        self.contexts, self.delay = self._plan()
-
-    def _plan(self) -> tuple[list[tuple[int, int]], int]:
-        """`(channels, samples)` of each context in the order forward reads them, and the delay."""
-        decoder = self.codec.decoder
-        contexts = [(decoder.conv1.in_channels, _reach(decoder.conv1))]
-        delay = _reach(decoder.conv1) // 2
-        for block in decoder.block:
-            stride = block.conv_t1.stride[0]
-            contexts.append((block.conv_t1.in_channels, 1))
-            delay = delay * stride + block.conv_t1.padding[0]
-            for unit in (block.res_unit1, block.res_unit2, block.res_unit3):
-                contexts.append((unit.conv1.in_channels, _reach(unit.conv1)))
-                delay += _reach(unit.conv1) // 2
-        contexts.append((decoder.conv2.in_channels, _reach(decoder.conv2)))
-        return contexts, delay + _reach(decoder.conv2) // 2
+        self.inputs, self.delay = _plan(codec.decoder)
+        self.contexts = [(site.channels, site.samples) for site in self.inputs]  # `[C, K]` of each
 
     def forward(self, codes: Tensor, first_frame: Tensor, end_frame: Tensor, *past: Tensor) -> tuple:
         """Codes `LongTensor[B x n_codebooks x T]`, `first_frame` and `end_frame` `LongTensor[B]`, the
         contexts `Tensor[B x C x K]` -> waveform `Tensor[B x T*hop]` (samples `first_frame * hop - delay`
         on) and the next contexts."""
         decoder = self.codec.decoder
-        stream = _Stream(first_frame, end_frame, iter(past))
+        stream = _Stream(first_frame, end_frame, zip(self.inputs, past, strict=True))
         x = stream.conv(decoder.conv1, self.codec.quantizer.decode(codes))
         for block in decoder.block:
             x = stream.conv_transpose(block.snake1, block.conv_t1, x)
@@ -266,51 +251,76 @@ class DacDecodeGraph(nn.Module):
         return (wave.squeeze(1), *stream.present)
 
 
+@dataclass(frozen=True)
+class _ConvInput:
+    """The input of one of the decoder's convolutions, as a stream: the `samples` of its last inputs
+    it keeps (its context) of `channels`, at `rate` samples per frame, lagging the codes by `delay`."""
+
+    channels: int
+    samples: int
+    rate: int
+    delay: int
+
+
 def _reach(conv: nn.Conv1d) -> int:
     """Input samples a conv's output sample sees besides its own: (kernel - 1) * dilation."""
     return (conv.kernel_size[0] - 1) * conv.dilation[0]
 
 
-class _Stream:
-    """The decoder's layers run on one block, each past its context; tracks where the block's samples
-    sit in each layer's signal (`rate` samples per frame, lagging `delay` samples)."""
+def _plan(decoder: Decoder) -> tuple[list[_ConvInput], int]:
+    """Each convolution's input in the order the decoder runs them, and the delay of its output.
 
-    def __init__(self, first_frame: Tensor, end_frame: Tensor, past: Iterator[Tensor]) -> None:
-        self.first_frame, self.end_frame, self.past = first_frame, end_frame, past
-        self.rate, self.delay = 1, 0
+    A k-tap conv's output lags its input by half its reach; a transposed conv of stride s multiplies
+    the lag by s and adds its padding (its first output sample needs the input sample before).
+    """
+    inputs = [_ConvInput(decoder.conv1.in_channels, _reach(decoder.conv1), 1, 0)]
+    rate, delay = 1, _reach(decoder.conv1) // 2
+    for block in decoder.block:
+        inputs.append(_ConvInput(block.conv_t1.in_channels, 1, rate, delay))
+        rate, delay = (
+            rate * block.conv_t1.stride[0],
+            delay * block.conv_t1.stride[0] + block.conv_t1.padding[0],
+        )
+        for unit in (block.res_unit1, block.res_unit2, block.res_unit3):
+            inputs.append(_ConvInput(unit.conv1.in_channels, _reach(unit.conv1), rate, delay))
+            delay += _reach(unit.conv1) // 2
+    inputs.append(_ConvInput(decoder.conv2.in_channels, _reach(decoder.conv2), rate, delay))
+    return inputs, delay + _reach(decoder.conv2) // 2
+
+
+class _Stream:
+    """The decoder's layers run on one block, each convolution after its context."""
+
+    def __init__(
+        self, first_frame: Tensor, end_frame: Tensor, inputs: Iterator[tuple[_ConvInput, Tensor]]
+    ) -> None:
+        self.first_frame, self.end_frame, self.inputs = first_frame, end_frame, inputs
         self.present: list[Tensor] = []
 
     def _with_context(self, x: Tensor) -> Tensor:
         """`x` zeroed outside the item, after the context it continues; that tail becomes the next."""
-        position = self.first_frame[:, None] * self.rate - self.delay + torch.arange(x.shape[-1])[None]
-        inside = (position >= 0) & (position < self.end_frame[:, None] * self.rate)
-        past = next(self.past)
+        site, past = next(self.inputs)
+        position = self.first_frame[:, None] * site.rate - site.delay + torch.arange(x.shape[-1])[None]
+        inside = (position >= 0) & (position < self.end_frame[:, None] * site.rate)
         x = torch.cat([past, torch.where(inside[:, None], x, torch.zeros((), dtype=x.dtype))], dim=-1)
-        self.present.append(x[..., x.shape[-1] - past.shape[-1] :])
+        self.present.append(x[..., x.shape[-1] - site.samples :])
         return x
 
     def conv(self, conv: nn.Conv1d, x: Tensor, snake: Snake1d | None = None) -> Tensor:
         x = self._with_context(x)
         x = snake(x) if snake is not None else x
-        self.delay += _reach(conv) // 2
         return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation)
 
     def conv_transpose(self, snake: Snake1d, conv: nn.ConvTranspose1d, x: Tensor) -> Tensor:
         stride = conv.stride[0]
         y = F.conv_transpose1d(snake(self._with_context(x)), conv.weight, conv.bias, stride=stride)
-        self.rate, self.delay = self.rate * stride, self.delay * stride + conv.padding[0]
         return y[..., stride:-stride]  # the samples both input samples reach: the previous and this one
 
     def residual(self, unit: ResidualUnit, x: Tensor) -> Tensor:
         x = self._with_context(x)
         half = _reach(unit.conv1) // 2
-        self.delay += half
-        y = unit.conv2(
-            unit.snake2(
-                F.conv1d(unit.snake1(x), unit.conv1.weight, unit.conv1.bias, dilation=unit.conv1.dilation)
-            )
-        )
-        return x[..., half : x.shape[-1] - half] + y
+        conv1 = F.conv1d(unit.snake1(x), unit.conv1.weight, unit.conv1.bias, dilation=unit.conv1.dilation)
+        return x[..., half : x.shape[-1] - half] + unit.conv2(unit.snake2(conv1))
 
 
 class DacEncodeGraph(nn.Module):
