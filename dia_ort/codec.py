@@ -47,8 +47,8 @@ class DecodeGrid:
     """The blocks an item's frames are decoded in: `first` frames, then doubling up to `steady`.
 
     With the defaults the blocks end at frames 18, 36, 72, 144, 288, 544, 800, ...: the first block
-    brings out 8 frames of audio (its 18 frames less the decoder's lookahead, 4757 samples or 9.3
-    frames), about as soon as one more frame would; later blocks are larger (fewer codec calls), and
+    brings out 8.7 frames of audio (its 18 frames less the decoder's lookahead, 4757 samples or 9.3
+    frames); later blocks are larger (fewer codec calls), and
     no call sees more than `steady` frames.
 
     A `padded` grid runs every call at one width (`first == steady`): the item's last block and the

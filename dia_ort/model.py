@@ -275,9 +275,8 @@ class Dia:
         first chunk holds about `first_chunk_frames` frames (86 a second) and comes once the codec's
         decode block that holds them is final (its frames less the decoder's 9.3-frame lookahead); later
         chunks at least `chunk_frames`. Sizes round up to the codec's decode blocks (18, 18, 36, 72, ...
-        frames), which is what makes the joined
-        chunks equal `generate(...)` with the same options bit for bit. The request is checked here,
-        before the first chunk is asked for.
+        frames; 64 each on CUDA), which is what makes the joined chunks equal `generate(...)` with the
+        same options bit for bit. The request is checked here, before the first chunk is asked for.
         """
         if not isinstance(text, str):
             raise TypeError(
