@@ -197,7 +197,9 @@ def test_a_dac_decoder_that_does_not_stream_is_refused(folder_copy):
     del data["codec_config"]["decoder_delay"]
     path.write_text(json.dumps(data))
     command = f"python -m export --random-init test --seed 0 --out {folder_copy}"
-    with pytest.raises(ValueError, match=f"before the streamed one .*re-export it with `{re.escape(command)}"):
+    with pytest.raises(
+        ValueError, match=f"before the streamed one .*re-export it with `{re.escape(command)}"
+    ):
         Dia.from_pretrained(folder_copy, device="cpu")
 
 
