@@ -302,7 +302,7 @@ class _Stream:
         site, past = next(self.inputs)
         position = self.first_frame[:, None] * site.rate - site.delay + torch.arange(x.shape[-1])[None]
         inside = (position >= 0) & (position < self.end_frame[:, None] * site.rate)
-        x = torch.cat([past, torch.where(inside[:, None], x, torch.zeros((), dtype=x.dtype))], dim=-1)
+        x = torch.cat([past, x * inside[:, None].to(x.dtype)], dim=-1)  # a Mul runs 4x faster than a Where
         self.present.append(x[..., x.shape[-1] - site.samples :])
         return x
 
