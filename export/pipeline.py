@@ -150,10 +150,16 @@ def codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
     waves = [0.3 * torch.randn(b, t * hop, generator=g) for b, t in ((1, 2), (2, 5))]
     decoder = DacDecodeGraph(codec)
     contexts = [f"context_{i}" for i in range(len(decoder.contexts))]
+    # a first block, one later in the item (its contexts random), and a last block of padding
+    blocks = [
+        decode_sample(decoder, 1, 3, 0, g),
+        decode_sample(decoder, 2, 7, 40, g),
+        decode_sample(decoder, 2, 4, 9, g, 0),
+    ]
     decode = GraphSpec(
         name="dac_decoder",
         module=decoder,
-        example=decode_sample(decoder, 1, 3, 0, g),
+        example=blocks[0],
         inputs=("codes", "first_frame", "end_frame", *(f"past_{name}" for name in contexts)),
         outputs=("waveform", *(f"present_{name}" for name in contexts)),
         dynamic_axes={
@@ -172,12 +178,6 @@ def codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
         outputs=("codes",),
         dynamic_axes={"waveform": {0: "batch", 1: "samples"}, "codes": {0: "batch", 2: "frames"}},
     )
-    # a first block, one later in the item (its contexts random), and a last block of padding
-    blocks = [
-        decode_sample(decoder, 1, 3, 0, g),
-        decode_sample(decoder, 2, 7, 40, g),
-        decode_sample(decoder, 2, 4, 9, g, 0),
-    ]
     return [(decode, blocks), (encode, [(w,) for w in waves])]
 
 
