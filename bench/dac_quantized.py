@@ -16,6 +16,7 @@ speedup over float32 and the SNR in dB.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -42,25 +42,20 @@ CALIBRATION = (4, 60)  # random code sequences of this many frames calibrate the
 QUANTIZED_OPS = ["Conv", "ConvTranspose"]
 
 
-def first_block(graph: Path, codes: np.ndarray) -> dict[str, np.ndarray]:
-    """The decoder's feeds for `codes [1, C, T]` as an item's first block (its contexts zeros)."""
-    inputs = onnx.load(graph, load_external_data=False).graph.input
-    contexts = {
-        i.name: np.zeros([1, *(d.dim_value for d in i.type.tensor_type.shape.dim[1:])], dtype=np.float32)
-        for i in inputs
-        if i.name.startswith("past_")
-    }
-    end = np.array([codes.shape[-1]], dtype=np.int64)
-    return {"codes": codes, "first_frame": np.zeros(1, dtype=np.int64), "end_frame": end, **contexts}
-
-
 class RandomCodes(CalibrationDataReader):
-    """Uniformly random codes `[1, C, frames]` as first blocks, the calibration input of the static path."""
+    """Uniformly random codes `[frames, C]` as an item's first block, the calibration input of the static
+    path."""
 
-    def __init__(self, graph: Path, codebooks: int, codebook_size: int, count: int, frames: int) -> None:
+    def __init__(self, codec: Codec, count: int, frames: int) -> None:
         rng = np.random.default_rng(1)
+        config = codec.config
         self.feeds: Iterator[dict[str, np.ndarray]] = iter(
-            first_block(graph, rng.integers(0, codebook_size, size=(1, codebooks, frames)))
+            codec.block_feeds(
+                rng.integers(0, config.codebook_size, size=(frames, config.n_codebooks)),
+                0,
+                frames,
+                codec.first_contexts(),
+            )
             for _ in range(count)
         )
 
@@ -68,15 +63,15 @@ class RandomCodes(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def quantized_decoders(graph: Path, out: Path, codebooks: int, codebook_size: int) -> dict[str, Path]:
-    """The decoder `graph` quantized both ways into `out`: {"dynamic": path, "static": path}."""
+def quantized_decoders(codec: Codec, graph: Path, out: Path) -> dict[str, Path]:
+    """`codec`'s decoder `graph` quantized both ways into `out`: {"dynamic": path, "static": path}."""
     paths = {"dynamic": out / "dac_decoder.dynamic.onnx", "static": out / "dac_decoder.static.onnx"}
     common = dict(op_types_to_quantize=QUANTIZED_OPS, per_channel=True, use_external_data_format=True)
     quantize_dynamic(graph, paths["dynamic"], weight_type=QuantType.QInt8, **common)
     quantize_static(
         graph,
         paths["static"],
-        RandomCodes(graph, codebooks, codebook_size, *CALIBRATION),
+        RandomCodes(codec, *CALIBRATION),
         quant_format=QuantFormat.QDQ,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
@@ -104,11 +99,11 @@ def measure(folder: Path, seconds: float, repeats: int, threads: int) -> dict:
     frames = max(1, round(seconds * config.frame_rate))
     codes = np.random.default_rng(0).integers(0, config.codebook_size, size=(frames, config.n_codebooks))
     device = Device.parse("cpu", threads)
-    codecs = {}
+    codecs = {"float32": Codec(folder, manifest, device)}
     with tempfile.TemporaryDirectory(prefix="dac-int8-") as tmp:
-        quantized = quantized_decoders(graph, Path(tmp), config.n_codebooks, config.codebook_size)
-        for name, path in {"float32": graph, **quantized}.items():
-            codecs[name] = Codec(folder, manifest, device)
+        quantized = quantized_decoders(codecs["float32"], graph, Path(tmp))
+        for name, path in quantized.items():
+            codecs[name] = copy.copy(codecs["float32"])  # the same codec with this decoder
             codecs[name].decoder = open_session(path, device)
     runs = {name: partial(codec.decode, codes) for name, codec in codecs.items()}
     times, outputs = fastest(runs, repeats)

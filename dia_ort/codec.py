@@ -48,8 +48,7 @@ class DecodeGrid:
 
     With the defaults the blocks end at frames 18, 36, 72, 144, 288, 544, 800, ...: the first block
     brings out 8.7 frames of audio (its 18 frames less the decoder's lookahead, 4757 samples or 9.3
-    frames); later blocks are larger (fewer codec calls), and
-    no call sees more than `steady` frames.
+    frames); later blocks are larger (fewer codec calls), and no call sees more than `steady` frames.
 
     A `padded` grid runs every call at one width (`first == steady`): the item's last block and the
     padding blocks after it are filled out with codes past its end. ONNX Runtime's CUDA convolutions
@@ -99,7 +98,7 @@ class Codec:
         self.decoder, self.encoder = open_sessions(paths, device)
         self.encode_chunk_frames = encode_chunk_frames
         self.grid = grid or (CUDA_GRID if device.kind == "cuda" else DEFAULT_GRID)
-        self.contexts = [
+        self.context_inputs = [
             (i.name, i.shape[1:]) for i in self.decoder.get_inputs() if i.name.startswith("past_")
         ]
         self.outputs = [o.name for o in self.decoder.get_outputs()]
@@ -135,18 +134,28 @@ class Codec:
         """A decoder for one item whose codes arrive a few frames at a time."""
         return DecodeStream(self)
 
-    def decode_block(
+    def first_contexts(self) -> list[np.ndarray]:
+        """The decoder's contexts before an item's first block: zeros."""
+        return [np.zeros([1, *shape], dtype=np.float32) for _, shape in self.context_inputs]
+
+    def block_feeds(
         self, codes: np.ndarray, first_frame: int, end_frame: int, contexts: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the decoder on one block `[T, C]` from `first_frame` on, after `contexts`, with the item
-        ending at `end_frame` (codes from there on are padding): waveform `[T * hop]` from sample
-        `first_frame * hop - decoder_delay` on, and the contexts for the next block."""
-        feeds = {
+    ) -> dict[str, np.ndarray]:
+        """The decoder's inputs for one block `[T, C]` from `first_frame` on, after `contexts`, with the
+        item ending at `end_frame` (codes from there on are padding)."""
+        return {
             "codes": np.ascontiguousarray(codes.T[None], dtype=np.int64),
             "first_frame": np.array([first_frame], dtype=np.int64),
             "end_frame": np.array([end_frame], dtype=np.int64),
-            **{name: context for (name, _), context in zip(self.contexts, contexts, strict=True)},
+            **{name: context for (name, _), context in zip(self.context_inputs, contexts, strict=True)},
         }
+
+    def decode_block(
+        self, codes: np.ndarray, first_frame: int, end_frame: int, contexts: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the decoder on one block (`block_feeds`): waveform `[T * hop]` from sample
+        `first_frame * hop - decoder_delay` on, and the contexts for the next block."""
+        feeds = self.block_feeds(codes, first_frame, end_frame, contexts)
         wave, *contexts = self.decoder.run(self.outputs, feeds, self.run_options)
         return wave[0], contexts
 
@@ -177,7 +186,7 @@ class DecodeStream:
         self.codec = codec
         self.blocks = codec.grid.blocks()
         self.block = next(self.blocks)
-        self.contexts = [np.zeros([1, *shape], dtype=np.float32) for _, shape in codec.contexts]
+        self.contexts = codec.first_contexts()
         self.fed = 0  # frames run through the decoder, padding included
         self.position = -codec.config.decoder_delay  # the sample the decoder's next output starts at
         self.ended = False

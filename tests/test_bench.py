@@ -24,7 +24,8 @@ from bench.overhead import step_overhead
 from bench.profile import profile_step
 from bench.report import number
 from bench.roofline import step_floor_bytes, step_weight_bytes, text_kv_bytes
-from dia_ort.codec import DEFAULT_GRID
+from dia_ort.codec import DEFAULT_GRID, Codec
+from dia_ort.engine import Device
 from dia_ort.item import PREFILL_CHUNK
 from dia_ort.manifest import Manifest
 from dia_ort.text import encode_text
@@ -224,8 +225,8 @@ def test_snr_is_signal_over_noise_power_in_decibels():
 def test_quantized_codec_paths_run_integer_convolutions_and_are_compared_with_float32(tiny_folder, tmp_path):
     manifest = Manifest.load(tiny_folder)
     graph = tiny_folder / manifest.codec["dac_decoder"].file.path
-    config = manifest.codec_config
-    paths = dac_quantized.quantized_decoders(graph, tmp_path, config.n_codebooks, config.codebook_size)
+    codec = Codec(tiny_folder, manifest, Device("cpu"))
+    paths = dac_quantized.quantized_decoders(codec, graph, tmp_path)
     ops = {
         name: {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
         for name, path in paths.items()
