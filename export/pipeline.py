@@ -145,6 +145,8 @@ def _signed_feeds(
 
 
 def codec_specs(codec: DacCodec) -> list[tuple[GraphSpec, list]]:
+    """The codec's graphs with their verification samples: the streamed decoder (`DacDecodeGraph`),
+    then the encoder."""
     hop = codec.arch.hop_length
     g = torch.Generator().manual_seed(0)
     waves = [0.3 * torch.randn(b, t * hop, generator=g) for b, t in ((1, 2), (2, 5))]
@@ -268,7 +270,8 @@ def export_model(
             for name in quantized:
                 variants[name], errors[f"decoder_step.{name}"] = _quantized_variant(*step, graphs, out, name)
     codec = {}
-    for spec, samples in codec_specs(sources.codec):
+    codec_graphs = codec_specs(sources.codec)
+    for spec, samples in codec_graphs:
         codec[spec.name], errors[spec.name] = export_verified(spec, samples, out, TOLERANCE["float32"])
     arch = sources.codec.arch
     manifest = Manifest(
@@ -280,7 +283,7 @@ def export_model(
             hop_length=arch.hop_length,
             n_codebooks=arch.n_codebooks,
             codebook_size=arch.codebook_size,
-            decoder_delay=DacDecodeGraph(sources.codec).delay,
+            decoder_delay=codec_graphs[0][0].module.delay,  # the decoder's lookahead
         ),
         source=sources.provenance,
         tools=tools_record(
