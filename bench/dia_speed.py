@@ -125,7 +125,7 @@ def first_audio(
     return statistics.median(t for t, _, _ in firsts[1:]), firsts[-1][1], firsts[-1][2]
 
 
-def prompt_speed(dia: Dia, frames: int, seconds: float, repeats: int = 3) -> dict:
+def prompt_speed(dia: Dia, frames: int, seconds: float, cuda_graph: bool, repeats: int = 3) -> dict:
     """Time to first audio with a voice prompt of `seconds` given as a waveform, the first time (the codec
     encodes it, then its frames are prefilled) and again (its codes are kept: `Dia.encode_audio`), and
     how much of the first the encoding alone takes (medians)."""
@@ -137,7 +137,7 @@ def prompt_speed(dia: Dia, frames: int, seconds: float, repeats: int = 3) -> dic
         began = time.perf_counter()
         dia.encode_audio(wave)
         encoded.append(time.perf_counter() - began)
-    request = dict(audio_prompt=wave, seed=SEED, max_new_tokens=frames)
+    request = dict(audio_prompt=wave, seed=SEED, max_new_tokens=frames, use_torch_compile=cuda_graph)
     first_s, _, _ = first_audio(dia, repeats, dia.encoded_clips.clear, **request)
     again_s, _, _ = first_audio(dia, repeats, **request)
     return {
@@ -148,10 +148,13 @@ def prompt_speed(dia: Dia, frames: int, seconds: float, repeats: int = 3) -> dic
     }
 
 
-def stream_speed(dia: Dia, frames: int, prompt_seconds: float = 0.0, repeats: int = 3) -> dict:
+def stream_speed(
+    dia: Dia, frames: int, cuda_graph: bool, prompt_seconds: float = 0.0, repeats: int = 3
+) -> dict:
     """Time to first audio of `generate_stream`, without and (`prompt_seconds` > 0) with a voice prompt,
-    and the realtime factor of a whole stream and of `generate`."""
-    options = dict(seed=SEED, max_new_tokens=frames)
+    and the realtime factor of a whole stream and of `generate`, each with the step captured when
+    `cuda_graph`."""
+    options = dict(seed=SEED, max_new_tokens=frames, use_torch_compile=cuda_graph)
     first_s, first_steps, first_samples = first_audio(dia, repeats, **options)
     began = time.perf_counter()
     samples = sum(len(chunk) for chunk in dia.generate_stream(TEXT, **options))
@@ -167,7 +170,7 @@ def stream_speed(dia: Dia, frames: int, prompt_seconds: float = 0.0, repeats: in
         "first_audio_s": first_s,
         "stream_rtf": seconds / stream_s,
         "generate_rtf": len(plain) / 44100 / plain_s,
-    } | (prompt_speed(dia, frames, prompt_seconds, repeats) if prompt_seconds else {})
+    } | (prompt_speed(dia, frames, prompt_seconds, cuda_graph, repeats) if prompt_seconds else {})
 
 
 def main() -> None:
@@ -195,7 +198,11 @@ def main() -> None:
     name = f"dia-ort {args.variant}" + (" + CUDA graph" if args.cuda_graph else "")
     engine, logits = single_request(dia, name, args.threads, load_s, args.steps, args.cuda_graph)
     batches = [batch_throughput(dia, b, args.batch_steps, args.cuda_graph) for b in args.batches]
-    stream = stream_speed(dia, args.stream_frames, args.prompt_seconds) if args.stream_frames else None
+    stream = (
+        stream_speed(dia, args.stream_frames, args.cuda_graph, args.prompt_seconds)
+        if args.stream_frames
+        else None
+    )
     result = {"engine": asdict(engine), "batches": batches, "stream": stream, "logits": logits.tolist()}
     args.out.write_text(json.dumps(result))
 
