@@ -251,7 +251,8 @@ def size_section(result: SizeResult) -> str:
     if result.streams:
         parts += [
             "Streaming: `generate_stream` with the default chunks. Time to first audio runs from the call "
-            "(text, encoder, prefill included) to the first chunk, median of 3 after a warm-up; the first "
+            "(text, encoder, prefill included) to the first chunk, median of 3 after a warm-up, each as a "
+            "text of a length not seen before (the engine's kept unconditional rows cleared); the first "
             "chunk needs max_delay + the codec's first decode block (18 frames on the CPU, 64 on CUDA) in steps. RTF is audio "
             "seconds over wall seconds for the whole request, for the stream and for a plain `generate`. "
             "With a voice prompt given as a waveform, the codec encodes it and its frames are prefilled "
@@ -286,7 +287,9 @@ def render(machine: Machine, command: str, results: list[SizeResult], sections: 
         "floor = the bytes a step must read / read bandwidth: the decoder weights (one row of each "
         "embedding table per token), the text's cross-attention K/V and the cache up to the position, for "
         "both CFG rows. dia-ort's encoder time is `decoding.encoded_rows` "
-        "(encoder, cross-attention K/V and cache allocation); transformers computes its cross K/V in "
+        "(encoder, cross-attention K/V and cache allocation) for a text of a length not seen before (on "
+        "the CPU one seen before skips its unconditional row, `batching.HostRows`); transformers computes "
+        "its cross K/V in "
         "the first decoder step. Load time includes hashing the files; run peak RSS counts from the "
         "end of loading.",
     ]

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from dia_ort.config import ModelConfig
 from dia_ort.integer_gemm import graph_file
 from dia_ort.manifest import Manifest, cache_names, cross_names
+from dia_ort.recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ TENSOR_TYPES = {
     "tensor(bool)": (np.bool_, 9),
 }
 CACHE_GROWTH = 64  # a host cache buffer's slots are a multiple of this
+UNCONDITIONAL_ROWS_BYTES = 128 * 2**20  # unconditional rows' cross K/V kept by length (batching.py)
 GRAPH_ID_OPTION = "gpu_graph_id"  # ONNX Runtime's run option naming the CUDA graph to capture or replay
 NO_GRAPH = "-1"  # ... and its value for a run that is neither captured nor replayed
 
@@ -159,6 +161,10 @@ class Engine:
         self.cache_type = types["past_key_0"]
         self.cross_type = types["cross_key_0"]
         self.buffers: list[StepBuffers] = []  # DeviceRows' buffers, newest last
+        # HostRows' unconditional rows, by text length: per layer `[1, H, L, D]` (full shape: 295 KB a byte)
+        self.unconditional_rows: Recent[int, list[np.ndarray]] = Recent(
+            64, weigh=lambda kv: sum(a.nbytes for a in kv), budget=UNCONDITIONAL_ROWS_BYTES
+        )
         self.graph_ids = itertools.count(1)  # never reused: a dropped id's graph points at freed memory
 
     def _enable_cuda_graph(self) -> bool:

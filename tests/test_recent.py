@@ -1,4 +1,5 @@
-"""`Recent`: the last few results a model keeps (encoded clips, Dia2 prefix plans), shared by threads."""
+"""`Recent`: the last few results a model keeps (encoded clips, Dia2 prefix plans, unconditional text
+rows), shared by threads."""
 
 from __future__ import annotations
 
@@ -21,6 +22,29 @@ def test_keeps_the_entries_used_last():
     assert recent.get("a") == 4 and len(recent) == 2
     recent.clear()
     assert len(recent) == 0 and recent.get("a") is None
+
+
+def test_a_weighed_one_keeps_its_budget():
+    recent: Recent[str, str] = Recent(8, weigh=len, budget=10)
+    recent.put("a", "x" * 4)
+    recent.put("b", "x" * 4)
+    assert recent.get("a") is not None  # a use: "b" is now the one used longest ago
+    recent.put("c", "x" * 4)  # 12 > 10: the oldest goes
+    assert (recent.get("a"), recent.get("b"), recent.get("c")) == ("xxxx", None, "xxxx")
+    recent.put("c", "x" * 6)  # a new value replaces the old one's weight: 4 + 6 fits
+    assert len(recent) == 2 and recent.get("a") == "xxxx"
+    recent.put("d", "x" * 11)  # heavier than the budget alone: not kept, nothing dropped for it
+    assert recent.get("d") is None and len(recent) == 2
+    recent.put("a", "x" * 11)  # nor is a kept key's too heavy new value; its old one is gone too
+    assert recent.get("a") is None and recent.get("c") == "x" * 6
+    recent.clear()
+    recent.put("e", "x" * 10)
+    assert recent.get("e") == "x" * 10
+
+
+def test_a_weighed_one_needs_a_budget():
+    with pytest.raises(ValueError, match="budget"):
+        Recent(4, weigh=len)
 
 
 @pytest.mark.parametrize("size", [0, -1])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia_ort import engine
-from dia_ort.batching import HostRows
-from dia_ort.item import PREFILL_CHUNK, prefill_chunks
+from dia_ort import batching, engine
+from dia_ort.batching import HostRows, blank_length
+from dia_ort.item import PREFILL_CHUNK, cfg_text_rows, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
+from dia_ort.text import encode_text
 from export.architecture import TINY
 
 TEXTS = [
@@ -279,3 +280,42 @@ def test_a_long_prompt_prefills_in_chunks_between_the_others_steps(tiny_dia, mon
     )
     want = solo_codes(tiny_dia, TEXTS[1], prompt, seed=1, max_new_tokens=20)
     np.testing.assert_array_equal(joining.codes(), want)
+
+
+def test_an_unconditional_row_is_encoded_once_per_length(tiny_dia, monkeypatch):
+    """A pair's unconditional row (all ids 0 under its text's mask) comes from the engine's kept rows
+    once a text of its length was encoded: the encoder runs the text rows and one unconditional row
+    for each new length, and the buffers hold the bits a plain encoder run of every row gives."""
+    tiny_engine, encode_rows = tiny_dia.engine, batching.encode_rows
+    tiny_engine.unconditional_rows.clear()
+    runs = []
+
+    def counted(engine_, text_ids, text_mask, cross):
+        runs.append(len(text_ids))
+        return encode_rows(engine_, text_ids, text_mask, cross)
+
+    monkeypatch.setattr(batching, "encode_rows", counted)
+    length = tiny_dia.config.text_length
+    first, same_length, longer = (encode_text(t, length) for t in ("[S1] one", "[S1] two", "[S1] three four"))
+    assert len(first) == len(same_length) != len(longer)
+    for texts, encoded in (
+        ([first], 2),  # a new length: both rows
+        ([same_length], 1),  # another text of that length: its text row alone
+        ([longer, first, longer], 4),  # three text rows and one unconditional row for the new length
+        ([longer, same_length], 2),  # both lengths kept
+    ):
+        ids, mask = cfg_text_rows(texts)
+        rows = HostRows(tiny_engine, len(ids))
+        rows.add(ids, mask)
+        assert runs[-1] == encoded
+        for buffer, value in zip(rows.cross, encode_rows(tiny_engine, ids, mask, None), strict=True):
+            for row, n in enumerate(mask.sum(axis=1)):
+                np.testing.assert_array_equal(buffer[row, :, :n], value.numpy()[row, :, :n])
+    assert len(runs) == 4
+
+
+def test_only_unconditional_rows_are_kept():
+    mask = np.array([True, True, True, False])
+    assert blank_length(np.zeros(4, dtype=np.int64), mask) == 3
+    assert blank_length(np.array([0, 5, 0, 0]), mask) is None  # a text
+    assert blank_length(np.zeros(4, dtype=np.int64), np.array([True, False, True, False])) is None
