@@ -258,7 +258,7 @@ def size_section(result: SizeResult) -> str:
             "With a voice prompt given as a waveform, the codec encodes it and its frames are prefilled "
             "(PREFILL_CHUNK rows a call) before the first step; its encoding is timed alone too. The same "
             "voice again: a later call with that clip, whose codes the model kept (`Dia.encode_audio`), so "
-            "only the prefill remains.",
+            "the codec's encoding is skipped and the text encoder and the prefill remain.",
             stream_table(result.streams),
         ]
     return "\n\n".join(parts + result.sections + result.notes)

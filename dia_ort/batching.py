@@ -10,10 +10,12 @@ which the step graph takes per batch row. The caches grow (`grown_capacity`) as 
 the cross-attention buffers widen to the longest text in the batch.
 
 A pair's unconditional row is all text ids 0 under its text's mask (`item.cfg_text_rows`), so its
-encoding depends on the text's length alone, and the encoder gives a row the same bits whatever rows
-share its run and however far it is padded. So each length's unconditional row is encoded once and kept
-on the engine (`Engine.unconditional_rows`, the lengths used last): a request of a length seen before
-runs the encoder on its text row alone, half the work (full shape, 96 text bytes: 255 ms against 476).
+encoding depends on the text's length alone. ONNX Runtime's CPU kernels give the float32 encoder's row
+the same bits whatever rows share its run and however far it is padded (tested; an encoder with an op
+across rows, such as a per-tensor dynamic quantization, would not). So each length's unconditional
+row is encoded once and kept on the engine (`Engine.unconditional_rows`, the lengths used last, up to
+a byte budget): a request of a length seen before runs the encoder on its text row alone, half the
+work (full shape, 96 text bytes: 255 ms against 476).
 
 The buffers are host memory, which is what the CPU provider reads; on CUDA each step would copy them
 to the device, so CUDA runs fixed batches on `engine.DeviceRows`, and continuous batching is for the
@@ -30,7 +32,7 @@ from dia_ort.item import PAIR
 from dia_ort.manifest import cross_names
 
 
-def blank_length(ids: np.ndarray, mask: np.ndarray) -> int | None:
+def unconditional_length(ids: np.ndarray, mask: np.ndarray) -> int | None:
     """A text row's length if it is an unconditional row (every id 0, the mask its first positions),
     else None."""
     length = int(mask.sum())
@@ -83,27 +85,34 @@ class HostRows:
         unconditional row as kept for its length where one was, the others in one encoder run (one row
         for each new length, which is kept)."""
         kept = self.engine.unconditional_rows
-        blank = [blank_length(ids, mask) for ids, mask in zip(text_ids, text_mask, strict=True)]
-        found: dict[int, list[np.ndarray] | None] = {}  # the unconditional rows' K/V by length
-        run = []  # the rows the encoder runs
-        for row, length in enumerate(blank):
+        lengths = [unconditional_length(ids, mask) for ids, mask in zip(text_ids, text_mask, strict=True)]
+        found: dict[int, list[np.ndarray]] = {}  # the unconditional rows' K/V by length
+        new: set[int] = set()  # lengths not kept: the encoder runs one row of each
+        run: list[int] = []  # the rows the encoder runs
+        for row, length in enumerate(lengths):
             if length is None:
                 run.append(row)
-            elif length not in found:
-                found[length] = kept.get(length)
-                if found[length] is None:
+            elif length not in found and length not in new:
+                rows = kept.get(length)
+                if rows is None:
+                    new.add(length)
                     run.append(row)
+                else:
+                    found[length] = rows
         encoded = (
             [v.numpy() for v in encode_rows(self.engine, text_ids[run], text_mask[run], None)] if run else []
         )
         for i, row in enumerate(run):
             for buffer, value in zip(self.cross, encoded, strict=True):
                 buffer[first + row, :, : value.shape[2]] = value[i]
-            if blank[row] is not None:
-                found[blank[row]] = [value[i : i + 1, :, : blank[row]].copy() for value in encoded]
-                kept.put(blank[row], found[blank[row]])
-        for row, length in enumerate(blank):
-            if length is not None and row not in run:
+            if (length := lengths[row]) is not None:
+                found[length] = [value[i : i + 1, :, :length].copy() for value in encoded]
+                for value in found[length]:
+                    value.setflags(write=False)  # every batch of this engine reads it
+                kept.put(length, found[length])
+        ran = set(run)
+        for row, length in enumerate(lengths):
+            if length is not None and row not in ran:
                 for buffer, value in zip(self.cross, found[length], strict=True):
                     buffer[first + row, :, :length] = value[0]
 

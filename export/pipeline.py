@@ -283,7 +283,7 @@ def export_model(
             hop_length=arch.hop_length,
             n_codebooks=arch.n_codebooks,
             codebook_size=arch.codebook_size,
-            decoder_delay=codec_graphs[0][0].module.delay,  # the decoder's lookahead
+            decoder_delay=next(s.module for s, _ in codec_graphs if s.name == "dac_decoder").delay,
         ),
         source=sources.provenance,
         tools=tools_record(

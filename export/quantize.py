@@ -21,7 +21,9 @@ step time; int4 is a mixed recipe that keeps the tensors that hurt agreement mos
 (`RECIPES`). On QGEMM (2026-12-03, mid): 97.2% with the down projection's activations in two passes,
 95.9% in one (keeping down float32 instead: 97.1%), 95.2% with 7-bit signed weights.
 The embedding tables (Gather) stay float32: a step reads one row of them per token. The encoder is
-left float32 (see export/pipeline.py).
+left float32 (see export/pipeline.py); a quantized one must keep each row's result independent of the
+other rows (no per-tensor activation scale), since the runtime reuses unconditional rows across
+batches (`dia_ort.batching`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dia_ort import batching, engine
-from dia_ort.batching import HostRows, blank_length
+from dia_ort.batching import HostRows, unconditional_length
 from dia_ort.item import PREFILL_CHUNK, cfg_text_rows, prefill_chunks
 from dia_ort.scheduler import QueueFull, Scheduler
 from dia_ort.text import encode_text
@@ -296,13 +296,17 @@ def test_an_unconditional_row_is_encoded_once_per_length(tiny_dia, monkeypatch):
 
     monkeypatch.setattr(batching, "encode_rows", counted)
     length = tiny_dia.config.text_length
-    first, same_length, longer = (encode_text(t, length) for t in ("[S1] one", "[S1] two", "[S1] three four"))
-    assert len(first) == len(same_length) != len(longer)
+    first, same_length, longer, long = (
+        encode_text(t, length)
+        for t in ("[S1] one", "[S1] two", "[S1] three four five six", "[S2] seven " * 9)
+    )
+    assert len(first) == len(same_length) < len(longer) < 32 < len(long) <= length  # past vector widths
     for texts, encoded in (
         ([first], 2),  # a new length: both rows
         ([same_length], 1),  # another text of that length: its text row alone
         ([longer, first, longer], 4),  # three text rows and one unconditional row for the new length
-        ([longer, same_length], 2),  # both lengths kept
+        ([long, same_length, longer], 4),  # three text rows and one new length
+        ([longer, long], 2),  # every length kept
     ):
         ids, mask = cfg_text_rows(texts)
         rows = HostRows(tiny_engine, len(ids))
@@ -311,11 +315,12 @@ def test_an_unconditional_row_is_encoded_once_per_length(tiny_dia, monkeypatch):
         for buffer, value in zip(rows.cross, encode_rows(tiny_engine, ids, mask, None), strict=True):
             for row, n in enumerate(mask.sum(axis=1)):
                 np.testing.assert_array_equal(buffer[row, :, :n], value.numpy()[row, :, :n])
-    assert len(runs) == 4
+    assert len(runs) == 5
+    assert not tiny_engine.unconditional_rows.get(len(first))[0].flags.writeable  # shared by batches
 
 
-def test_only_unconditional_rows_are_kept():
+def test_unconditional_length_recognises_only_unconditional_rows():
     mask = np.array([True, True, True, False])
-    assert blank_length(np.zeros(4, dtype=np.int64), mask) == 3
-    assert blank_length(np.array([0, 5, 0, 0]), mask) is None  # a text
-    assert blank_length(np.zeros(4, dtype=np.int64), np.array([True, False, True, False])) is None
+    assert unconditional_length(np.zeros(4, dtype=np.int64), mask) == 3
+    assert unconditional_length(np.array([0, 5, 0, 0]), mask) is None  # a text
+    assert unconditional_length(np.zeros(4, dtype=np.int64), np.array([True, False, True, False])) is None
